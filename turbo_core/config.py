@@ -130,3 +130,8 @@ def check_bits(bits: int) -> int:
     if bits not in SUPPORTED_KV_BITS:
         raise ValueError(f"unsupported KV bits {bits!r}; supported: {SUPPORTED_KV_BITS}")
     return bits
+
+
+# What ``TurboAttention`` applies unless told otherwise: SAS (cubic, T = 8) and INT8 Q·Kᵀ.
+# INT8 P·V stays opt-in until its accuracy is validated on real models (DESIGN §1.2).
+TURBO_DEFAULT = AttentionMath(sas=SASConfig(), qk_int8=True)

@@ -1,0 +1,198 @@
+"""The bit plan: which KV heads are stored at which precision, as a versioned JSON document.
+
+No torch import: plans are read and validated in lightweight processes (DAG tasks, the CLI).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+PLAN_SCHEMA = "turbo-attention/bit-plan"
+PLAN_VERSION = 1
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ModelShape(_Frozen):
+    """What a plan is for: the model's name and attention geometry."""
+
+    name: str = Field(min_length=1)
+    num_layers: int = Field(gt=0)
+    num_kv_heads: int = Field(gt=0)
+    head_dim: int = Field(gt=0)
+
+    def describe(self) -> str:
+        return (f"{self.name!r} ({self.num_layers} layers x {self.num_kv_heads} KV heads, "
+                f"head_dim {self.head_dim})")
+
+
+class HeadEntry(_Frozen):
+    head: int = Field(ge=0)
+    bits: Literal[2, 4, 8]
+    priority: float
+    key_priority: float | None = None
+    value_priority: float | None = None
+
+    @field_validator("priority", "key_priority", "value_priority")
+    @classmethod
+    def _finite(cls, v: float | None) -> float | None:
+        if v is not None and not math.isfinite(v):
+            raise ValueError("priorities must be finite numbers")
+        return v
+
+
+class LayerEntry(_Frozen):
+    layer: int = Field(ge=0)
+    heads: list[HeadEntry]
+
+
+class Selection(_Frozen):
+    """How the plan was chosen (recorded for provenance, not re-applied)."""
+
+    scope: Literal["global", "per_layer", "random", "uniform"]
+    int2_heads: int = Field(ge=0)
+    default_bits: Literal[2, 4, 8] = 4
+    source: Literal["key", "value", "kv"] = "kv"
+    seed: int | None = None
+
+
+class BitPlan(_Frozen):
+    """Per (layer, KV head) bits and scores. Validated on construction and on load."""
+
+    schema_: Literal["turbo-attention/bit-plan"] = Field(PLAN_SCHEMA, alias="schema")
+    version: Literal[1] = PLAN_VERSION
+    model: ModelShape
+    selection: Selection
+    calibration: dict[str, str | int | float] = Field(default_factory=dict)
+    layers: list[LayerEntry]
+
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> BitPlan:
+        m = self.model
+        if len(self.layers) != m.num_layers:
+            raise ValueError(f"plan lists {len(self.layers)} layers but model {m.describe()} "
+                             f"has {m.num_layers}")
+        for i, layer in enumerate(self.layers):
+            if layer.layer != i:
+                raise ValueError(f"layer entries must be in order 0..{m.num_layers - 1}; "
+                                 f"entry {i} says layer {layer.layer}")
+            if len(layer.heads) != m.num_kv_heads:
+                raise ValueError(f"layer {i} lists {len(layer.heads)} heads, model has "
+                                 f"{m.num_kv_heads} KV heads")
+            for j, head in enumerate(layer.heads):
+                if head.head != j:
+                    raise ValueError(f"layer {i}: head entries must be in order; "
+                                     f"entry {j} says head {head.head}")
+        n2 = sum(h.bits == 2 for layer in self.layers for h in layer.heads)
+        if n2 != self.selection.int2_heads:
+            raise ValueError(f"selection says {self.selection.int2_heads} INT2 heads but the "
+                             f"layers mark {n2}")
+        return self
+
+    # -- queries ---------------------------------------------------------------------------
+    def bits(self, layer: int) -> list[int]:
+        return [h.bits for h in self.layers[layer].heads]
+
+    def bits_grid(self) -> list[list[int]]:
+        return [self.bits(i) for i in range(len(self.layers))]
+
+    def int2_fraction(self) -> float:
+        return self.selection.int2_heads / (self.model.num_layers * self.model.num_kv_heads)
+
+    def check_compatible(self, shape: ModelShape) -> None:
+        """Raise ``ValueError`` unless this plan was made for a model of ``shape``."""
+        mine = self.model
+        same_geometry = (mine.num_layers, mine.num_kv_heads, mine.head_dim) == (
+            shape.num_layers, shape.num_kv_heads, shape.head_dim)
+        if mine.name != shape.name or not same_geometry:
+            raise ValueError(f"bit plan is for model {mine.describe()}, not for {shape.describe()}")
+
+    # -- I/O ---------------------------------------------------------------------------------
+    def to_json(self) -> str:
+        return self.model_dump_json(by_alias=True, indent=2)
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write atomically (temp file + rename): a crash never leaves a half-written plan."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as fh:
+                fh.write(self.to_json() + "\n")
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> BitPlan:
+        path = Path(path)
+        try:
+            raw = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ValueError(f"bit plan file not found: {path}") from None
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"bit plan {path} is not valid JSON: {exc}") from None
+        return cls.parse(raw, origin=str(path))
+
+    @classmethod
+    def parse(cls, raw: object, origin: str = "<data>") -> BitPlan:
+        if isinstance(raw, dict) and raw.get("schema") not in (None, PLAN_SCHEMA):
+            raise ValueError(f"{origin} is not a bit plan (schema {raw.get('schema')!r}, "
+                             f"expected {PLAN_SCHEMA!r})")
+        if isinstance(raw, dict) and raw.get("version") not in (None, PLAN_VERSION):
+            raise ValueError(f"{origin}: unsupported bit plan version {raw.get('version')!r}; "
+                             f"this code reads version {PLAN_VERSION}")
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as exc:
+            raise ValueError(f"invalid bit plan {origin}: {exc}") from None
+
+
+def build_plan(
+    shape: ModelShape,
+    priority: list[list[float]],
+    int2_mask: list[list[bool]],
+    *,
+    scope: str,
+    default_bits: int = 4,
+    key_priority: list[list[float]] | None = None,
+    value_priority: list[list[float]] | None = None,
+    source: str = "kv",
+    seed: int | None = None,
+    calibration: dict[str, str | int | float] | None = None,
+) -> BitPlan:
+    """Assemble and validate a plan from per-(layer, head) scores and the INT2 choice."""
+    layers = []
+    for li, (prow, mrow) in enumerate(zip(priority, int2_mask, strict=True)):
+        heads = [
+            HeadEntry(
+                head=hi,
+                bits=2 if m else default_bits,
+                priority=float(p),
+                key_priority=None if key_priority is None else float(key_priority[li][hi]),
+                value_priority=None if value_priority is None else float(value_priority[li][hi]),
+            )
+            for hi, (p, m) in enumerate(zip(prow, mrow, strict=True))
+        ]
+        layers.append(LayerEntry(layer=li, heads=heads))
+    n2 = sum(bool(m) for row in int2_mask for m in row)
+    return BitPlan(
+        model=shape,
+        selection=Selection(scope=scope, int2_heads=n2, default_bits=default_bits,
+                            source=source, seed=seed),
+        calibration=calibration or {},
+        layers=layers,
+    )
