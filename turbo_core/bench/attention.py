@@ -1,0 +1,164 @@
+"""``turbo bench attention``: TurboAttention vs ``nn.MultiheadAttention`` and SDPA.
+
+Every contender is a full attention layer with the same projection weights (copied from one
+``nn.MultiheadAttention``), run on the same input in one process, so the ratios compare like
+with like. Reported per contender: median and min wall time over repeats (warm-up excluded),
+``ratio_vs_mha`` = MHA median / contender median (> 1 means faster than MHA), throughput from
+the explicit FLOP count ``4·B·H·L²·D`` (attention) ``+ 8·B·L·E²`` (four projections), and the
+cosine similarity of the output to MHA's (how much accuracy the approximation costs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tabulate import tabulate
+from torch import nn
+
+from turbo_core.bench.common import describe_device, median, time_call
+from turbo_core.config import EXACT, TURBO_DEFAULT, AttentionMath, SASConfig
+from turbo_core.functional import backend_name
+from turbo_core.modules import TurboAttention
+
+
+@dataclass(frozen=True)
+class Shape:
+    batch: int
+    seq: int
+    embed: int
+    heads: int
+
+    def __post_init__(self) -> None:
+        if min(self.batch, self.seq, self.embed, self.heads) < 1:
+            raise ValueError(f"benchmark shape values must be positive: {self}")
+        if self.embed % self.heads:
+            raise ValueError(f"embed {self.embed} is not divisible by heads {self.heads}")
+
+    def flops(self, causal: bool) -> float:
+        d = self.embed // self.heads
+        attn = 4 * self.batch * self.heads * self.seq**2 * d * (0.5 if causal else 1.0)
+        return attn + 8 * self.batch * self.seq * self.embed**2
+
+
+# The source article's setup, and a quick one for smoke runs and CI.
+PRESETS = {
+    "article": Shape(batch=32, seq=512, embed=1024, heads=8),
+    "quick": Shape(batch=4, seq=128, embed=256, heads=4),
+}
+
+# TurboAttention configurations compared, by name.
+TURBO_CASES: dict[str, AttentionMath] = {
+    "turbo-exact": EXACT,
+    "turbo-sas": AttentionMath(sas=SASConfig()),
+    "turbo-sas-int8qk": TURBO_DEFAULT,
+    "turbo-sas-int8qk-int8pv": dataclasses.replace(TURBO_DEFAULT, pv_int8=True),
+    "turbo-sas-int8qk-top10%": dataclasses.replace(TURBO_DEFAULT, sparse_ratio=0.1),
+}
+
+
+class SDPAAttention(nn.Module):
+    """The same layer as MHA, with the core computed by ``F.scaled_dot_product_attention``."""
+
+    def __init__(self, mha: nn.MultiheadAttention, causal: bool):
+        super().__init__()
+        self.mha, self.causal = mha, causal
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.mha
+        b, seq, e = x.shape
+        q, k, v = F.linear(x, m.in_proj_weight, m.in_proj_bias).chunk(3, dim=-1)
+        q, k, v = (t.reshape(b, seq, m.num_heads, -1).transpose(1, 2) for t in (q, k, v))
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+        return m.out_proj(o.transpose(1, 2).reshape(b, seq, e))
+
+
+def run(
+    shape: Shape,
+    *,
+    repeats: int = 5,
+    warmup: int = 1,
+    causal: bool = False,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    cases: list[str] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> dict:
+    """Benchmark every contender; returns the JSON-ready result document."""
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    dev = torch.device(device)
+    names = cases if cases is not None else list(TURBO_CASES)
+    unknown = [n for n in names if n not in TURBO_CASES]
+    if unknown:
+        raise ValueError(f"unknown benchmark case(s) {unknown}; known: {list(TURBO_CASES)}")
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(shape.embed, shape.heads, batch_first=True).to(dev, dtype).eval()
+    x = torch.randn(shape.batch, shape.seq, shape.embed, device=dev, dtype=dtype)
+    mask = None
+    if causal:
+        mask = torch.triu(torch.ones(shape.seq, shape.seq, dtype=torch.bool, device=dev), 1)
+
+    contenders: list[tuple[str, Callable[[], torch.Tensor]]] = [
+        ("nn.MultiheadAttention",
+         lambda: mha(x, x, x, need_weights=False, attn_mask=mask, is_causal=causal)[0]),
+        ("sdpa", lambda sd=SDPAAttention(mha, causal): sd(x)),
+    ]
+    for name in names:
+        turbo = TurboAttention(shape.embed, shape.heads, batch_first=True,
+                               math_cfg=TURBO_CASES[name]).to(dev, dtype).eval()
+        turbo.load_state_dict(mha.state_dict())
+        contenders.append(
+            (name, lambda t=turbo: t(x, x, x, need_weights=False, is_causal=causal)[0]))
+
+    flops = shape.flops(causal)
+    results = []
+    reference = None
+    with torch.inference_mode():
+        for i, (name, fn) in enumerate(contenders, start=1):
+            log(f"[{i}/{len(contenders)}] {name}: {warmup} warm-up + {repeats} timed runs")
+            out = fn()
+            if reference is None:
+                reference = out.double().flatten()
+            cos = F.cosine_similarity(out.double().flatten(), reference, dim=0).item()
+            times = time_call(fn, warmup=warmup, repeats=repeats, device=dev)
+            results.append({
+                "name": name,
+                "median_ms": median(times),
+                "min_ms": min(times),
+                "gflops": flops / (median(times) * 1e-3) / 1e9,
+                "cosine_vs_mha": cos,
+            })
+    mha_ms = results[0]["median_ms"]
+    for r in results:
+        r["ratio_vs_mha"] = mha_ms / r["median_ms"]
+    return {
+        "benchmark": "attention",
+        "shape": dataclasses.asdict(shape) | {"head_dim": shape.embed // shape.heads,
+                                                "causal": causal, "dtype": str(dtype)},
+        "flop_formula": "4*B*H*L^2*D (x0.5 if causal) + 8*B*L*E^2",
+        "repeats": repeats,
+        "warmup": warmup,
+        "turbo_backend": backend_name(),
+        "device": describe_device(dev),
+        "results": results,
+    }
+
+
+def table(doc: dict, fmt: str = "simple") -> str:
+    """The results as a text (``simple``) or Markdown (``github``) table."""
+    rows = [
+        [r["name"], f"{r['median_ms']:.2f}", f"{r['min_ms']:.2f}", f"{r['ratio_vs_mha']:.2f}x",
+         f"{r['gflops']:.1f}", f"{r['cosine_vs_mha']:.6f}"]
+        for r in doc["results"]
+    ]
+    headers = ["contender", "median ms", "min ms", "vs MHA", "GFLOP/s", "cos vs MHA"]
+    s = doc["shape"]
+    dev = doc["device"]
+    title = (f"attention B={s['batch']} L={s['seq']} E={s['embed']} H={s['heads']} "
+             f"causal={s['causal']} {s['dtype']} on {dev['type']} ({dev['name']}), "
+             f"torch {dev['torch']}, turbo backend: {doc['turbo_backend']}")
+    return title + "\n\n" + tabulate(rows, headers=headers, tablefmt=fmt, disable_numparse=True)
