@@ -61,6 +61,10 @@ class AttentionMath:
         block_size: tokens per INT8 quantization block (aligned with the kernel tile).
         sparse_ratio: keep only the top ``ceil(sparse_ratio * Lk)`` keys per query
             (the source article's top-k sparsity); ``None`` keeps every key.
+        smooth_k: before INT8 Q·Kᵀ, subtract from K its mean over the keys (per batch, head
+            and channel). Exact for softmax (every score of a row shifts by the same
+            ``q · mean``) and it removes the channel-wise offsets that dominate K outliers in
+            LLMs, so the per-block INT8 scale resolves the remaining signal (SageAttention).
     """
 
     sas: SASConfig | None = None
@@ -68,6 +72,7 @@ class AttentionMath:
     pv_int8: bool = False
     block_size: int = 64
     sparse_ratio: float | None = None
+    smooth_k: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.block_size, int) or self.block_size < 1:

@@ -7,8 +7,10 @@ Stage 2 — asymmetric low-bit over INT8 groups, all in integers:
     lo = min(q8_group),  S = max(1, ceil((max - lo) / (2^b - 1))),
     code = floor((2 * (q8 - lo) + S) / (2 * S))         (round half up, integer only)
     q8' = clamp(code * S + lo, -127, 127)                (integer-only partial decompression)
-so ``|q8 - q8'| <= S / 2``. With the first-level range protected to ``±119`` the INT4
-reconstruction never leaves int8 (119 + ceil(238 / 15) / 2 = 127), so the clamp only acts for INT2.
+so ``|q8 - q8'| <= S / 2``. A reconstruction exceeds its group's max by at most
+``min(S / 2, 2^b - 2)``: with the first-level range protected to ``±119`` that is at most
+119 + 8 = 127 for INT4 and 119 + 2 = 121 for INT2, so decompression stays inside int8 and the
+clamp (saturation) only ever acts on inputs outside the protective range.
 """
 
 from __future__ import annotations

@@ -96,7 +96,12 @@ def _scores(q: torch.Tensor, k: KV, math_cfg: AttentionMath, work: torch.dtype) 
         if d > MAX_INT8_HEAD_DIM:
             raise ValueError(f"INT8 Q·Kᵀ supports head_dim <= {MAX_INT8_HEAD_DIM}, got {d}")
         qi = quantize_int8_blockwise(q, math_cfg.block_size)
-        ki = k if isinstance(k, Int8Rows) else quantize_int8_blockwise(k, math_cfg.block_size)
+        if isinstance(k, Int8Rows):
+            ki = k  # already quantized (KV cache): its layout decides any smoothing
+        else:
+            if math_cfg.smooth_k:
+                k = k - k.float().mean(dim=-2, keepdim=True).to(k.dtype)
+            ki = quantize_int8_blockwise(k, math_cfg.block_size)
         qv = qi.values.to(work).reshape(b, hkv, g, lq, d)
         kv = ki.values.to(work).unsqueeze(2)  # (B, H_kv, 1, L_k, D)
         acc = qv @ kv.transpose(-1, -2)  # exact int32 sums, held in float
