@@ -15,8 +15,13 @@ stamp="$VENV/.turbo-install-stamp"
 want="$(cat "$ROOT/pyproject.toml" "$ROOT/requirements.lock" | sha256sum | cut -d' ' -f1)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     echo "[env] installing locked dependencies (first run takes a few minutes)" >&2
-    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
-        -c "$ROOT/requirements.lock" -e "$ROOT[kernels,pipeline,dev]"
+    log="$VENV/pip-install.log"
+    if ! "$VENV/bin/python" -m pip install --disable-pip-version-check \
+        -c "$ROOT/requirements.lock" -e "$ROOT[kernels,pipeline,dev]" >"$log" 2>&1; then
+        grep -v "is ignored: it is neither a file nor a directory" "$log" | tail -n 40 >&2
+        echo "[env] pip install failed; full log: $log" >&2
+        exit 1
+    fi
     echo "$want" > "$stamp"
 fi
 export PATH="$VENV/bin:$PATH"

@@ -113,9 +113,7 @@ def select_int2(priority: torch.Tensor, n_int2: int, scope: Scope | str, seed: i
         gen = torch.Generator().manual_seed(seed)
         chosen[torch.randperm(flat.numel(), generator=gen)[:n_int2]] = True
     else:
-        base, extra = divmod(n_int2, n_layers)
-        if base + (1 if extra else 0) > n_heads:
-            raise ValueError(f"{n_int2} INT2 heads do not fit per layer ({n_heads} heads each)")
+        base, extra = divmod(n_int2, n_layers)  # fits: n_int2 <= n_layers * n_heads
         for layer in range(n_layers):
             take = base + (1 if layer < extra else 0)
             order = torch.argsort(priority[layer].double(), stable=True)
