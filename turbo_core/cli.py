@@ -11,7 +11,8 @@ def _bench_attention(args: argparse.Namespace) -> int:
     import torch
 
     from turbo_core.bench import attention
-    from turbo_core.bench.common import write_atomic, write_json
+    from turbo_core.bench.common import write_json
+    from turbo_core.fileio import write_atomic
 
     shape = attention.PRESETS["quick" if args.quick else "article"]
     overrides = {k: getattr(args, k) for k in ("batch", "seq", "embed", "heads")

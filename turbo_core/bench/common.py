@@ -7,12 +7,13 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+from turbo_core.fileio import write_atomic
 
 
 def time_call(fn: Callable[[], object], *, warmup: int, repeats: int, device: torch.device) -> list[float]:
@@ -52,21 +53,6 @@ def describe_device(device: torch.device) -> dict[str, object]:
         info["cpu_count"] = os.cpu_count()
         info["torch_threads"] = torch.get_num_threads()
     return info
-
-
-def write_atomic(path: str | os.PathLike[str], text: str) -> Path:
-    """Write ``text`` to ``path`` via a temp file and rename, so readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def write_json(path: str | os.PathLike[str], payload: dict) -> Path:
