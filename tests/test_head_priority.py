@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from turbo_core.config import KVQuantConfig
+from turbo_core.config import KVQuantConfig, Scope
 from turbo_core.head_priority import (
-    Scope,
     combined_priority,
     head_priority,
     int2_count,

@@ -7,9 +7,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from enum import StrEnum
 
 SUPPORTED_KV_BITS = (2, 4, 8)
 SUPPORTED_SAS_DEGREES = (2, 3)
+
+
+class Scope(StrEnum):
+    """How INT2 heads are picked: one ranking across all layers, per layer, or at random."""
+
+    GLOBAL = "global"
+    PER_LAYER = "per_layer"
+    RANDOM = "random"
 
 
 @dataclass(frozen=True)

@@ -11,19 +11,11 @@ and keep INT4; the lowest-priority heads go to INT2.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from enum import StrEnum
 
 import torch
 
+from turbo_core.config import Scope
 from turbo_core.plan import BitPlan, ModelShape, build_plan
-
-
-class Scope(StrEnum):
-    """How INT2 heads are picked: one ranking across all layers, per layer, or at random."""
-
-    GLOBAL = "global"
-    PER_LAYER = "per_layer"
-    RANDOM = "random"
 
 
 def head_priority(x: torch.Tensor) -> torch.Tensor:
