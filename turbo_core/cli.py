@@ -57,10 +57,17 @@ def build_parser() -> argparse.ArgumentParser:
     att.add_argument("--json", metavar="PATH", help="write the results as JSON")
     att.add_argument("--markdown", metavar="PATH", help="write the table as Markdown")
     att.set_defaults(func=_bench_attention)
+
+    from turbo_core import cli_model
+
+    cli_model.add_parsers(sub, bench_sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -123,6 +123,7 @@ def make_plan(
     scope: Scope | str = Scope.GLOBAL,
     source: str = "kv",
     seed: int = 0,
+    default_bits: int = 4,
     calibration: dict[str, str | int | float] | None = None,
 ) -> BitPlan:
     """Score every (layer, KV head) from calibration activations and build the bit plan.
@@ -132,6 +133,7 @@ def make_plan(
         int2_count_ / int2_fraction: how many heads go to INT2 (give one).
         scope: see :func:`select_int2`.
         source: score heads by ``key``, ``value`` or both (``kv``, :func:`combined_priority`).
+        default_bits: bits of the heads not chosen for INT2 (16 = float cache).
     """
     if len(keys) != shape.num_layers:
         raise ValueError(f"activations cover {len(keys)} layers, model {shape.describe()} "
@@ -148,7 +150,7 @@ def make_plan(
     n2 = int2_count(priority.numel(), count=int2_count_, fraction=int2_fraction)
     mask = select_int2(priority, n2, scope, seed=seed)
     return build_plan(
-        shape, priority.tolist(), mask.tolist(), scope=Scope(scope).value,
+        shape, priority.tolist(), mask.tolist(), scope=Scope(scope).value, default_bits=default_bits,
         key_priority=kp.tolist(), value_priority=vp.tolist(), source=source,
         seed=seed if Scope(scope) is Scope.RANDOM else None, calibration=calibration,
     )

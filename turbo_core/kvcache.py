@@ -97,14 +97,25 @@ class QuantizedKVLayer:
         if self.batch is not None and k.shape[0] != self.batch:
             raise ValueError(f"batch size changed from {self.batch} to {k.shape[0]}")
 
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Add new tokens. ``k, v``: float ``(B, H_kv, T, D)``; full chunks get compressed."""
+    def append(self, k: torch.Tensor, v: torch.Tensor, compress: bool = True) -> None:
+        """Add new tokens to the INT8 buffer. ``k, v``: float ``(B, H_kv, T, D)``.
+
+        With ``compress`` (default) every full chunk is compressed at once; otherwise call
+        :meth:`compress_full_chunks` later (e.g. after the new tokens attended at INT8).
+        """
         self._check(k, v)
         self.batch = k.shape[0]
         new_k = quantize_int8_blockwise(k, block_size=1)
         new_v = quantize_int8_blockwise(v, block_size=1)
         self._buf_k = new_k if self._buf_k is None else _cat_rows(self._buf_k, new_k)
         self._buf_v = new_v if self._buf_v is None else _cat_rows(self._buf_v, new_v)
+        if compress:
+            self.compress_full_chunks()
+
+    def compress_full_chunks(self) -> None:
+        """Move every full ``chunk`` of buffered tokens into packed low-bit storage."""
+        if self._buf_k is None:
+            return
         c = self.cfg.chunk
         while self.buffered >= c:
             head_k, self._buf_k = _split_rows(self._buf_k, c)

@@ -38,7 +38,7 @@ class ModelShape(_Frozen):
 
 class HeadEntry(_Frozen):
     head: int = Field(ge=0)
-    bits: Literal[2, 4, 8]
+    bits: Literal[2, 4, 8, 16]  # 16 = float cache (no KV quantization)
     priority: float
     key_priority: float | None = None
     value_priority: float | None = None
@@ -61,7 +61,7 @@ class Selection(_Frozen):
 
     scope: Literal["global", "per_layer", "random", "uniform"]
     int2_heads: int = Field(ge=0)
-    default_bits: Literal[2, 4, 8] = 4
+    default_bits: Literal[2, 4, 8, 16] = 4
     source: Literal["key", "value", "kv"] = "kv"
     seed: int | None = None
 

