@@ -71,12 +71,12 @@ def register() -> None:
 
 
 def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The self-attention modules (those with a ``layer_idx`` and q/k/v projections)."""
+    """The self-attention modules: ``*Attention`` modules that carry a ``layer_idx``."""
     found = [m for m in model.modules()
-             if hasattr(m, "layer_idx") and hasattr(m, "k_proj") and hasattr(m, "v_proj")]
+             if hasattr(m, "layer_idx") and type(m).__name__.endswith("Attention")]
     if not found:
-        raise ValueError(f"{type(model).__name__} has no attention modules with layer_idx and "
-                         f"k_proj/v_proj; this architecture is not supported")
+        raise ValueError(f"{type(model).__name__} has no *Attention modules with a layer_idx; "
+                         f"this architecture is not supported")
     return sorted(found, key=lambda m: m.layer_idx)
 
 
