@@ -97,6 +97,22 @@ def _print_result(result: dict) -> None:
                    headers=["variant", *keys], floatfmt=".4g"))
 
 
+def _bench_model(args: argparse.Namespace) -> int:
+    from turbo_core import evaluate
+    from turbo_core.bench import model
+
+    settings = evaluate.EvalSettings(max_tokens=args.max_tokens, window=args.window)
+    variants = args.variants.split(",") if args.variants else None
+    doc = model.run(args.model, variants, args.peer, args.random_seeds, settings, args.text)
+    print(model.table(doc))
+    if args.json:
+        _json(args.json, doc)
+    if args.markdown:
+        write_atomic(args.markdown, "# Model benchmark\n\n" + model.table(doc, "github") + "\n")
+        print(f"wrote {args.markdown}", file=sys.stderr)
+    return 0
+
+
 def add_parsers(sub: argparse._SubParsersAction, bench_sub: argparse._SubParsersAction) -> None:
     v = sub.add_parser("variants", help="list the registered variants")
     v.add_argument("--json", metavar="PATH", help="also write them as JSON")
@@ -127,3 +143,16 @@ def add_parsers(sub: argparse._SubParsersAction, bench_sub: argparse._SubParsers
                    help="also run transformers' quantized KV cache at the same bits")
     e.add_argument("--json", metavar="PATH", help="write the metrics as JSON")
     e.set_defaults(func=_evaluate)
+
+    b = bench_sub.add_parser("model", help="all variants + peer + INT2-choice controls (report)")
+    b.add_argument("--model", default="smollm2")
+    b.add_argument("--variants", help="comma-separated (default: all registered)")
+    b.add_argument("--peer", action="append", choices=["quanto", "hqq"], default=None,
+                   help="transformers quantized-cache backend to compare (repeatable)")
+    b.add_argument("--random-seeds", type=int, default=2, help="random INT2 controls per mix variant")
+    b.add_argument("--text", help="UTF-8 text file (default: the stdlib's pydoc topics)")
+    b.add_argument("--max-tokens", type=int, default=8192)
+    b.add_argument("--window", type=int, default=1024)
+    b.add_argument("--json", metavar="PATH")
+    b.add_argument("--markdown", metavar="PATH")
+    b.set_defaults(func=_bench_model)
