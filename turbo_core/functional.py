@@ -1,15 +1,76 @@
 """Functional TurboAttention API: the single place that picks an implementation.
 
-Today every call runs the pure-PyTorch reference (``turbo_core.reference``); the Triton
-kernels plug in here (issue: kernels) so modules and models never choose a backend themselves.
+Backends: ``triton`` (the fused kernels in ``turbo_kernels``) and ``reference`` (pure PyTorch,
+``turbo_core.reference``). ``TURBO_ATTENTION_BACKEND`` = ``auto`` (default: Triton on CUDA
+tensors when the call is one the kernel implements, else the reference), ``triton`` (always
+the kernel; an unsupported call is an error) or ``reference``. Each distinct choice is logged
+once at INFO with its reason.
 """
 
 from __future__ import annotations
+
+import logging
+import os
 
 import torch
 
 from turbo_core.config import EXACT, AttentionMath
 from turbo_core.reference import KV, AttentionResult, attention_details
+
+log = logging.getLogger(__name__)
+
+BACKEND_ENV = "TURBO_ATTENTION_BACKEND"
+_BACKENDS = ("auto", "triton", "reference")
+_logged: set[tuple[str, str]] = set()
+
+
+def requested_backend() -> str:
+    value = os.environ.get(BACKEND_ENV, "auto").strip().lower() or "auto"
+    if value not in _BACKENDS:
+        raise ValueError(f"{BACKEND_ENV}={value!r}; use one of {_BACKENDS}")
+    return value
+
+
+def _kernel_blocker(q: torch.Tensor, k: KV, v: KV, math_cfg: AttentionMath, mask: object,
+                    need_probs: bool, dropout_p: float) -> str | None:
+    """Why the prefill kernel cannot serve this call (None = it can)."""
+    if not isinstance(k, torch.Tensor) or not isinstance(v, torch.Tensor):
+        return "pre-quantized KV cache input (decode path)"
+    if mask is not None:
+        return "explicit attention mask"
+    if need_probs:
+        return "attention weights requested"
+    if dropout_p > 0.0:
+        return "attention dropout"
+    if math_cfg.sparse_ratio is not None:
+        return "top-k sparsity"
+    if q.dim() != 4 or not 16 <= q.shape[-1] <= 256:
+        return f"head_dim {q.shape[-1] if q.dim() else '?'} outside 16..256"
+    if math_cfg.pv_int8 and math_cfg.block_size % 64:
+        return "INT8 P·V block not a multiple of 64"
+    return None
+
+
+def choose_backend(q: torch.Tensor, k: KV, v: KV, math_cfg: AttentionMath, mask: object = None,
+                   need_probs: bool = False, dropout_p: float = 0.0) -> tuple[str, str]:
+    """``(backend, reason)`` for one call, honouring ``TURBO_ATTENTION_BACKEND``."""
+    wanted = requested_backend()
+    blocker = _kernel_blocker(q, k, v, math_cfg, mask, need_probs, dropout_p)
+    if wanted == "reference":
+        return "reference", f"{BACKEND_ENV}=reference"
+    if wanted == "triton":
+        if blocker:
+            raise ValueError(f"{BACKEND_ENV}=triton but the kernel does not support this call: "
+                             f"{blocker}")
+        if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(f"{BACKEND_ENV}=triton on {q.device} tensors needs a CUDA device "
+                             f"or TRITON_INTERPRET=1 (Triton's CPU interpreter)")
+        return "triton", f"{BACKEND_ENV}=triton"
+    if not q.is_cuda:
+        return "reference", f"{q.device.type} tensors"
+    if blocker:
+        return "reference", blocker
+    return "triton", "CUDA tensors"
 
 
 def turbo_attention(
@@ -26,14 +87,27 @@ def turbo_attention(
 ) -> AttentionResult:
     """TurboAttention over ``q (B, H_q, L_q, D)``, ``k, v (B, H_kv, L_k, D)``.
 
-    See :func:`turbo_core.reference.attention_details` for the arguments.
+    See :func:`turbo_core.reference.attention_details` for the arguments. The Triton path
+    returns ``sas_dropped = candidates = 0`` (it does not count sparsity).
     """
+    backend, reason = choose_backend(q, k, v, math_cfg, mask, need_probs, dropout_p)
+    if (backend, reason) not in _logged:
+        _logged.add((backend, reason))
+        log.info("TurboAttention backend: %s (%s)", backend, reason)
+    if backend == "triton":
+        from turbo_kernels.prefill import prefill_attention
+
+        out = prefill_attention(q, k, v, math_cfg=math_cfg, causal=causal, scale=scale)
+        return AttentionResult(out=out, probs=None, sas_dropped=0, candidates=0)
     return attention_details(
         q, k, v, math_cfg=math_cfg, causal=causal, scale=scale, mask=mask,
         dropout_p=dropout_p, need_probs=need_probs,
     )
 
 
-def backend_name() -> str:
-    """The implementation :func:`turbo_attention` runs on this machine."""
-    return "reference"
+def backend_name(device: str | torch.device = "cpu") -> str:
+    """What ``auto`` (or the env override) picks for a plain prefill call on ``device``."""
+    wanted = requested_backend()
+    if wanted != "auto":
+        return wanted
+    return "triton" if torch.device(device).type == "cuda" else "reference"

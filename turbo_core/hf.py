@@ -48,12 +48,21 @@ def turbo_attention_forward(
     causal = attention_mask is None and getattr(module, "is_causal", True) and query.shape[2] > 1
     if attention_mask is not None and attention_mask.dtype != torch.bool:
         attention_mask = attention_mask.to(query.dtype)  # additive float mask
+    elif attention_mask is not None and _is_plain_causal(attention_mask, query.shape[2], key.shape[2]):
+        attention_mask, causal = None, True  # no padding: lets the fused kernel take the call
     res = turbo_attention(
         query, k, v, math_cfg=math_cfg, causal=causal, scale=scaling, mask=attention_mask,
         dropout_p=dropout,
     )
     _record_sparsity(module, res.sas_dropped, res.candidates)
     return res.out.transpose(1, 2).contiguous(), None
+
+
+def _is_plain_causal(mask: torch.Tensor, lq: int, lk: int) -> bool:
+    """True when a bool ``(B, 1, L_q, L_k)`` mask is exactly bottom-right causal (no padding)."""
+    i = torch.arange(lq, device=mask.device).unsqueeze(-1)
+    j = torch.arange(lk, device=mask.device).unsqueeze(0)
+    return bool(torch.equal(mask, (j <= i + (lk - lq)).expand_as(mask)))
 
 
 def _record_sparsity(module: torch.nn.Module, dropped: int, candidates: int) -> None:

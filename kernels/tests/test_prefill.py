@@ -86,7 +86,7 @@ def test_bad_input_raises_before_launch():
     with pytest.raises(ValueError, match="unsupported head_dim 300"):
         big = torch.randn(1, 1, 4, 300, device=DEVICE)
         prefill_attention(big, big, big, math_cfg=EXACT)
-    with pytest.raises(ValueError, match="dtype torch.int32"):
+    with pytest.raises(ValueError, match=r"dtype torch\.int32"):
         prefill_attention(q.to(torch.int32), k, v, math_cfg=EXACT)
     with pytest.raises(ValueError, match="top-k"):
         prefill_attention(q, k, v, math_cfg=AttentionMath(sparse_ratio=0.5))

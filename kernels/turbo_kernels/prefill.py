@@ -183,7 +183,7 @@ def prefill_attention(
         raise ValueError(f"query dtype {q.dtype} differs from value dtype {v.dtype}")
     sas_cfg = math_cfg.sas
     if sas_cfg is not None:
-        coeffs = list(sas_mod.poly_coeffs(sas_cfg)) + [0.0]
+        coeffs = [*sas_mod.poly_coeffs(sas_cfg), 0.0]
         lut = sas_mod.lut(sas_cfg, torch.float32, q.device)
     else:
         coeffs, lut = [0.0] * 4, dummy

@@ -143,7 +143,7 @@ def run(
         "flop_formula": "4*B*H*L^2*D (x0.5 if causal) + 8*B*L*E^2",
         "repeats": repeats,
         "warmup": warmup,
-        "turbo_backend": backend_name(),
+        "turbo_backend": backend_name(dev),
         "device": describe_device(dev),
         "results": results,
     }

@@ -1,0 +1,42 @@
+"""Backend dispatch in turbo_core.functional: env override, automatic choice, logging."""
+
+import logging
+
+import pytest
+import torch
+
+from turbo_core import functional
+from turbo_core.config import TURBO_DEFAULT
+from turbo_core.modules import TurboAttention
+from turbo_core.testing import assert_close
+
+
+def test_forced_triton_runs_the_kernel_through_the_module(monkeypatch, caplog):
+    torch.manual_seed(0)
+    attn = TurboAttention(128, 2, batch_first=True).eval()
+    x = torch.randn(1, 40, 128)
+    monkeypatch.setenv(functional.BACKEND_ENV, "reference")
+    with torch.no_grad():
+        ref, _ = attn(x, x, x, need_weights=False, is_causal=True)
+    monkeypatch.setenv(functional.BACKEND_ENV, "triton")
+    caplog.set_level(logging.INFO, logger="turbo_core.functional")
+    with torch.no_grad():
+        out, _ = attn(x, x, x, need_weights=False, is_causal=True)
+    assert "TurboAttention backend: triton" in caplog.text
+    assert_close(ref, out, atol=6e-3)
+
+
+def test_choices_and_errors(monkeypatch):
+    q = torch.randn(1, 2, 8, 64)
+    monkeypatch.delenv(functional.BACKEND_ENV, raising=False)
+    assert functional.choose_backend(q, q, q, TURBO_DEFAULT) == ("reference", "cpu tensors")
+    assert functional.backend_name("cuda") == "triton" and functional.backend_name() == "reference"
+    monkeypatch.setenv(functional.BACKEND_ENV, "triton")
+    with pytest.raises(ValueError, match="attention weights requested"):
+        functional.choose_backend(q, q, q, TURBO_DEFAULT, need_probs=True)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="needs a CUDA device or TRITON_INTERPRET=1"):
+        functional.choose_backend(q, q, q, TURBO_DEFAULT)
+    monkeypatch.setenv(functional.BACKEND_ENV, "fast")
+    with pytest.raises(ValueError, match="use one of"):
+        functional.choose_backend(q, q, q, TURBO_DEFAULT)
