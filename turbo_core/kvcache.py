@@ -180,6 +180,32 @@ class QuantizedKVLayer:
             scale.index_copy_(1, idx, s.first_scale.unsqueeze(-1).expand(-1, -1, c))
         return Int8Rows(values, scale)
 
+    def packed_view(self, bits: int) -> dict[str, torch.Tensor] | None:
+        """The compressed chunks of the heads stored at ``bits``, concatenated along tokens
+        (still packed: a copy of the codes, never a dequantized cache). ``None`` without chunks.
+
+        Keys: ``k_packed``/``v_packed`` uint8 ``(B, n, D, n_chunks * chunk * bits / 8)``;
+        ``k_scale``/``k_low`` ``(B, n, D, n_chunks * chunk / k_group)``;
+        ``v_scale``/``v_low`` ``(B, n, D / v_group, n_chunks * chunk)``;
+        ``k_first``/``v_first`` float32 ``(B, n, n_chunks)``; ``heads`` int64 ``(n,)``.
+        """
+        if not self._chunks or bits not in self.groups:
+            return None
+        sides = [chunk[bits] for chunk in self._chunks]
+        view = {"heads": torch.tensor(self.groups[bits], device=sides[0][0].packed.device)}
+        for i, name in enumerate(("k", "v")):
+            parts = [s[i] for s in sides]
+            view[f"{name}_packed"] = torch.cat([p.packed for p in parts], dim=-1)
+            view[f"{name}_first"] = torch.stack([p.first_scale for p in parts], dim=-1)
+            if bits != 8:
+                view[f"{name}_scale"] = torch.cat([p.scale for p in parts], dim=-1)
+                view[f"{name}_low"] = torch.cat([p.low for p in parts], dim=-1)
+        return view
+
+    def buffer(self) -> tuple[Int8Rows, Int8Rows] | None:
+        """The INT8 recent-token buffer (K, V), or ``None`` when empty."""
+        return None if self._buf_k is None else (self._buf_k, self._buf_v)
+
     def tensors(self) -> list[torch.Tensor]:
         held = []
         for chunk in self._chunks:

@@ -119,6 +119,14 @@ def _prefill_kernel(
              mask=m_ok[:, None] & d_ok[None, :])
 
 
+def sas_args(sas_cfg, device: torch.device) -> tuple[list[float], torch.Tensor | None]:
+    """Kernel arguments for SAS: four polynomial coefficients (zero-padded) and the LUT."""
+    if sas_cfg is None:
+        return [0.0] * 4, None
+    coeffs = [*sas_mod.poly_coeffs(sas_cfg), 0.0, 0.0, 0.0][:4]
+    return coeffs, sas_mod.lut(sas_cfg, torch.float32, device)
+
+
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     for name, t in (("query", q), ("key", k), ("value", v)):
         if t.dim() != 4:
@@ -182,11 +190,8 @@ def prefill_attention(
     elif not math_cfg.qk_int8 and q.dtype != v.dtype:
         raise ValueError(f"query dtype {q.dtype} differs from value dtype {v.dtype}")
     sas_cfg = math_cfg.sas
-    if sas_cfg is not None:
-        coeffs = [*sas_mod.poly_coeffs(sas_cfg), 0.0]
-        lut = sas_mod.lut(sas_cfg, torch.float32, q.device)
-    else:
-        coeffs, lut = [0.0] * 4, dummy
+    coeffs, lut = sas_args(sas_cfg, q.device)
+    lut = dummy if lut is None else lut
     o = torch.empty(b, hq, lq, d, dtype=out_dtype, device=q.device)
     grid = (triton.cdiv(lq, block_m), b * hq)
     _prefill_kernel[grid](

@@ -1,0 +1,266 @@
+"""Decode attention over the packed KV cache (flash-decoding): one new query token per
+sequence against INT4/INT2/INT8 compressed chunks plus the INT8 recent-token buffer.
+
+Codes are unpacked and decompressed to INT8 in registers (``q8 = clamp(code·S + lo)``, integer
+only); no dequantized copy of the cache is written. The context is split across programs; each
+split keeps its own running max, and the partial results are merged with exact rescaling.
+Query heads sharing a KV head (GQA) are the rows of one ``tl.dot``.
+
+Reference: ``turbo_core.reference.decode_attention_reference``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from turbo_core.config import AttentionMath
+from turbo_core.kvcache import QuantizedKVLayer
+from turbo_kernels.prefill import _sas_exp, sas_args
+
+
+@triton.jit
+def _update(q, q_scale, k8, k_scale_row, v, valid, m_i, l_i, acc, sm_scale, lut_ptr,
+            C0, C1, C2, C3, LUT_MAX: tl.constexpr, DEGREE: tl.constexpr,
+            USE_SAS: tl.constexpr, QK_INT8: tl.constexpr):
+    """One online-softmax step: ``q (G, D)``, ``k8 (D, N)`` int8 codes with per-key float scale
+    ``k_scale_row (N,)``, ``v (N, D)`` float."""
+    if QK_INT8:
+        s = tl.dot(q, k8.to(tl.int8), out_dtype=tl.int32).to(tl.float32)
+        s = s * q_scale[:, None] * k_scale_row[None, :]
+    else:
+        s = tl.dot(q, k8.to(tl.float32) * k_scale_row[None, :], input_precision="ieee")
+    s = tl.where(valid[None, :], s * sm_scale, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    x = s - m_safe[:, None]
+    if USE_SAS:
+        p = _sas_exp(x, lut_ptr, C0, C1, C2, C3, LUT_MAX, DEGREE)
+    else:
+        p = tl.exp(x)
+    alpha = tl.exp(m_i - m_safe)
+    acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _decode_chunks_kernel(
+    q_ptr, qs_ptr, heads_ptr,
+    kp_ptr, ksc_ptr, klo_ptr, kf_ptr, vp_ptr, vsc_ptr, vlo_ptr, vf_ptr,
+    lut_ptr, m_ptr, l_ptr, acc_ptr,
+    stride_qb, stride_qh, stride_qd, stride_qsb, stride_qsh,
+    stride_kpb, stride_kph, stride_kpd, stride_kpt,
+    stride_kscb, stride_ksch, stride_kscd, stride_ksct,
+    stride_kfb, stride_kfh, stride_kfc,
+    stride_vpb, stride_vph, stride_vpd, stride_vpt,
+    stride_vscb, stride_vsch, stride_vscg, stride_vsct,
+    stride_vfb, stride_vfh, stride_vfc,
+    stride_mb, stride_mh, stride_ms, stride_ab, stride_ah, stride_as, stride_ad,
+    N_HEADS, GROUP, HEAD_DIM, N_CHUNKS, CHUNKS_PER_SPLIT, sm_scale, C0, C1, C2, C3,
+    BITS: tl.constexpr, CHUNK: tl.constexpr, K_GROUP: tl.constexpr, V_GROUP: tl.constexpr,
+    LUT_MAX: tl.constexpr, DEGREE: tl.constexpr, USE_SAS: tl.constexpr, QK_INT8: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Grid ``(n_splits, B * N_HEADS)``: split ``s`` of the compressed chunks for one KV head
+    (``heads_ptr[i]``) of one sequence. Writes partial ``m, l (B, H_q, S)``, ``acc (B, H_q, S, D)``."""
+    split = tl.program_id(0)
+    pid = tl.program_id(1)
+    b = pid // N_HEADS
+    i = pid % N_HEADS
+    hk = tl.load(heads_ptr + i)
+    rows = tl.arange(0, BLOCK_G)
+    r_ok = rows < GROUP
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    hq = hk * GROUP + rows
+    q = tl.load(q_ptr + b * stride_qb + hq[:, None] * stride_qh + offs_d[None, :] * stride_qd,
+                mask=r_ok[:, None] & d_ok[None, :], other=0)
+    q_scale = tl.load(qs_ptr + b * stride_qsb + hq * stride_qsh, mask=r_ok, other=0.0)
+    m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+
+    PER: tl.constexpr = 8 // BITS
+    M_BYTES: tl.constexpr = CHUNK // PER
+    MASK: tl.constexpr = (1 << BITS) - 1
+    t = tl.arange(0, CHUNK)
+    j = t % M_BYTES
+    sh = (t // M_BYTES) * BITS
+    valid = t < CHUNK
+    c_lo = split * CHUNKS_PER_SPLIT
+    c_hi = tl.minimum(c_lo + CHUNKS_PER_SPLIT, N_CHUNKS)
+    for c in range(c_lo, c_hi):
+        # K tile (D, CHUNK): bytes hold tokens j, j + M_BYTES, ... (planar packing)
+        kb = tl.load(kp_ptr + b * stride_kpb + i * stride_kph + offs_d[:, None] * stride_kpd
+                     + (c * M_BYTES + j)[None, :] * stride_kpt, mask=d_ok[:, None], other=0)
+        kb = kb.to(tl.int32)
+        vb = tl.load(vp_ptr + b * stride_vpb + i * stride_vph + offs_d[None, :] * stride_vpd
+                     + (c * M_BYTES + j)[:, None] * stride_vpt, mask=d_ok[None, :], other=0)
+        vb = vb.to(tl.int32)
+        if BITS == 8:
+            k8 = tl.where(kb > 127, kb - 256, kb)
+            v8 = tl.where(vb > 127, vb - 256, vb)
+        else:
+            kg = (c * (CHUNK // K_GROUP) + t // K_GROUP)[None, :]
+            k_s = tl.load(ksc_ptr + b * stride_kscb + i * stride_ksch + offs_d[:, None] * stride_kscd
+                          + kg * stride_ksct, mask=d_ok[:, None], other=0).to(tl.int32)
+            k_lo = tl.load(klo_ptr + b * stride_kscb + i * stride_ksch + offs_d[:, None] * stride_kscd
+                           + kg * stride_ksct, mask=d_ok[:, None], other=0).to(tl.int32)
+            k8 = ((kb >> sh[None, :]) & MASK) * k_s + k_lo
+            k8 = tl.minimum(tl.maximum(k8, -127), 127)
+            vg = (offs_d // V_GROUP)[None, :]
+            vt = (c * CHUNK + t)[:, None]
+            v_s = tl.load(vsc_ptr + b * stride_vscb + i * stride_vsch + vg * stride_vscg
+                          + vt * stride_vsct, mask=d_ok[None, :], other=0).to(tl.int32)
+            v_lo = tl.load(vlo_ptr + b * stride_vscb + i * stride_vsch + vg * stride_vscg
+                           + vt * stride_vsct, mask=d_ok[None, :], other=0).to(tl.int32)
+            v8 = ((vb >> sh[:, None]) & MASK) * v_s + v_lo
+            v8 = tl.minimum(tl.maximum(v8, -127), 127)
+        k_first = tl.load(kf_ptr + b * stride_kfb + i * stride_kfh + c * stride_kfc)
+        v_first = tl.load(vf_ptr + b * stride_vfb + i * stride_vfh + c * stride_vfc)
+        k_row = tl.zeros([CHUNK], dtype=tl.float32) + k_first
+        m_i, l_i, acc = _update(q, q_scale, k8, k_row, v8.to(tl.float32) * v_first, valid,
+                                m_i, l_i, acc, sm_scale, lut_ptr, C0, C1, C2, C3,
+                                LUT_MAX, DEGREE, USE_SAS, QK_INT8)
+    base = b * stride_mb + hq * stride_mh + split * stride_ms
+    tl.store(m_ptr + base, m_i, mask=r_ok)
+    tl.store(l_ptr + base, l_i, mask=r_ok)
+    tl.store(acc_ptr + b * stride_ab + hq[:, None] * stride_ah + split * stride_as
+             + offs_d[None, :] * stride_ad, acc, mask=r_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _decode_buffer_kernel(
+    q_ptr, qs_ptr, kb_ptr, ksb_ptr, vb_ptr, vsb_ptr, lut_ptr, m_ptr, l_ptr, acc_ptr,
+    stride_qb, stride_qh, stride_qd, stride_qsb, stride_qsh,
+    stride_kb, stride_kh, stride_kt, stride_kd, stride_ksb, stride_ksh, stride_kst,
+    stride_vb, stride_vh, stride_vt, stride_vd, stride_vsb, stride_vsh, stride_vst,
+    stride_mb, stride_mh, stride_ms, stride_ab, stride_ah, stride_as, stride_ad,
+    H_KV, GROUP, HEAD_DIM, N_BUF, SLOT, sm_scale, C0, C1, C2, C3,
+    LUT_MAX: tl.constexpr, DEGREE: tl.constexpr, USE_SAS: tl.constexpr, QK_INT8: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Grid ``(1, B * H_KV)``: the INT8 buffer (per-token scales) into partial slot ``SLOT``."""
+    pid = tl.program_id(1)
+    b = pid // H_KV
+    hk = pid % H_KV
+    rows = tl.arange(0, BLOCK_G)
+    r_ok = rows < GROUP
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    hq = hk * GROUP + rows
+    q = tl.load(q_ptr + b * stride_qb + hq[:, None] * stride_qh + offs_d[None, :] * stride_qd,
+                mask=r_ok[:, None] & d_ok[None, :], other=0)
+    q_scale = tl.load(qs_ptr + b * stride_qsb + hq * stride_qsh, mask=r_ok, other=0.0)
+    t = tl.arange(0, BLOCK_N)
+    t_ok = t < N_BUF
+    k8 = tl.load(kb_ptr + b * stride_kb + hk * stride_kh + t[None, :] * stride_kt
+                 + offs_d[:, None] * stride_kd, mask=t_ok[None, :] & d_ok[:, None], other=0)
+    k_row = tl.load(ksb_ptr + b * stride_ksb + hk * stride_ksh + t * stride_kst, mask=t_ok, other=0.0)
+    v8 = tl.load(vb_ptr + b * stride_vb + hk * stride_vh + t[:, None] * stride_vt
+                 + offs_d[None, :] * stride_vd, mask=t_ok[:, None] & d_ok[None, :], other=0)
+    v_row = tl.load(vsb_ptr + b * stride_vsb + hk * stride_vsh + t * stride_vst, mask=t_ok, other=0.0)
+    m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+    m_i, l_i, acc = _update(q, q_scale, k8.to(tl.int32), k_row, v8.to(tl.float32) * v_row[:, None],
+                            t_ok, m_i, l_i, acc, sm_scale, lut_ptr, C0, C1, C2, C3,
+                            LUT_MAX, DEGREE, USE_SAS, QK_INT8)
+    base = b * stride_mb + hq * stride_mh + SLOT * stride_ms
+    tl.store(m_ptr + base, m_i, mask=r_ok)
+    tl.store(l_ptr + base, l_i, mask=r_ok)
+    tl.store(acc_ptr + b * stride_ab + hq[:, None] * stride_ah + SLOT * stride_as
+             + offs_d[None, :] * stride_ad, acc, mask=r_ok[:, None] & d_ok[None, :])
+
+
+def decode_attention(
+    q: torch.Tensor,
+    cache: QuantizedKVLayer,
+    *,
+    math_cfg: AttentionMath,
+    scale: float | None = None,
+    chunks_per_split: int = 8,
+) -> torch.Tensor:
+    """Attention of one new token per sequence over ``cache`` (already holding that token).
+
+    Args:
+        q: ``(B, H_q, 1, D)`` float; ``H_q`` a multiple of the cache's KV heads.
+        chunks_per_split: compressed chunks per program (the flash-decoding split).
+    Returns:
+        ``(B, H_q, 1, D)`` in ``q.dtype``.
+    """
+    from turbo_kernels.quantize import quantize_int8_blockwise
+
+    if q.dim() != 4 or q.shape[2] != 1:
+        raise ValueError(f"decode kernel takes q of shape (B, H_q, 1, D), got {tuple(q.shape)}")
+    b, hq, _, d = q.shape
+    hkv = cache.num_heads
+    if d != cache.head_dim or hq % hkv:
+        raise ValueError(f"query {tuple(q.shape)} does not fit a cache of {hkv} KV heads of "
+                         f"head_dim {cache.head_dim} (query heads must be a multiple)")
+    if cache.seq_len == 0 or cache.batch != b:
+        raise ValueError(f"cache holds {cache.seq_len} tokens for batch {cache.batch}, query batch {b}")
+    if math_cfg.sparse_ratio is not None or math_cfg.pv_int8:
+        raise ValueError("the decode kernel implements SAS and INT8 Q·Kᵀ only (no top-k, no INT8 P·V)")
+    if chunks_per_split < 1:
+        raise ValueError(f"chunks_per_split must be >= 1, got {chunks_per_split}")
+    group = hq // hkv
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    q3 = q[:, :, 0, :]
+    if math_cfg.qk_int8:
+        qi = quantize_int8_blockwise(q, math_cfg.block_size)
+        q3, qs = qi.values[:, :, 0, :], qi.scale[:, :, 0]
+    else:
+        q3, qs = q3.float(), torch.ones(b, hq, dtype=torch.float32, device=q.device)
+    n_chunks = cache.seq_len // cache.cfg.chunk
+    n_splits = max(1, math.ceil(n_chunks / chunks_per_split))
+    slots = n_splits + 1  # the last slot is the buffer's
+    m = torch.full((b, hq, slots), float("-inf"), dtype=torch.float32, device=q.device)
+    l_ = torch.zeros(b, hq, slots, dtype=torch.float32, device=q.device)
+    acc = torch.zeros(b, hq, slots, d, dtype=torch.float32, device=q.device)
+    sas_cfg = math_cfg.sas
+    coeffs, lut = sas_args(sas_cfg, q.device)
+    lut = m if lut is None else lut  # never read without SAS
+    common = dict(LUT_MAX=sas_cfg.lut_max if sas_cfg else 0, DEGREE=sas_cfg.degree if sas_cfg else 3,
+                  USE_SAS=sas_cfg is not None, QK_INT8=math_cfg.qk_int8,
+                  BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=triton.next_power_of_2(d))
+    out_strides = (*m.stride(), *acc.stride())
+    for bits in cache.groups:
+        view = cache.packed_view(bits)
+        if view is None:
+            continue
+        ks, kl = view.get("k_scale", view["k_packed"]), view.get("k_low", view["k_packed"])
+        vs, vl = view.get("v_scale", view["v_packed"]), view.get("v_low", view["v_packed"])
+        n_heads = view["heads"].numel()
+        _decode_chunks_kernel[(n_splits, b * n_heads)](
+            q3, qs, view["heads"],
+            view["k_packed"], ks, kl, view["k_first"], view["v_packed"], vs, vl, view["v_first"],
+            lut, m, l_, acc,
+            *q3.stride(), *qs.stride(),
+            *view["k_packed"].stride(), *ks.stride(), *view["k_first"].stride(),
+            *view["v_packed"].stride(), *vs.stride(), *view["v_first"].stride(),
+            *out_strides,
+            n_heads, group, d, n_chunks, chunks_per_split, scale, *coeffs,
+            BITS=bits, CHUNK=cache.cfg.chunk, K_GROUP=cache.cfg.k_group, V_GROUP=cache.v_group,
+            **common,
+        )
+    buf = cache.buffer()
+    if buf is not None:
+        kb, vb = buf
+        _decode_buffer_kernel[(1, b * hkv)](
+            q3, qs, kb.values, kb.scale, vb.values, vb.scale, lut, m, l_, acc,
+            *q3.stride(), *qs.stride(),
+            *kb.values.stride(), *kb.scale.stride(), *vb.values.stride(), *vb.scale.stride(),
+            *out_strides,
+            hkv, group, d, kb.values.shape[2], n_splits, scale, *coeffs,
+            BLOCK_N=max(16, triton.next_power_of_2(kb.values.shape[2])), **common,
+        )
+    # merge the splits: exact rescaling to the global max
+    top = m.amax(dim=-1, keepdim=True)
+    w = torch.exp(m - top).nan_to_num(0.0)  # empty splits: -inf - top -> weight 0
+    out = (acc * w.unsqueeze(-1)).sum(dim=2) / (l_ * w).sum(dim=2, keepdim=False).unsqueeze(-1)
+    return out.unsqueeze(2).to(q.dtype)
