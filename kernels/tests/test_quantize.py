@@ -35,3 +35,25 @@ def test_non_contiguous_input_and_bad_input():
         quantize_int8_blockwise(x, 48)
     with pytest.raises(ValueError, match="float"):
         quantize_int8_blockwise(x.to(torch.int32), 32)
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize(("along_tokens", "group"), [(True, 64), (True, 16), (False, 64), (False, 32)])
+def test_compress_chunk_is_bit_exact(bits, along_tokens, group):
+    from turbo_kernels.quantize import compress_chunk
+
+    gen = torch.Generator().manual_seed(bits + group)
+    q8 = torch.randint(-119, 120, (2, 3, 64, 64), generator=gen).to(torch.int8)
+    packed, scale, low = compress_chunk(q8.to(DEVICE), bits, group, along_tokens)
+    ref = quant.quantize_lowbit(q8, bits, dim=-1 if along_tokens else -2, group=group)
+    assert torch.equal(scale.cpu(), ref.scale) and torch.equal(low.cpu(), ref.low)
+    assert torch.equal(packed.cpu(), quant.pack(ref.codes, bits))
+
+
+def test_compress_chunk_bad_input():
+    from turbo_kernels.quantize import compress_chunk
+
+    with pytest.raises(ValueError, match="power-of-two head_dim"):
+        compress_chunk(torch.zeros(1, 1, 96, 64, dtype=torch.int8, device=DEVICE), 4, 64, True)
+    with pytest.raises(ValueError, match="2 or 4 bits"):
+        compress_chunk(torch.zeros(1, 1, 64, 64, dtype=torch.int8, device=DEVICE), 8, 64, True)

@@ -75,3 +75,87 @@ def quantize_int8_blockwise(x: torch.Tensor, block_size: int = 64, qmax: int = 1
         BLOCK=block_size, BLOCK_D=triton.next_power_of_2(dim),
     )
     return Int8Rows(q.reshape(*lead, length, dim), s.reshape(*lead, length))
+
+
+@triton.jit
+def _lowbit_pack_kernel(
+    x_ptr, p_ptr, s_ptr, lo_ptr,
+    stride_xn, stride_xd, stride_xt,
+    stride_pn, stride_pd, stride_pt,
+    stride_sn, stride_sd, stride_st,
+    BITS: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr, GROUP: tl.constexpr,
+    ALONG_TOKENS: tl.constexpr,
+):
+    """Grid ``(N,)``: compress one int8 chunk ``x (D, CHUNK)`` (channels × tokens) to ``BITS``.
+
+    Groups run along tokens (K: per channel) or along channels (V: per token). Integer scale
+    ``S = max(1, ceil((hi - lo) / levels))``, ``code = (2 (x - lo) + S) // (2 S)``; codes are packed
+    planar along tokens: byte ``j`` holds tokens ``j + k·M`` in bits ``[k·BITS, (k+1)·BITS)``.
+    """
+    n = tl.program_id(0)
+    d = tl.arange(0, D)
+    t = tl.arange(0, CHUNK)
+    x = tl.load(x_ptr + n * stride_xn + d[:, None] * stride_xd + t[None, :] * stride_xt).to(tl.int32)
+    LEVELS: tl.constexpr = (1 << BITS) - 1
+    if ALONG_TOKENS:
+        g = tl.reshape(x, [D, CHUNK // GROUP, GROUP])
+        lo = tl.min(g, axis=2)
+        hi = tl.max(g, axis=2)
+        scale = tl.maximum((hi - lo + LEVELS - 1) // LEVELS, 1)
+        codes = (2 * (g - lo[:, :, None]) + scale[:, :, None]) // (2 * scale[:, :, None])
+        codes = tl.reshape(codes, [D, CHUNK])
+        sg = tl.arange(0, CHUNK // GROUP)
+        s_ptrs = n * stride_sn + d[:, None] * stride_sd + sg[None, :] * stride_st
+    else:
+        g = tl.reshape(x, [D // GROUP, GROUP, CHUNK])
+        lo = tl.min(g, axis=1)
+        hi = tl.max(g, axis=1)
+        scale = tl.maximum((hi - lo + LEVELS - 1) // LEVELS, 1)
+        codes = (2 * (g - lo[:, None, :]) + scale[:, None, :]) // (2 * scale[:, None, :])
+        codes = tl.reshape(codes, [D, CHUNK])
+        sg = tl.arange(0, D // GROUP)
+        s_ptrs = n * stride_sn + sg[:, None] * stride_sd + t[None, :] * stride_st
+    tl.store(s_ptr + s_ptrs, scale.to(tl.uint8))
+    tl.store(lo_ptr + s_ptrs, lo.to(tl.int8))
+    PER: tl.constexpr = 8 // BITS
+    M: tl.constexpr = CHUNK // PER
+    parts = tl.reshape(codes, [D, PER, M])
+    shifts = (tl.arange(0, PER) * BITS)[None, :, None]
+    packed = tl.sum(parts << shifts, axis=1)  # disjoint bit fields: sum == or
+    m = tl.arange(0, M)
+    tl.store(p_ptr + n * stride_pn + d[:, None] * stride_pd + m[None, :] * stride_pt,
+             packed.to(tl.uint8))
+
+
+def compress_chunk(q8: torch.Tensor, bits: int, group: int, along_tokens: bool):
+    """Triton twin of the cache's chunk compression (``quantize_lowbit`` + ``pack``).
+
+    Args:
+        q8: int8 ``(B, n, D, chunk)`` (channels × tokens per head); D, chunk, group powers of two.
+        group: tokens per group (``along_tokens``, K) or channels per group (V).
+    Returns:
+        ``(packed (B, n, D, chunk·bits/8) uint8, scale uint8, low int8)`` with the reference's
+        shapes: ``(B, n, D, chunk / group)`` for K, ``(B, n, D / group, chunk)`` for V.
+    """
+    if q8.dtype != torch.int8 or q8.dim() != 4:
+        raise ValueError(f"compress_chunk needs int8 (B, n, D, chunk), got {q8.dtype} {tuple(q8.shape)}")
+    if bits not in (2, 4):
+        raise ValueError(f"compress_chunk compresses to 2 or 4 bits, got {bits}")
+    b, n, d, c = q8.shape
+    for name, val in (("head_dim", d), ("chunk", c), ("group", group)):
+        if val < 1 or val & (val - 1):
+            raise ValueError(f"compress_chunk needs a power-of-two {name}, got {val}")
+    span = c if along_tokens else d
+    if group > span:
+        raise ValueError(f"group {group} larger than the grouped axis ({span})")
+    x = q8.reshape(b * n, d, c)
+    packed = torch.empty(b * n, d, c * bits // 8, dtype=torch.uint8, device=q8.device)
+    s_shape = (b * n, d, c // group) if along_tokens else (b * n, d // group, c)
+    scale = torch.empty(s_shape, dtype=torch.uint8, device=q8.device)
+    low = torch.empty(s_shape, dtype=torch.int8, device=q8.device)
+    _lowbit_pack_kernel[(b * n,)](
+        x, packed, scale, low, *x.stride(), *packed.stride(), *scale.stride(),
+        BITS=bits, D=d, CHUNK=c, GROUP=group, ALONG_TOKENS=along_tokens,
+    )
+    return (packed.reshape(b, n, d, -1), scale.reshape(b, n, *s_shape[1:]),
+            low.reshape(b, n, *s_shape[1:]))
