@@ -35,6 +35,27 @@ def _bench_attention(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_kernels(args: argparse.Namespace) -> int:
+    import os
+
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+    from turbo_core.bench import kernels
+    from turbo_core.bench.common import write_json
+    from turbo_core.fileio import write_atomic
+
+    doc = kernels.run(repeats=args.repeats)
+    print(kernels.tables(doc))
+    if args.json:
+        print(f"wrote {write_json(args.json, doc)}", file=sys.stderr)
+    if args.markdown:
+        write_atomic(args.markdown, "# Kernel benchmark\n\n" + kernels.tables(doc, "github") + "\n")
+        print(f"wrote {args.markdown}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="turbo", description="TurboAttention pipeline tools")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -57,6 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
     att.add_argument("--json", metavar="PATH", help="write the results as JSON")
     att.add_argument("--markdown", metavar="PATH", help="write the table as Markdown")
     att.set_defaults(func=_bench_attention)
+
+    ker = bench_sub.add_parser(
+        "kernels", help="Triton kernels vs SDPA fp16 (GPU; tiny interpreter smoke run on CPU)")
+    ker.add_argument("--repeats", type=int, help="timed runs per case (default 10 GPU, 1 CPU)")
+    ker.add_argument("--json", metavar="PATH")
+    ker.add_argument("--markdown", metavar="PATH")
+    ker.set_defaults(func=_bench_kernels)
 
     from turbo_core import cli_model
 

@@ -184,12 +184,15 @@ def decode_attention(
     math_cfg: AttentionMath,
     scale: float | None = None,
     chunks_per_split: int = 8,
+    views: dict[int, dict[str, torch.Tensor] | None] | None = None,
 ) -> torch.Tensor:
     """Attention of one new token per sequence over ``cache`` (already holding that token).
 
     Args:
         q: ``(B, H_q, 1, D)`` float; ``H_q`` a multiple of the cache's KV heads.
         chunks_per_split: compressed chunks per program (the flash-decoding split).
+        views: ``{bits: cache.packed_view(bits)}`` computed once by the caller; by default
+            they are built here (a concatenation of the packed chunks on every call).
     Returns:
         ``(B, H_q, 1, D)`` in ``q.dtype``.
     """
@@ -230,7 +233,7 @@ def decode_attention(
                   BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=triton.next_power_of_2(d))
     out_strides = (*m.stride(), *acc.stride())
     for bits in cache.groups:
-        view = cache.packed_view(bits)
+        view = views[bits] if views is not None else cache.packed_view(bits)
         if view is None:
             continue
         ks, kl = view.get("k_scale", view["k_packed"]), view.get("k_low", view["k_packed"])
