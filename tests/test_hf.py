@@ -68,6 +68,9 @@ def test_cache_holds_packed_bytes_that_shrink(tiny_dir):
             cache = hf.TurboCache(shape, bits)
             for s in range(0, 512, 64):
                 model(ids[:, s:s + 64], cache=cache)
+            assert cache.layers[0].store.buffered == 64  # compressed on the next update ...
+            cache.flush()  # ... or now, to measure the state at rest
+            assert cache.layers[0].store.buffered == 0
             sizes[bits] = cache.nbytes()
             held = cache.layers[0].store.tensors()
             assert any(t.dtype == torch.uint8 for t in held)

@@ -91,6 +91,7 @@ def tensor_bytes(t: torch.Tensor) -> int:
 def cache_bytes(cache: object) -> int:
     """Bytes held by a TurboCache or by a transformers (quantized) cache."""
     if isinstance(cache, hf.TurboCache):
+        cache.flush()  # the chunks the next token would compress: count them at rest
         return cache.nbytes()
     total = 0
     for layer in cache.layers:

@@ -2,9 +2,10 @@
 
 Backends: ``triton`` (the fused kernels in ``turbo_kernels``) and ``reference`` (pure PyTorch,
 ``turbo_core.reference``). ``TURBO_ATTENTION_BACKEND`` = ``auto`` (default: Triton on CUDA
-tensors when the call is one the kernel implements, else the reference), ``triton`` (always
-the kernel; an unsupported call is an error) or ``reference``. Each distinct choice is logged
-once at INFO with its reason.
+tensors when a kernel implements the call, else the reference), ``triton`` (the kernels for
+every call they implement, also on CPU tensors under ``TRITON_INTERPRET=1``; other calls run
+the reference with a WARNING naming why) or ``reference``. Each distinct choice is logged once
+with its reason.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import os
 import torch
 
 from turbo_core.config import EXACT, AttentionMath
+from turbo_core.kvcache import QuantizedKVLayer
 from turbo_core.reference import KV, AttentionResult, attention_details
 
 log = logging.getLogger(__name__)
@@ -32,10 +34,16 @@ def requested_backend() -> str:
 
 
 def _kernel_blocker(q: torch.Tensor, k: KV, v: KV, math_cfg: AttentionMath, mask: object,
-                    need_probs: bool, dropout_p: float) -> str | None:
-    """Why the prefill kernel cannot serve this call (None = it can)."""
+                    need_probs: bool, dropout_p: float, kv_store: object = None) -> str | None:
+    """Why the kernels cannot serve this call (None = they can)."""
+    if kv_store is not None:
+        if q.dim() != 4 or q.shape[2] != 1:
+            return "several new tokens over a quantized cache (chunked prefill)"
+        if math_cfg.pv_int8 or math_cfg.sparse_ratio is not None:
+            return "INT8 P·V or top-k in decode"
+        return "attention mask over a quantized cache" if mask is not None else None
     if not isinstance(k, torch.Tensor) or not isinstance(v, torch.Tensor):
-        return "pre-quantized KV cache input (decode path)"
+        return "pre-quantized KV input without its cache layer"
     if mask is not None:
         return "explicit attention mask"
     if need_probs:
@@ -52,16 +60,16 @@ def _kernel_blocker(q: torch.Tensor, k: KV, v: KV, math_cfg: AttentionMath, mask
 
 
 def choose_backend(q: torch.Tensor, k: KV, v: KV, math_cfg: AttentionMath, mask: object = None,
-                   need_probs: bool = False, dropout_p: float = 0.0) -> tuple[str, str]:
+                   need_probs: bool = False, dropout_p: float = 0.0,
+                   kv_store: object = None) -> tuple[str, str]:
     """``(backend, reason)`` for one call, honouring ``TURBO_ATTENTION_BACKEND``."""
     wanted = requested_backend()
-    blocker = _kernel_blocker(q, k, v, math_cfg, mask, need_probs, dropout_p)
+    blocker = _kernel_blocker(q, k, v, math_cfg, mask, need_probs, dropout_p, kv_store)
     if wanted == "reference":
         return "reference", f"{BACKEND_ENV}=reference"
     if wanted == "triton":
         if blocker:
-            raise ValueError(f"{BACKEND_ENV}=triton but the kernel does not support this call: "
-                             f"{blocker}")
+            return "reference", f"{BACKEND_ENV}=triton, but no kernel for: {blocker}"
         if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError(f"{BACKEND_ENV}=triton on {q.device} tensors needs a CUDA device "
                              f"or TRITON_INTERPRET=1 (Triton's CPU interpreter)")
@@ -84,16 +92,25 @@ def turbo_attention(
     mask: torch.Tensor | None = None,
     dropout_p: float = 0.0,
     need_probs: bool = False,
+    kv_store: QuantizedKVLayer | None = None,
 ) -> AttentionResult:
     """TurboAttention over ``q (B, H_q, L_q, D)``, ``k, v (B, H_kv, L_k, D)``.
 
-    See :func:`turbo_core.reference.attention_details` for the arguments. The Triton path
-    returns ``sas_dropped = candidates = 0`` (it does not count sparsity).
+    See :func:`turbo_core.reference.attention_details` for the arguments. ``kv_store``: the
+    packed cache layer ``k``/``v`` were read from; with one new token the Triton decode kernel
+    reads it directly. The Triton paths return ``sas_dropped = candidates = 0`` (no counting).
     """
-    backend, reason = choose_backend(q, k, v, math_cfg, mask, need_probs, dropout_p)
+    backend, reason = choose_backend(q, k, v, math_cfg, mask, need_probs, dropout_p, kv_store)
     if (backend, reason) not in _logged:
         _logged.add((backend, reason))
-        log.info("TurboAttention backend: %s (%s)", backend, reason)
+        forced_miss = backend == "reference" and reason.startswith(f"{BACKEND_ENV}=triton")
+        log.log(logging.WARNING if forced_miss else logging.INFO,
+                "TurboAttention backend: %s (%s)", backend, reason)
+    if backend == "triton" and kv_store is not None:
+        from turbo_kernels.decode import decode_attention
+
+        out = decode_attention(q, kv_store, math_cfg=math_cfg, scale=scale)
+        return AttentionResult(out=out, probs=None, sas_dropped=0, candidates=0)
     if backend == "triton":
         from turbo_kernels.prefill import prefill_attention
 

@@ -28,6 +28,7 @@ from turbo_core.quant import Int8Rows
 
 ATTN_NAME = "turbo"
 _INT8_ATTR = "turbo_int8"  # attribute on K/V tensors returned by TurboCache: their INT8 rows
+_STORE_ATTR = "turbo_store"  # ... and the QuantizedKVLayer they came from (for the decode kernel)
 
 
 def turbo_attention_forward(
@@ -52,7 +53,7 @@ def turbo_attention_forward(
         attention_mask, causal = None, True  # no padding: lets the fused kernel take the call
     res = turbo_attention(
         query, k, v, math_cfg=math_cfg, causal=causal, scale=scaling, mask=attention_mask,
-        dropout_p=dropout,
+        dropout_p=dropout, kv_store=getattr(key, _STORE_ATTR, None) if query.shape[2] == 1 else None,
     )
     _record_sparsity(module, res.sas_dropped, res.candidates)
     return res.out.transpose(1, 2).contiguous(), None
@@ -116,10 +117,13 @@ def reset_counters(model: torch.nn.Module) -> None:
 class TurboCacheLayer(CacheLayerMixin):
     """One transformers cache layer backed by a :class:`QuantizedKVLayer`.
 
-    ``update`` appends the new tokens (INT8 per token into the recent buffer), returns K/V for
-    attention — compressed chunks decompressed to INT8 (integer-only) plus the buffer, as float
-    tensors that also carry their :class:`Int8Rows` — and then compresses every full chunk.
-    So a token always attends to the recent tokens at INT8 and to older ones at their plan bits.
+    ``update`` first compresses the full chunks left by the previous call, then appends the new
+    tokens (INT8 per token into the recent buffer) and returns K/V for attention — compressed
+    chunks decompressed to INT8 (integer-only) plus the buffer, as float tensors that also carry
+    their :class:`Int8Rows` and the store itself. So a token attends to the recent tokens at
+    INT8 and to older ones at their plan bits, and the store after ``update`` is exactly what
+    the attention reads (the decode kernel reads the store). :meth:`flush` compresses what is
+    left, e.g. before measuring bytes at rest.
     """
 
     is_compileable = False
@@ -138,10 +142,13 @@ class TurboCacheLayer(CacheLayerMixin):
                **kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        self.store.compress_full_chunks()
         self.store.append(key_states, value_states, compress=False)
         k8, v8 = self.store.dequantize_int8()
+        return _carrying(k8, self.dtype, self.store), _carrying(v8, self.dtype, self.store)
+
+    def flush(self) -> None:
         self.store.compress_full_chunks()
-        return _carrying(k8, self.dtype), _carrying(v8, self.dtype)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.get_seq_length() + query_length, 0
@@ -168,9 +175,10 @@ class TurboCacheLayer(CacheLayerMixin):
         return self.store.nbytes()
 
 
-def _carrying(rows: Int8Rows, dtype: torch.dtype) -> torch.Tensor:
+def _carrying(rows: Int8Rows, dtype: torch.dtype, store: QuantizedKVLayer) -> torch.Tensor:
     t = rows.dequantize(torch.float32).to(dtype)
     setattr(t, _INT8_ATTR, rows)
+    setattr(t, _STORE_ATTR, store)
     return t
 
 
@@ -191,3 +199,8 @@ class TurboCache(Cache):
     def nbytes(self) -> int:
         """Bytes of every tensor the cache holds (packed codes, scales, offsets, buffer)."""
         return sum(layer.nbytes() for layer in self.layers)
+
+    def flush(self) -> None:
+        """Compress every full chunk still waiting in the buffers (the state at rest)."""
+        for layer in self.layers:
+            layer.flush()

@@ -19,6 +19,7 @@ def test_forced_triton_runs_the_kernel_through_the_module(monkeypatch, caplog):
     with torch.no_grad():
         ref, _ = attn(x, x, x, need_weights=False, is_causal=True)
     monkeypatch.setenv(functional.BACKEND_ENV, "triton")
+    monkeypatch.setattr(functional, "_logged", set())  # each choice is logged once per process
     caplog.set_level(logging.INFO, logger="turbo_core.functional")
     with torch.no_grad():
         out, _ = attn(x, x, x, need_weights=False, is_causal=True)
@@ -32,11 +33,36 @@ def test_choices_and_errors(monkeypatch):
     assert functional.choose_backend(q, q, q, TURBO_DEFAULT) == ("reference", "cpu tensors")
     assert functional.backend_name("cuda") == "triton" and functional.backend_name() == "reference"
     monkeypatch.setenv(functional.BACKEND_ENV, "triton")
-    with pytest.raises(ValueError, match="attention weights requested"):
-        functional.choose_backend(q, q, q, TURBO_DEFAULT, need_probs=True)
+    backend, reason = functional.choose_backend(q, q, q, TURBO_DEFAULT, need_probs=True)
+    assert backend == "reference" and "no kernel for: attention weights requested" in reason
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="needs a CUDA device or TRITON_INTERPRET=1"):
         functional.choose_backend(q, q, q, TURBO_DEFAULT)
     monkeypatch.setenv(functional.BACKEND_ENV, "fast")
     with pytest.raises(ValueError, match="use one of"):
         functional.choose_backend(q, q, q, TURBO_DEFAULT)
+
+
+def test_hf_generate_uses_prefill_and_decode_kernels(monkeypatch, caplog, tiny_llama):
+    """Greedy generation through TurboCache: kernels (forced) and reference agree."""
+    from transformers import AutoModelForCausalLM
+
+    from turbo_core import hf
+    from turbo_core.config import KVQuantConfig
+    from turbo_core.models import shape_of
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    shape = shape_of(model.config, "tiny")
+    ids = torch.randint(0, model.config.vocab_size, (1, 70), generator=torch.Generator().manual_seed(5))
+    kw = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0,
+              attention_mask=torch.ones_like(ids))
+    hf.enable(model, TURBO_DEFAULT)
+    outs = {}
+    monkeypatch.setattr(functional, "_logged", set())  # each choice is logged once per process
+    caplog.set_level(logging.INFO, logger="turbo_core.functional")
+    for backend in ("reference", "triton"):
+        monkeypatch.setenv(functional.BACKEND_ENV, backend)
+        with torch.no_grad():
+            outs[backend] = model.generate(ids, cache=hf.TurboCache(shape, 4, KVQuantConfig()), **kw)
+    assert torch.equal(outs["reference"], outs["triton"])
+    assert "TurboAttention backend: triton" in caplog.text
