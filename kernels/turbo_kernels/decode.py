@@ -48,6 +48,31 @@ def _update(q, q_scale, k8, k_scale_row, v, valid, m_i, l_i, acc, sm_scale, lut_
 
 
 @triton.jit
+def _query_rows(q_ptr, qs_ptr, b, hk, stride_qb, stride_qh, stride_qd, stride_qsb, stride_qsh,
+                GROUP, HEAD_DIM, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The ``GROUP`` query heads of KV head ``hk`` as the rows of a ``(BLOCK_G, BLOCK_D)`` tile."""
+    rows = tl.arange(0, BLOCK_G)
+    r_ok = rows < GROUP
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    hq = hk * GROUP + rows
+    q = tl.load(q_ptr + b * stride_qb + hq[:, None] * stride_qh + offs_d[None, :] * stride_qd,
+                mask=r_ok[:, None] & d_ok[None, :], other=0)
+    q_scale = tl.load(qs_ptr + b * stride_qsb + hq * stride_qsh, mask=r_ok, other=0.0)
+    return q, q_scale, hq, r_ok, offs_d, d_ok
+
+
+@triton.jit
+def _store_partial(m_ptr, l_ptr, acc_ptr, b, hq, slot, m_i, l_i, acc, r_ok, offs_d, d_ok,
+                   stride_mb, stride_mh, stride_ms, stride_ab, stride_ah, stride_as, stride_ad):
+    base = b * stride_mb + hq * stride_mh + slot * stride_ms
+    tl.store(m_ptr + base, m_i, mask=r_ok)
+    tl.store(l_ptr + base, l_i, mask=r_ok)
+    tl.store(acc_ptr + b * stride_ab + hq[:, None] * stride_ah + slot * stride_as
+             + offs_d[None, :] * stride_ad, acc, mask=r_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
 def _decode_chunks_kernel(
     q_ptr, qs_ptr, heads_ptr,
     kp_ptr, ksc_ptr, klo_ptr, kf_ptr, vp_ptr, vsc_ptr, vlo_ptr, vf_ptr,
@@ -72,14 +97,9 @@ def _decode_chunks_kernel(
     b = pid // N_HEADS
     i = pid % N_HEADS
     hk = tl.load(heads_ptr + i)
-    rows = tl.arange(0, BLOCK_G)
-    r_ok = rows < GROUP
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
-    hq = hk * GROUP + rows
-    q = tl.load(q_ptr + b * stride_qb + hq[:, None] * stride_qh + offs_d[None, :] * stride_qd,
-                mask=r_ok[:, None] & d_ok[None, :], other=0)
-    q_scale = tl.load(qs_ptr + b * stride_qsb + hq * stride_qsh, mask=r_ok, other=0.0)
+    q, q_scale, hq, r_ok, offs_d, d_ok = _query_rows(
+        q_ptr, qs_ptr, b, hk, stride_qb, stride_qh, stride_qd, stride_qsb, stride_qsh,
+        GROUP, HEAD_DIM, BLOCK_G, BLOCK_D)
     m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
@@ -126,11 +146,8 @@ def _decode_chunks_kernel(
         m_i, l_i, acc = _update(q, q_scale, k8, k_row, v8.to(tl.float32) * v_first, valid,
                                 m_i, l_i, acc, sm_scale, lut_ptr, C0, C1, C2, C3,
                                 LUT_MAX, DEGREE, USE_SAS, QK_INT8)
-    base = b * stride_mb + hq * stride_mh + split * stride_ms
-    tl.store(m_ptr + base, m_i, mask=r_ok)
-    tl.store(l_ptr + base, l_i, mask=r_ok)
-    tl.store(acc_ptr + b * stride_ab + hq[:, None] * stride_ah + split * stride_as
-             + offs_d[None, :] * stride_ad, acc, mask=r_ok[:, None] & d_ok[None, :])
+    _store_partial(m_ptr, l_ptr, acc_ptr, b, hq, split, m_i, l_i, acc, r_ok, offs_d, d_ok,
+                   stride_mb, stride_mh, stride_ms, stride_ab, stride_ah, stride_as, stride_ad)
 
 
 @triton.jit
@@ -148,14 +165,9 @@ def _decode_buffer_kernel(
     pid = tl.program_id(1)
     b = pid // H_KV
     hk = pid % H_KV
-    rows = tl.arange(0, BLOCK_G)
-    r_ok = rows < GROUP
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
-    hq = hk * GROUP + rows
-    q = tl.load(q_ptr + b * stride_qb + hq[:, None] * stride_qh + offs_d[None, :] * stride_qd,
-                mask=r_ok[:, None] & d_ok[None, :], other=0)
-    q_scale = tl.load(qs_ptr + b * stride_qsb + hq * stride_qsh, mask=r_ok, other=0.0)
+    q, q_scale, hq, r_ok, offs_d, d_ok = _query_rows(
+        q_ptr, qs_ptr, b, hk, stride_qb, stride_qh, stride_qd, stride_qsb, stride_qsh,
+        GROUP, HEAD_DIM, BLOCK_G, BLOCK_D)
     t = tl.arange(0, BLOCK_N)
     t_ok = t < N_BUF
     k8 = tl.load(kb_ptr + b * stride_kb + hk * stride_kh + t[None, :] * stride_kt
@@ -170,11 +182,8 @@ def _decode_buffer_kernel(
     m_i, l_i, acc = _update(q, q_scale, k8.to(tl.int32), k_row, v8.to(tl.float32) * v_row[:, None],
                             t_ok, m_i, l_i, acc, sm_scale, lut_ptr, C0, C1, C2, C3,
                             LUT_MAX, DEGREE, USE_SAS, QK_INT8)
-    base = b * stride_mb + hq * stride_mh + SLOT * stride_ms
-    tl.store(m_ptr + base, m_i, mask=r_ok)
-    tl.store(l_ptr + base, l_i, mask=r_ok)
-    tl.store(acc_ptr + b * stride_ab + hq[:, None] * stride_ah + SLOT * stride_as
-             + offs_d[None, :] * stride_ad, acc, mask=r_ok[:, None] & d_ok[None, :])
+    _store_partial(m_ptr, l_ptr, acc_ptr, b, hq, SLOT, m_i, l_i, acc, r_ok, offs_d, d_ok,
+                   stride_mb, stride_mh, stride_ms, stride_ab, stride_ah, stride_as, stride_ad)
 
 
 def decode_attention(
