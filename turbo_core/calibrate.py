@@ -81,3 +81,16 @@ def calibrate(
     log.info("plan for %s/%s: %d INT2 heads of %d", lm.name, variant.name,
              plan.selection.int2_heads, lm.shape.num_layers * lm.shape.num_kv_heads)
     return plan
+
+
+def uniform_plan(lm: LoadedModel, variant: Variant) -> BitPlan:
+    """The plan of a variant that needs no calibration: every head at the variant's bits."""
+    if variant.needs_calibration:
+        raise ValueError(f"variant {variant.name} mixes bit widths and needs a calibrated plan")
+    from turbo_core.plan import build_plan
+
+    n, h = lm.shape.num_layers, lm.shape.num_kv_heads
+    bits = variant.kv_bits if variant.kv_bits is not None else FLOAT_CACHE_BITS
+    return build_plan(lm.shape, [[0.0] * h for _ in range(n)], [[False] * h for _ in range(n)],
+                      scope="uniform", default_bits=bits,
+                      calibration={"variant": variant.name, "model": lm.name})

@@ -1,0 +1,70 @@
+"""PNG plots for MLflow and reports (matplotlib, headless Agg backend)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def priority_heatmap(plan, path: str | Path) -> Path:
+    """Layer × KV-head heat map of head priority; INT2 heads marked with a cross."""
+    plt = _plt()
+    grid = [[h.priority for h in layer.heads] for layer in plan.layers]
+    bits = plan.bits_grid()
+    fig, ax = plt.subplots(figsize=(2 + 0.6 * len(grid[0]), 1.5 + 0.22 * len(grid)))
+    im = ax.imshow(grid, aspect="auto", cmap="viridis")
+    for li, row in enumerate(bits):
+        for hi, b in enumerate(row):
+            if b == 2:
+                ax.text(hi, li, "×", ha="center", va="center", color="white", fontsize=9)
+    ax.set_xlabel("KV head")
+    ax.set_ylabel("layer")
+    ax.set_title(f"{plan.model.name}: head priority (× = INT2, {plan.selection.int2_heads} heads)")
+    fig.colorbar(im, ax=ax, label="priority (gap · std of channel ranges)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def accuracy_vs_bytes(rows: list[dict], path: str | Path, title: str = "") -> Path:
+    """Perplexity change against KV bytes per token, one labelled point per variant."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for r in rows:
+        x, y = r.get("kv_bytes_per_token"), r.get("ppl_delta_pct")
+        if x is None or y is None:
+            continue
+        ax.scatter(x, y, s=40, color="tab:green" if r.get("gate_passed") else "tab:red")
+        ax.annotate(r["variant"], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.set_xlabel("KV bytes per token (measured)")
+    ax.set_ylabel("perplexity change vs baseline (%)")
+    ax.set_title(title or "accuracy vs KV memory (green = gates passed)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def latency(rows: list[dict], path: str | Path) -> Path:
+    """Prefill and decode throughput per variant."""
+    plt = _plt()
+    names = [r["variant"] for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3.2))
+    for ax, key, label in ((axes[0], "prefill_tokens_per_s", "prefill tokens/s"),
+                           (axes[1], "decode_tokens_per_s", "decode tokens/s")):
+        ax.barh(names, [r.get(key) or 0.0 for r in rows], color="tab:blue")
+        ax.set_xlabel(label)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
