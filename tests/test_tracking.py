@@ -101,3 +101,25 @@ def test_passing_variant_is_registered_promoted_and_loadable(server, lm, tiny_di
     worse = stages.evaluate_variant(lm, get_variant("int8"), plan=None, base_model=str(tiny_dir),
                                     settings=SMALL, gates=relative, register=False)
     assert not worse.decision.passed and "vs champion" in worse.decision.reasons[0]
+
+
+def test_compare_three_variants(server, lm, tiny_dir, tmp_path, capsys):
+    from turbo_core.cli import main
+
+    for name in ("int8", "turbo-int4", "turbo-int2"):
+        stages.evaluate_variant(lm, get_variant(name), plan=None, base_model=str(tiny_dir),
+                                settings=SMALL, register=False)
+    out, png = tmp_path / "cmp.json", tmp_path / "cmp.png"
+    assert main(["compare", "--experiment", "turbo-attention/tiny-llama", "--json", str(out),
+                 "--png", str(png)]) == 0
+    doc = json.loads(out.read_text())
+    variants = [r["variant"] for r in doc["rows"]]
+    assert {"int8", "turbo-int4", "turbo-int2"} <= set(variants)
+    assert len(variants) == len(set(variants))  # newest run per variant
+    assert "kv_bits" in doc["differing_params"] and "model" not in doc["differing_params"]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    printed = capsys.readouterr().out
+    assert "turbo-int2" in printed and "kv_compression" in printed
+    with pytest.raises(SystemExit):
+        main(["compare", "--experiment", "turbo-attention/nope"])
+    assert "no MLflow experiment named" in capsys.readouterr().err

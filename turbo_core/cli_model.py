@@ -39,14 +39,28 @@ def _variant_for(args: argparse.Namespace):
     return variant
 
 
+def _context(args: argparse.Namespace):
+    from turbo_core.tracking import RunContext
+
+    return RunContext(trigger=args.trigger)
+
+
 def _calibrate(args: argparse.Namespace) -> int:
     from turbo_core import calibrate, models
 
     variant = _variant_for(args)
     lm = models.load(args.model)
-    plan = calibrate.calibrate(lm, variant, text_path=args.text, max_tokens=args.max_tokens,
-                               seed=args.seed)
-    plan.save(args.out)
+    if args.no_track:
+        plan = calibrate.calibrate(lm, variant, text_path=args.text, max_tokens=args.max_tokens,
+                                   seed=args.seed)
+        plan.save(args.out)
+    else:
+        from turbo_core import stages
+
+        plan, run_id = stages.calibrate_variant(lm, variant, args.out, text=args.text,
+                                                max_tokens=args.max_tokens, seed=args.seed,
+                                                ctx=_context(args))
+        print(f"MLflow run {run_id}", file=sys.stderr)
     print(f"wrote {args.out}: {plan.selection.int2_heads} INT2 heads of "
           f"{lm.shape.num_layers * lm.shape.num_kv_heads} ({variant.name})", file=sys.stderr)
     return 0
@@ -77,7 +91,21 @@ def _evaluate(args: argparse.Namespace) -> int:
     split = data.load_split(args.text)
     lm = models.load(args.model)
     plan = _plan_for(args, lm, variant)
-    result = evaluate.evaluate(lm, variant, split, plan=plan, settings=settings)
+    if args.no_track:
+        result = evaluate.evaluate(lm, variant, split, plan=plan, settings=settings)
+    else:
+        from turbo_core import stages
+
+        outcome = stages.evaluate_variant(lm, variant, plan=plan, base_model=args.model,
+                                          settings=settings, text=args.text, ctx=_context(args))
+        result = outcome.result | {"mlflow_run_id": outcome.run_id,
+                                   "gate_passed": outcome.decision.passed,
+                                   "gate_reasons": list(outcome.decision.reasons),
+                                   "model_version": outcome.version}
+        verdict = "passed" if outcome.decision.passed else "FAILED: " + "; ".join(outcome.decision.reasons)
+        print(f"gates {verdict} (MLflow run {outcome.run_id}"
+              f"{', registered version ' + outcome.version if outcome.version else ''})",
+              file=sys.stderr)
     if args.peer:
         bits = variant.kv_bits if variant.kv_bits in (2, 4) else 4
         result["peer"] = evaluate.evaluate_peer(lm, args.peer, bits, split, settings=settings)
@@ -113,6 +141,22 @@ def _bench_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare(args: argparse.Namespace) -> int:
+    from turbo_core import compare, plots
+
+    rows = compare.collect(args.experiment, args.runs, latest_only=not args.all_runs)
+    print(compare.table(rows))
+    if args.json:
+        _json(args.json, {"rows": rows, "differing_params": compare.differing_params(rows)})
+    if args.png:
+        plots.accuracy_vs_bytes(rows, args.png, title="turbo compare: accuracy vs KV memory")
+        print(f"wrote {args.png}", file=sys.stderr)
+    if args.markdown:
+        write_atomic(args.markdown, "# turbo compare\n\n" + compare.table(rows, "github") + "\n")
+        print(f"wrote {args.markdown}", file=sys.stderr)
+    return 0
+
+
 def add_parsers(sub: argparse._SubParsersAction, bench_sub: argparse._SubParsersAction) -> None:
     v = sub.add_parser("variants", help="list the registered variants")
     v.add_argument("--json", metavar="PATH", help="also write them as JSON")
@@ -127,6 +171,11 @@ def add_parsers(sub: argparse._SubParsersAction, bench_sub: argparse._SubParsers
         p.add_argument("--int2-scope", choices=["global", "per_layer", "random"],
                        help="override how INT2 heads are chosen (random = control)")
         p.add_argument("--int2-fraction", type=float, help="override the variant's INT2 share")
+        p.add_argument("--no-track", action="store_true",
+                       help="do not log an MLflow run (default: log to MLFLOW_TRACKING_URI or "
+                            "the local sqlite store under $TURBO_HOME/mlflow)")
+        p.add_argument("--trigger", default="cli", choices=["cli", "manual", "nightly"],
+                       help="the run's trigger tag")
 
     c = sub.add_parser("calibrate", help="head priorities → bit plan JSON")
     common(c)
@@ -143,6 +192,17 @@ def add_parsers(sub: argparse._SubParsersAction, bench_sub: argparse._SubParsers
                    help="also run transformers' quantized KV cache at the same bits")
     e.add_argument("--json", metavar="PATH", help="write the metrics as JSON")
     e.set_defaults(func=_evaluate)
+
+    cmp = sub.add_parser("compare", help="variants side by side from MLflow runs")
+    cmp.add_argument("--experiment", action="append",
+                     help="experiment name (repeatable; default: every turbo-attention/* one)")
+    cmp.add_argument("--runs", nargs="+", help="explicit run ids instead")
+    cmp.add_argument("--all-runs", action="store_true",
+                     help="every finished run, not only the newest per variant")
+    cmp.add_argument("--json", metavar="PATH")
+    cmp.add_argument("--png", metavar="PATH", help="accuracy vs KV bytes chart")
+    cmp.add_argument("--markdown", metavar="PATH")
+    cmp.set_defaults(func=_compare)
 
     b = bench_sub.add_parser("model", help="all variants + peer + INT2-choice controls (report)")
     b.add_argument("--model", default="smollm2")

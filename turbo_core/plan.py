@@ -179,7 +179,7 @@ def build_plan(
             for hi, (p, m) in enumerate(zip(prow, mrow, strict=True))
         ]
         layers.append(LayerEntry(layer=li, heads=heads))
-    n2 = sum(bool(m) for row in int2_mask for m in row)
+    n2 = sum(h.bits == 2 for layer in layers for h in layer.heads)
     return BitPlan(
         model=shape,
         selection=Selection(scope=scope, int2_heads=n2, default_bits=default_bits,
