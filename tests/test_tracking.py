@@ -123,3 +123,14 @@ def test_compare_three_variants(server, lm, tiny_dir, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["compare", "--experiment", "turbo-attention/nope"])
     assert "no MLflow experiment named" in capsys.readouterr().err
+
+
+def test_local_store_keeps_artifacts_beside_the_database(tmp_path, monkeypatch, lm, tiny_dir):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "store").mkdir()
+    out = stages.evaluate_variant(lm, get_variant("int8"), plan=None, base_model=str(tiny_dir),
+                                  settings=SMALL, register=False)
+    uri = MlflowClient().get_run(out.run_id).info.artifact_uri
+    assert uri.startswith((tmp_path / "store" / "artifacts").as_uri())
+    assert not (tmp_path / "mlruns").exists()

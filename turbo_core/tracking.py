@@ -53,10 +53,18 @@ def experiment_id(model_name: str) -> str:
     exp = mlflow.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
-    location = None
-    if tracking_uri().startswith("sqlite:") and "MLFLOW_TRACKING_URI" not in os.environ:
-        location = (data_dir() / "mlflow" / "artifacts").as_uri()
-    return mlflow.create_experiment(name, artifact_location=location)
+    return mlflow.create_experiment(name, artifact_location=_local_artifact_root(tracking_uri()))
+
+
+def _local_artifact_root(uri: str) -> str | None:
+    """For a local sqlite store, artifacts go beside the database (MLflow's default would be
+    ``./mlruns`` in whatever the current directory is); servers manage their own."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    db = Path(uri.removeprefix("sqlite:///"))
+    if not db.is_absolute():
+        db = Path.cwd() / db
+    return (db.parent / "artifacts").as_uri()
 
 
 def code_version() -> str:
