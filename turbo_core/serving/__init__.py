@@ -1,0 +1,1 @@
+"""OpenAI-compatible serving of a TurboAttention variant (``turbo serve``)."""
