@@ -177,6 +177,20 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_load(args: argparse.Namespace) -> int:
+    from tabulate import tabulate
+
+    from turbo_core.bench import load
+
+    doc = load.run(args.url, clients=args.clients, requests=args.requests,
+                   max_tokens=args.max_tokens)
+    keys = ["clients", "requests", "ok", "errors", "p50_s", "p95_s", "tokens_per_s"]
+    print(tabulate([[doc[k] for k in keys]], headers=keys, floatfmt=".3f"))
+    if args.json:
+        _json(args.json, doc)
+    return 0 if doc["errors"] == 0 else 1
+
+
 def add_parsers(sub: argparse._SubParsersAction, bench_sub: argparse._SubParsersAction) -> None:
     v = sub.add_parser("variants", help="list the registered variants")
     v.add_argument("--json", metavar="PATH", help="also write them as JSON")
@@ -237,6 +251,14 @@ def add_parsers(sub: argparse._SubParsersAction, bench_sub: argparse._SubParsers
     cmp.add_argument("--png", metavar="PATH", help="accuracy vs KV bytes chart")
     cmp.add_argument("--markdown", metavar="PATH")
     cmp.set_defaults(func=_compare)
+
+    ld = bench_sub.add_parser("load", help="concurrent clients against a running server")
+    ld.add_argument("--url", default="http://127.0.0.1:8000")
+    ld.add_argument("--clients", type=int, default=4)
+    ld.add_argument("--requests", type=int, default=32)
+    ld.add_argument("--max-tokens", type=int, default=16)
+    ld.add_argument("--json", metavar="PATH")
+    ld.set_defaults(func=_bench_load)
 
     b = bench_sub.add_parser("model", help="all variants + peer + INT2-choice controls (report)")
     b.add_argument("--model", default="smollm2")
