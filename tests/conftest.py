@@ -121,3 +121,66 @@ def mlflow_server(tmp_path_factory):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         log.close()
+
+
+@pytest.fixture(scope="session")
+def docker_services(tmp_path_factory):
+    """A Docker engine (the running one, or a dockerd started here) and a local registry on
+    127.0.0.1 (Debian's docker-registry), both stopped at the end if started here. Skips with
+    the reason when no engine can run on this machine."""
+    import os
+    import shutil
+    import signal
+    import socket
+    import subprocess
+    import time
+
+    docker = pytest.importorskip("docker")
+    started = []
+
+    def ping():
+        try:
+            client = docker.from_env()
+            client.ping()
+            return client
+        except docker.errors.DockerException:
+            return None
+
+    client = ping()
+    root = tmp_path_factory.mktemp("docker-services")
+    if client is None:
+        if not shutil.which("dockerd") or os.geteuid() != 0:
+            pytest.skip("no Docker engine reachable and dockerd cannot be started here "
+                        "(needs the docker.io package and root)")
+        proc = subprocess.Popen(["dockerd"], stdout=(root / "dockerd.log").open("w"),
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        started.append(proc)
+        for _ in range(60):
+            client = ping()
+            if client is not None:
+                break
+            time.sleep(1)
+        else:
+            pytest.skip("dockerd did not come up: " + (root / "dockerd.log").read_text()[-500:])
+    if not shutil.which("docker-registry"):
+        pytest.skip("no local registry binary (Debian package docker-registry)")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    (root / "registry.yml").write_text(
+        f"version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {root / 'registry'}\n"
+        f"http:\n  addr: 127.0.0.1:{port}\n")
+    reg = subprocess.Popen(["docker-registry", "serve", str(root / "registry.yml")],
+                           stdout=(root / "registry.log").open("w"), stderr=subprocess.STDOUT,
+                           start_new_session=True)
+    started.append(reg)
+    time.sleep(1)
+    try:
+        yield client, f"127.0.0.1:{port}"
+    finally:
+        for proc in reversed(started):
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)

@@ -95,6 +95,7 @@ def default_model_dir() -> Path:
     model.hf_quantizer.remove_quantization_config(model)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the cache is shared like any model directory
     try:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
