@@ -83,9 +83,6 @@ def mlflow_server(tmp_path_factory):
     import socket
     import subprocess
     import sys
-    import time
-    import urllib.request
-
     root = tmp_path_factory.mktemp("mlflow-server")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -99,19 +96,14 @@ def mlflow_server(tmp_path_factory):
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
+        from turbo_core.http import wait_ok
+
+        def alive():
             if proc.poll() is not None:
-                raise RuntimeError(f"mlflow server exited: {(root / 'server.log').read_text()[-2000:]}")
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
-                    if resp.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("mlflow server did not become healthy within 120 s")
-            time.sleep(0.5)
+                return "mlflow server exited: " + (root / "server.log").read_text()[-2000:]
+            return None
+
+        wait_ok(f"{url}/health", 120, alive)
         yield url
     finally:
         os.killpg(proc.pid, signal.SIGTERM)

@@ -3,13 +3,13 @@ completion, push to the local registry. Needs a Docker engine (scripts/test.sh i
 the `docker_services` fixture starts dockerd and the registry when it can); skipped otherwise."""
 
 import json
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
 from turbo_core import calibrate, image, models
+from turbo_core.http import wait_ok
 from turbo_core.variants import get_variant
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,18 +55,14 @@ def test_build_run_and_push_the_real_image(docker_services, tmp_path):
         container.reload()
         port = container.ports["8000/tcp"][0]["HostPort"]
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/ready", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
+
+        def alive():
             container.reload()
-            assert container.status == "running", container.logs().decode()[-2000:]
-            assert time.monotonic() < deadline, container.logs().decode()[-2000:]
-            time.sleep(1)
+            if container.status != "running":
+                return f"container {container.status}: {container.logs().decode()[-2000:]}"
+            return None
+
+        wait_ok(f"{url}/ready", 180, alive)
         req = urllib.request.Request(f"{url}/v1/completions", method="POST",
                                      data=json.dumps({"prompt": "The capital of France is",
                                                       "max_tokens": 6}).encode(),

@@ -1,0 +1,34 @@
+"""Waiting for an HTTP endpoint to answer 200 (servers we start: MLflow, a container, a pod)."""
+
+from __future__ import annotations
+
+import time
+import urllib.request
+from collections.abc import Callable
+
+
+def wait_ok(url: str, timeout_s: float, alive: Callable[[], str | None] | None = None,
+            interval_s: float = 0.5) -> float:
+    """Poll ``url`` until it answers 200; returns the seconds it took.
+
+    Args:
+        alive: called between polls; a returned message means the server died (e.g. its
+            process exited) and is raised at once instead of waiting for the timeout.
+    Raises:
+        TimeoutError: no 200 within ``timeout_s`` (the message names the URL).
+        RuntimeError: ``alive`` reported the server gone.
+    """
+    start = time.monotonic()
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as resp:
+                if resp.status == 200:
+                    return time.monotonic() - start
+        except OSError:
+            pass
+        problem = alive() if alive is not None else None
+        if problem:
+            raise RuntimeError(f"{url} will not come up: {problem}")
+        if time.monotonic() - start > timeout_s:
+            raise TimeoutError(f"{url} did not answer 200 within {timeout_s:g} s")
+        time.sleep(interval_s)
