@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     from turbo_core import cli_model
 
     cli_model.add_parsers(sub, bench_sub)
+    from turbo_core import cli_rollout
+
+    cli_rollout.add_parser(sub)
     return parser
 
 
