@@ -116,14 +116,13 @@ def mlflow_server(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def docker_services(tmp_path_factory):
+def docker_services(tmp_path_factory, local_registry):
     """A Docker engine (the running one, or a dockerd started here) and a local registry on
     127.0.0.1 (Debian's docker-registry), both stopped at the end if started here. Skips with
     the reason when no engine can run on this machine."""
     import os
     import shutil
     import signal
-    import socket
     import subprocess
     import time
 
@@ -154,21 +153,8 @@ def docker_services(tmp_path_factory):
             time.sleep(1)
         else:
             pytest.skip("dockerd did not come up: " + (root / "dockerd.log").read_text()[-500:])
-    if not shutil.which("docker-registry"):
-        pytest.skip("no local registry binary (Debian package docker-registry)")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    (root / "registry.yml").write_text(
-        f"version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {root / 'registry'}\n"
-        f"http:\n  addr: 127.0.0.1:{port}\n")
-    reg = subprocess.Popen(["docker-registry", "serve", str(root / "registry.yml")],
-                           stdout=(root / "registry.log").open("w"), stderr=subprocess.STDOUT,
-                           start_new_session=True)
-    started.append(reg)
-    time.sleep(1)
     try:
-        yield client, f"127.0.0.1:{port}"
+        yield client, local_registry
     finally:
         for proc in reversed(started):
             os.killpg(proc.pid, signal.SIGTERM)
@@ -176,3 +162,37 @@ def docker_services(tmp_path_factory):
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="session")
+def local_registry(tmp_path_factory):
+    """A real image registry (Debian's docker-registry, the CNCF distribution server) on
+    127.0.0.1, stopped at the end. Needs no Docker engine. Yields ``host:port``."""
+    import os
+    import shutil
+    import signal
+    import socket
+    import subprocess
+
+    from turbo_core.http import wait_ok
+
+    if not shutil.which("docker-registry"):
+        pytest.skip("no local registry binary (Debian package docker-registry; "
+                    "scripts/test.sh installs it when run as root)")
+    root = tmp_path_factory.mktemp("registry")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    (root / "registry.yml").write_text(
+        f"version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {root / 'data'}\n"
+        f"http:\n  addr: 127.0.0.1:{port}\n")
+    proc = subprocess.Popen(["docker-registry", "serve", str(root / "registry.yml")],
+                            stdout=(root / "registry.log").open("w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        wait_ok(f"http://127.0.0.1:{port}/v2/", 60,
+                lambda: None if proc.poll() is None else (root / "registry.log").read_text())
+        yield f"127.0.0.1:{port}"
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
