@@ -116,7 +116,7 @@ def test_failed_first_rollout_removes_what_it_created(cluster, images, tmp_path)
 
 def test_bad_input_changes_nothing(cluster, images, tmp_path, local_registry):
     kc = _setup(cluster, images, tmp_path)
-    with pytest.raises(RolloutError, match="no kubeconfig at .*missing"):
+    with pytest.raises(RolloutError, match=r"no kubeconfig at .*missing"):
         _deploy(cluster, tmp_path / "missing", images["good-v1"], "good-v1")
     opts = KubeOptions(namespace="nowhere", kubeconfig=str(kc))
     with pytest.raises(RolloutError, match="namespace 'nowhere' does not exist"):
