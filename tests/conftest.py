@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -196,3 +198,29 @@ def local_registry(tmp_path_factory):
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def serving_image(docker_services, tmp_path_factory):
+    """The real serving image (SmolLM2, turbo-int4), built once from the local debootstrap
+    base and pushed to the local registry. ``ref`` (repo@digest) stays pullable all session."""
+    import subprocess
+    from types import SimpleNamespace
+
+    from turbo_core import calibrate, image, models
+    from turbo_core.variants import get_variant
+
+    client, registry = docker_services
+    root = Path(__file__).resolve().parents[1]
+    tmp = tmp_path_factory.mktemp("serving-image")
+    subprocess.run([str(root / "docker" / "base" / "make_base.sh")], check=True)
+    lm = models.load()
+    plan = tmp / "plan.json"
+    calibrate.uniform_plan(lm, get_variant("turbo-int4")).save(plan)
+    built = image.build(model_dir=lm.path, plan_path=plan, model_name=lm.name,
+                        variant="turbo-int4", repository=f"{registry}/turbo-test",
+                        wheelhouse=image.build_wheelhouse(tmp / "wheels"))
+    digest = image.push(built.tag)
+    return SimpleNamespace(client=client, registry=registry, tag=built.tag, digest=digest,
+                           ref=f"{registry}/turbo-test@{digest}", model=lm.name,
+                           variant="turbo-int4")

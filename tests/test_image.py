@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from turbo_core import calibrate, image, models
+from turbo_core import image
 from turbo_core.http import wait_ok
-from turbo_core.variants import get_variant
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,21 +35,12 @@ def test_dockerfile_is_hadolint_clean():
 
 
 @pytest.mark.slow
-def test_build_run_and_push_the_real_image(docker_services, tmp_path):
-    import subprocess
-
-    client, registry = docker_services
-    subprocess.run([str(ROOT / "docker" / "base" / "make_base.sh")], check=True)
-    lm = models.load()
-    plan = tmp_path / "plan.json"
-    calibrate.uniform_plan(lm, get_variant("turbo-int4")).save(plan)
-    wheels = image.build_wheelhouse(tmp_path / "wheels")
-    built = image.build(model_dir=lm.path, plan_path=plan, model_name=lm.name,
-                        variant="turbo-int4", repository=f"{registry}/turbo-test",
-                        wheelhouse=wheels)
-    labels = client.images.get(built.tag).labels
-    assert labels["ai.turbo.variant"] == "turbo-int4" and labels["ai.turbo.model"] == lm.name
-    container = client.containers.run(built.tag, detach=True, ports={"8000/tcp": ("127.0.0.1", None)})
+def test_build_run_and_push_the_real_image(serving_image):
+    client, registry = serving_image.client, serving_image.registry
+    labels = client.images.get(serving_image.tag).labels
+    assert labels["ai.turbo.variant"] == "turbo-int4" and labels["ai.turbo.model"] == serving_image.model
+    container = client.containers.run(serving_image.tag, detach=True,
+                                      ports={"8000/tcp": ("127.0.0.1", None)})
     try:
         container.reload()
         port = container.ports["8000/tcp"][0]["HostPort"]
@@ -73,8 +63,8 @@ def test_build_run_and_push_the_real_image(docker_services, tmp_path):
         assert container.attrs["Config"]["User"] == "10001"
     finally:
         container.remove(force=True)
-    digest = image.push(built.tag)
+    digest = serving_image.digest
     assert digest.startswith("sha256:") and len(digest) == 71
-    client.images.remove(built.tag, force=True)
+    client.images.remove(serving_image.tag, force=True)  # gone locally: the registry has it
     pulled = client.images.pull(f"{registry}/turbo-test@{digest}")
     assert pulled.labels["ai.turbo.variant"] == "turbo-int4"

@@ -1,0 +1,88 @@
+"""`turbo rollout --target docker` for real: dockerd, the real serving image from the local
+registry, a good rollout, a no-op re-run, an image whose /ready never passes rolled back
+while the old container keeps serving, and an upgrade that keeps the old container.
+Skipped with the reason where no engine can run."""
+
+import io
+import json
+import socket
+import urllib.request
+from dataclasses import replace
+
+import pytest
+
+from turbo_core.rollout import RolloutError, run
+from turbo_core.rollout.dockerhost import DEPLOYMENT, DockerOptions
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _complete(port: int) -> str:
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", method="POST",
+                                 data=json.dumps({"prompt": "The capital of France is",
+                                                  "max_tokens": 6}).encode(),
+                                 headers={"content-type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        return json.loads(r.read())["choices"][0]["text"]
+
+
+@pytest.mark.slow
+def test_docker_rollout_good_rerun_and_bad_image_rolled_back(serving_image):
+    client = serving_image.client
+    opts = DockerOptions(name="turbo-rollout-test", port=_free_port(), ready_timeout_s=300)
+    bad_tag = "turbo-rollout-test-bad:never-ready"
+    client.images.build(fileobj=io.BytesIO(
+        f'FROM {serving_image.ref}\nENTRYPOINT ["python3", "-m", "http.server", "8000"]\n'.encode()),
+        tag=bad_tag, rm=True, pull=False)
+    next_tag = "turbo-rollout-test-next:2"  # the same server, another image id
+    client.images.build(fileobj=io.BytesIO(
+        f'FROM {serving_image.ref}\nLABEL ai.turbo.release="2"\n'.encode()), tag=next_tag,
+        rm=True, pull=False)
+    kw = {"model": serving_image.model, "variant": serving_image.variant, "docker": opts}
+    try:
+        first = run.run("docker", serving_image.ref, **kw)
+        assert first.status == "deployed" and first.changed, (first.reason, first.verify)
+        assert first.verify["served_models"] == [f"{serving_image.model}:turbo-int4"]
+        assert first.previous_revision is None
+        serving = client.containers.get(opts.name)
+        assert serving.attrs["HostConfig"]["ReadonlyRootfs"] and serving.attrs["Config"]["User"] == "10001"
+        assert "Paris" in _complete(opts.port)
+
+        again = run.run("docker", serving_image.ref, **kw)
+        assert again.status == "unchanged" and not again.changed and again.verify["ok"]
+        assert client.containers.get(opts.name).id == serving.id
+
+        bad = run.run("docker", bad_tag, **kw | {"docker": replace(opts, ready_timeout_s=20)})
+        assert bad.status == "rolled_back" and bad.rolled_back
+        assert "did not answer 200 within 20 s" in bad.reason
+        assert bad.previous_revision == serving.image.id
+        assert bad.rollback_verify["ok"]
+        still = client.containers.get(opts.name)
+        assert still.id == serving.id and still.status == "running"
+        assert "Paris" in _complete(opts.port)
+        names = {c.name for c in client.containers.list(all=True,
+                                                        filters={"label": f"{DEPLOYMENT}={opts.name}"})}
+        assert names == {opts.name}  # the failed candidate is gone
+
+        with pytest.raises(RolloutError, match="does not exist on this Docker engine"):
+            run.run("docker", "turbo-rollout-test-absent:1", **kw)
+        assert client.containers.get(opts.name).id == serving.id
+
+        # an upgrade switches traffic and keeps the old container, stopped, for rollback
+        up = run.run("docker", next_tag, **kw)
+        assert up.status == "deployed" and up.previous_revision == serving.image.id, up.reason
+        assert up.new_revision == client.images.get(next_tag).id != serving.image.id
+        assert 0 < up.details["downtime_s"] < 300
+        previous = client.containers.get(f"{opts.name}-previous")
+        assert previous.id == serving.id and previous.status == "exited"
+        assert client.containers.get(opts.name).image.id == up.new_revision
+        assert "Paris" in _complete(opts.port)
+    finally:
+        for c in client.containers.list(all=True, filters={"label": f"{DEPLOYMENT}={opts.name}"}):
+            c.remove(force=True)
+        for tag in (bad_tag, next_tag):
+            client.images.remove(tag, force=True)
