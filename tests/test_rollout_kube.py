@@ -129,3 +129,21 @@ def test_bad_input_changes_nothing(cluster, images, tmp_path, local_registry):
     with pytest.raises(RolloutError, match="unknown target"):
         run.run("nomad", images["good-v1"])
     assert cluster.patches() == []
+
+
+def test_cli_kubernetes_target_exit_status_and_json(cluster, images, tmp_path, local_registry):
+    import json
+
+    from turbo_core import cli
+
+    kc = _setup(cluster, images, tmp_path)
+    args = ["rollout", "--target", "kubernetes", "--overlay", "cpu-dev", "--namespace", "serving",
+            "--kubeconfig", str(kc), "--model", MODEL, "--variant", VARIANT, "--timeout", "2"]
+    assert cli.main([*args, "--image", f"{local_registry}/turbo/server:good-v1",
+                     "--json", str(tmp_path / "ok.json")]) == 0
+    ok = json.loads((tmp_path / "ok.json").read_text())
+    assert ok["status"] == "deployed" and ok["image"] == images["good-v1"] and ok["ok"]
+    assert cli.main([*args, "--image", f"{local_registry}/turbo/server:stuck",
+                     "--json", str(tmp_path / "bad.json")]) == 1
+    bad = json.loads((tmp_path / "bad.json").read_text())
+    assert bad["status"] == "rolled_back" and bad["previous_revision"] == "1" and not bad["ok"]

@@ -70,3 +70,23 @@ def test_registry_resolves_tags_to_digests_and_refuses_missing_images(local_regi
         registry.resolve_digest("127.0.0.1:1/turbo:v1")
     assert registry.pinned(f"{local_registry}/turbo/server:v1", digest) == \
         f"{local_registry}/turbo/server@{digest}"
+
+
+def test_cli_target_none_renders_validates_and_reports(tmp_path, capsys):
+    from turbo_core import cli
+
+    ref = f"127.0.0.1:5000/turbo@{DIGEST}"
+    rc = cli.main(["rollout", "--target", "none", "--image", ref, "--skip-image-check",
+                   "--overlay", "gpu", "--model", "m", "--variant", "turbo-int4",
+                   "--out", str(tmp_path / "out"), "--json", str(tmp_path / "r.json")])
+    assert rc == 0
+    doc = __import__("json").loads((tmp_path / "r.json").read_text())
+    assert doc["status"] == "rendered" and doc["ok"] and doc["image_digest"] == DIGEST
+    rendered = list(__import__("yaml").safe_load_all((tmp_path / "out" / "manifests.yaml").read_text()))
+    assert manifests.deployment_of(rendered)["spec"]["template"]["spec"]["containers"][0]["image"] == ref
+    assert (tmp_path / "out" / "rollout.json").is_file()
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["rollout", "--target", "none", "--image", "bad image", "--json",
+                  str(tmp_path / "bad.json")])
+    assert exc.value.code == 2 and "empty or has spaces" in capsys.readouterr().err
+    assert not (tmp_path / "bad.json").exists()
