@@ -1,6 +1,8 @@
 """k8s/ renders per overlay with kubectl kustomize and validates against real schemas; the
 release layer adds the digest, namespace, labels and annotations; the registry check."""
 
+from pathlib import Path
+
 import pytest
 from oci import push_manifest
 
@@ -90,3 +92,25 @@ def test_cli_target_none_renders_validates_and_reports(tmp_path, capsys):
                   str(tmp_path / "bad.json")])
     assert exc.value.code == 2 and "empty or has spaces" in capsys.readouterr().err
     assert not (tmp_path / "bad.json").exists()
+
+
+def test_rollout_report_is_attached_to_an_mlflow_run():
+    from mlflow.tracking import MlflowClient
+
+    from turbo_core import tracking
+    from turbo_core.rollout import RolloutResult
+    from turbo_core.rollout.run import log_to_mlflow
+
+    with tracking.variant_run("tiny", "turbo-int4", "deploy") as mlrun:
+        run_id = mlrun.info.run_id
+    result = RolloutResult(target="kubernetes", image=f"r@{DIGEST}", image_digest=DIGEST,
+                           status="rolled_back", rolled_back=True, reason="stuck",
+                           verify={"ok": True, "latency_s": 0.25})
+    log_to_mlflow(result, run_id)
+    client = MlflowClient()
+    got = client.get_run(run_id).data
+    assert got.metrics == {"rollout_ok": 0.0, "rollout_rolled_back": 1.0,
+                           "rollout_verify_latency_s": 0.25}
+    assert got.tags["rollout.status"] == "rolled_back" and got.tags["rollout.image_digest"] == DIGEST
+    local = client.download_artifacts(run_id, "rollout/rollout.json")
+    assert __import__("json").loads(Path(local).read_text())["reason"] == "stuck"
