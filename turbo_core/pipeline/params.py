@@ -1,0 +1,72 @@
+"""The pipeline's parameters: one JSON schema for the Airflow Params form and for validating
+a run's ``conf`` before any work starts. Torch-free."""
+
+from __future__ import annotations
+
+from turbo_core.gates import Gate, GateSet
+from turbo_core.rollout import TARGETS
+from turbo_core.variants import VARIANTS
+
+# name → JSON schema (with default, title, description): Airflow renders each as a form field.
+PARAMS: dict[str, dict] = {
+    "model": {"type": "string", "minLength": 1, "default": "smollm2", "title": "Base model",
+              "description": "'smollm2' (bundled SmolLM2-135M-Instruct) or a local "
+                             "Hugging Face model directory"},
+    "variants": {"type": "array", "minItems": 1, "uniqueItems": True,
+                 "items": {"type": "string", "enum": list(VARIANTS)},
+                 "examples": list(VARIANTS), "default": ["turbo-int4", "turbo-mix"],
+                 "title": "Variants", "description": "TurboAttention variants to calibrate, "
+                                                     "evaluate and gate"},
+    "max_ppl_delta_pct": {"type": "number", "minimum": 0, "default": 8.0,
+                          "title": "Gate: max perplexity increase (%)"},
+    "min_top1_agreement": {"type": "number", "minimum": 0, "maximum": 1, "default": 0.8,
+                           "title": "Gate: min top-1 agreement with FP16"},
+    "min_kv_compression": {"type": "number", "minimum": 1, "default": 1.0,
+                           "title": "Gate: min KV-cache compression vs FP16"},
+    "eval_tokens": {"type": "integer", "minimum": 256, "default": 8192,
+                    "title": "Held-out tokens per evaluation"},
+    "deploy_target": {"type": "string", "enum": list(TARGETS), "default": "none",
+                      "title": "Deploy target"},
+    "image_repository": {"type": "string", "pattern": r"^[^\s:@]+(:[0-9]+)?(/[^\s:@]+)*$",
+                         "default": "127.0.0.1:5000/turbo-attention",
+                         "title": "Image repository (no tag)"},
+    "overlay": {"type": "string", "enum": ["gpu", "cpu-dev"], "default": "gpu",
+                "title": "Kubernetes overlay"},
+    "namespace": {"type": "string", "pattern": r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$",
+                  "default": "default", "title": "Kubernetes namespace"},
+    "executor": {"type": "string", "enum": ["local", "kubernetes"], "default": "local",
+                 "title": "Where calibrate/evaluate run",
+                 "description": "local: in the worker; kubernetes: pods from the built image"},
+}
+
+SCHEMA = {"$schema": "https://json-schema.org/draft/2020-12/schema", "type": "object",
+          "properties": PARAMS, "additionalProperties": False}
+
+
+def defaults() -> dict:
+    return {k: v["default"] for k, v in PARAMS.items()}
+
+
+def validate(conf: dict | None) -> dict:
+    """``conf`` merged over the defaults and checked; ValueError naming every bad field."""
+    import jsonschema
+
+    if conf is not None and not isinstance(conf, dict):
+        raise ValueError(f"pipeline parameters must be a JSON object, got {type(conf).__name__}")
+    merged = defaults() | (conf or {})
+    validator = jsonschema.Draft202012Validator(SCHEMA)
+    problems = sorted(validator.iter_errors(merged), key=lambda e: list(e.path))
+    if problems:
+        lines = [f"{'/'.join(str(p) for p in e.path) or '(top level)'}: {e.message}"
+                 for e in problems]
+        raise ValueError("bad pipeline parameters:\n  " + "\n  ".join(lines))
+    return merged
+
+
+def gates(params: dict) -> GateSet:
+    """The run's gates from its (validated) parameters."""
+    return GateSet((
+        Gate("ppl_delta_pct", threshold=params["max_ppl_delta_pct"], greater_is_better=False),
+        Gate("top1_agreement", threshold=params["min_top1_agreement"]),
+        Gate("kv_compression", threshold=params["min_kv_compression"]),
+    ))
