@@ -117,6 +117,8 @@ def turbo_nightly():
                   ("choose", "build_image", "push_image", "roll_out", "verify", "promote",
                    "rollback")}
         results = ti.xcom_pull(task_ids="evaluate", default=None)
+        if isinstance(results, dict):  # a single mapped instance comes back unwrapped
+            results = [results]
         return tasks.finish(prep, results, pulled)
 
     prep = prepare()

@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     from turbo_core import cli_rollout
 
     cli_rollout.add_parser(sub)
+    from turbo_core import cli_pipeline
+
+    cli_pipeline.add_parser(sub)
     return parser
 
 

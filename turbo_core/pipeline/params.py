@@ -38,6 +38,8 @@ PARAMS: dict[str, dict] = {
                 "title": "Kubernetes overlay"},
     "namespace": {"type": "string", "pattern": r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$",
                   "default": "default", "title": "Kubernetes namespace"},
+    "serve_port": {"type": "integer", "minimum": 1, "maximum": 65535, "default": 8000,
+                   "title": "Docker target: serving port on this host"},
     "executor": {"type": "string", "enum": ["local", "kubernetes"], "default": "local",
                  "title": "Where calibrate/evaluate run",
                  "description": "local: in the worker; kubernetes: pods from the built image"},

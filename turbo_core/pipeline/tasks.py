@@ -163,6 +163,7 @@ def roll_out(prep: dict, chosen: dict, built: dict | None, pushed: dict | None) 
                      variant=chosen["variant"], mlflow_version=chosen["version"],
                      mlflow_run_id=chosen["run_id"],
                      kube=run.KubeOptions(namespace=prep["namespace"]),
+                     docker=run.DockerOptions(port=prep["serve_port"]),
                      check_image=target == "kubernetes", out_dir=out)
     run.log_to_mlflow(result, chosen["run_id"])
     doc = result.to_dict()
@@ -175,14 +176,13 @@ def verify(prep: dict, chosen: dict, rolled: dict) -> dict | Skip:
     """Verify again, independently of the rollout, the way a client sees the service."""
     from turbo_core.rollout import kube
     from turbo_core.rollout import verify as vf
-    from turbo_core.rollout.dockerhost import DockerOptions
 
     target = prep["deploy_target"]
     if target == "none":
         return Skip("deploy target is 'none': nothing runs to verify")
     cfg = vf.VerifyConfig(expected_model=f"{prep['model_name']}:{chosen['variant']}")
     if target == "docker":
-        report = vf.verify(vf.http_request(f"http://127.0.0.1:{DockerOptions().port}"), cfg)
+        report = vf.verify(vf.http_request(f"http://127.0.0.1:{prep['serve_port']}"), cfg)
     else:
         client = kube.Kube()
         report = vf.verify(kube.service_request(client, prep["namespace"], "turbo-attention"), cfg)
@@ -202,7 +202,8 @@ def rollback(prep: dict, rolled: dict | None) -> dict:
     if not previous:
         return {"action": "none", "reason": "nothing was deployed by this run"}
     result = run.run(prep["deploy_target"], previous, overlay=prep["overlay"],
-                     kube=run.KubeOptions(namespace=prep["namespace"]), check_image=False)
+                     kube=run.KubeOptions(namespace=prep["namespace"]),
+                     docker=run.DockerOptions(port=prep["serve_port"]), check_image=False)
     return {"action": "redeployed previous", "image": previous, "result": result.to_dict()}
 
 

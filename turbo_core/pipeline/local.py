@@ -1,0 +1,84 @@
+"""Run ``turbo_nightly`` on this machine: Airflow on SQLite under ``$TURBO_HOME/airflow``, the
+DAG executed in-process by ``dag.test()`` (what ``airflow dags test`` does), MLflow's local
+store. Used by the README's main command and by the tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from turbo_core.pipeline import tasks
+
+ROOT = Path(__file__).resolve().parents[2]
+DAG_ID = "turbo_nightly"
+
+
+def airflow_home() -> Path:
+    from turbo_core import models
+
+    return Path(os.environ.get("AIRFLOW_HOME") or models.data_dir() / "airflow")
+
+
+def airflow_env(home: Path) -> dict[str, str]:
+    """Settings for a local Airflow (before ``airflow`` is imported)."""
+    return {"AIRFLOW_HOME": str(home), "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
+            "AIRFLOW__CORE__LOAD_EXAMPLES": "False"}
+
+
+def default_target() -> str:
+    """``docker`` when a Docker engine answers, else ``none``."""
+    import docker
+
+    try:
+        docker.from_env().ping()
+        return "docker"
+    except docker.errors.DockerException:
+        return "none"
+
+
+def run(conf: dict) -> dict:
+    """Validate ``conf``, run the DAG once, return run state, task states and the summary."""
+    from turbo_core.pipeline.params import validate
+
+    validate(conf)  # refuse bad parameters before Airflow starts
+    os.environ.update(airflow_env(airflow_home()))
+    from airflow.dag_processing.dagbag import DagBag
+    from airflow.models.taskinstance import TaskInstance
+    from airflow.utils import db
+    from airflow.utils.session import create_session
+
+    db.initdb()
+    bag = DagBag(dag_folder=str(ROOT / "dags"))
+    if bag.import_errors:
+        raise RuntimeError(f"DAG import errors: {bag.import_errors}")
+    start = time.monotonic()
+    dag_run = bag.get_dag(DAG_ID).test(run_conf=conf)
+    with create_session() as session:
+        tis = session.query(TaskInstance).filter(TaskInstance.dag_id == DAG_ID,
+                                                 TaskInstance.run_id == dag_run.run_id)
+        states = sorted(({"task_id": ti.task_id, "map_index": ti.map_index,
+                          "label": ti.rendered_map_index, "state": str(ti.state)} for ti in tis),
+                        key=lambda t: (t["task_id"], t["map_index"]))
+    summary_path = tasks.work_dir_for(dag_run.run_id) / tasks.SUMMARY_FILE
+    return {"dag_id": DAG_ID, "run_id": dag_run.run_id, "state": str(dag_run.state),
+            "seconds": round(time.monotonic() - start, 1), "tasks": states,
+            "summary": json.loads(summary_path.read_text()) if summary_path.is_file() else None}
+
+
+def report(result: dict) -> str:
+    """What happened, and how to look closer."""
+    lines = [f"DAG run {result['run_id']}: {result['state']} in {result['seconds']} s", ""]
+    for t in result["tasks"]:
+        label = f"[{t['label'] or t['map_index']}]" if t["map_index"] >= 0 else ""
+        lines.append(f"  {t['task_id'] + label:<28} {t['state']}")
+    if result["summary"]:
+        lines += ["", tasks.render(result["summary"])]
+    from turbo_core import tracking
+
+    lines += ["", "Look closer:",
+              f"  Airflow UI:  scripts/ui.sh   (AIRFLOW_HOME={airflow_home()}; user admin)",
+              f"  MLflow UI:   scripts/ui.sh   (tracking store {tracking.tracking_uri()})",
+              "  Compare:     turbo compare"]
+    return "\n".join(lines)
