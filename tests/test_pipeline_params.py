@@ -38,3 +38,9 @@ def test_bad_params_are_refused_naming_the_field(conf, field, words):
 def test_params_import_is_torch_free():
     code = "import sys, turbo_core.pipeline.params; assert 'torch' not in sys.modules, 'torch'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_default_base_image_is_the_local_base():
+    from turbo_core import image
+
+    assert params.PARAMS["base_image"]["default"] == image.LOCAL_BASE

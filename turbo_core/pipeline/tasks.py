@@ -130,6 +130,11 @@ def build_image(prep: dict, chosen: dict) -> dict | Skip:
     if not _engine_reachable():
         raise RuntimeError("no Docker engine reachable to build the serving image "
                            "(start dockerd or choose deploy_target 'none')")
+    if prep["base_image"] == image.LOCAL_BASE:  # made here when missing (no registry to pull)
+        import subprocess
+
+        subprocess.run([str(image.ROOT / "docker" / "base" / "make_base.sh"), image.LOCAL_BASE],
+                       check=True)
     lock = (Path(image.ROOT) / "requirements.lock").read_bytes()
     wheels = models.data_dir() / "wheelhouse" / hashlib.sha256(lock).hexdigest()[:12]
     if not (wheels / "requirements.txt").is_file():
@@ -137,6 +142,7 @@ def build_image(prep: dict, chosen: dict) -> dict | Skip:
     built = image.build(model_dir=Path(prep["model_dir"]), plan_path=Path(chosen["plan"]),
                         model_name=prep["model_name"], variant=chosen["variant"],
                         repository=prep["image_repository"], wheelhouse=wheels,
+                        base_image=prep["base_image"],
                         mlflow_run_id=chosen["run_id"])
     return {"tag": built.tag, "image_id": built.image_id}
 
