@@ -4,19 +4,19 @@ file only declares the DAG (nothing heavy is imported at parse time)."""
 
 from __future__ import annotations
 
-import os
 from datetime import timedelta
 
 import pendulum
 from airflow.sdk import Param, TriggerRule, dag, get_current_context, task
 from airflow.sdk.exceptions import AirflowSkipException
 
-from turbo_core.pipeline import tasks
+from turbo_core.pipeline import pods, tasks
 from turbo_core.pipeline.callbacks import on_task_failure
 from turbo_core.pipeline.params import PARAMS
 
-# Where calibrate/evaluate run: "local" (in the worker) or "kubernetes" (pods from the image).
-EXECUTOR = os.environ.get("TURBO_PIPELINE_EXECUTOR", "local")
+# Where calibrate/evaluate run: "local" (in the worker, default) or "kubernetes" (pods from
+# the worker image; configuration in turbo_core/pipeline/pods.py).
+EXECUTOR = pods.executor()
 DOC = """
 ### TurboAttention nightly
 
@@ -74,6 +74,19 @@ def turbo_nightly():
     def evaluate(prep: dict, calibrated: dict) -> dict:
         return tasks.evaluate(prep, calibrated)
 
+    def heavy_steps(prep, names):
+        if EXECUTOR == "kubernetes":
+            from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+
+            cal = KubernetesPodOperator.partial(**pods.pod_kwargs("calibrate")).expand(
+                arguments=names.map(pods.calibrate_args))
+            prep >> cal
+            ev = KubernetesPodOperator.partial(**pods.pod_kwargs("evaluate")).expand(
+                arguments=cal.output.map(pods.evaluate_args))
+            return ev.output
+        calibrated = calibrate.partial(prep=prep).expand(variant=names)
+        return evaluate.partial(prep=prep).expand(calibrated=calibrated)
+
     @task.short_circuit(ignore_downstream_trigger_rules=False, retries=0)
     def choose(prep: dict, results: list[dict]):
         chosen = tasks.choose(prep, list(results))
@@ -122,8 +135,7 @@ def turbo_nightly():
         return tasks.finish(prep, results, pulled)
 
     prep = prepare()
-    calibrated = calibrate.partial(prep=prep).expand(variant=variant_names(prep))
-    results = evaluate.partial(prep=prep).expand(calibrated=calibrated)
+    results = heavy_steps(prep, variant_names(prep))
     chosen = choose(prep, results)
     built = build_image(prep, chosen)
     pushed = push_image(prep, built)

@@ -45,3 +45,45 @@ def add_parser(sub) -> None:
     r.add_argument("--serve-port", dest="serve_port", type=int)
     r.add_argument("--json", metavar="PATH", help="write run state, task states and summary")
     r.set_defaults(func=_run)
+    add_step_parser(psub)
+
+
+def _step(args: argparse.Namespace) -> int:
+    """One heavy step in a pod: prep from the DAG, the model from the image, the result as
+    the pod's XCom."""
+    import os
+    import tempfile
+    from pathlib import Path
+
+    from turbo_core.fileio import write_atomic
+    from turbo_core.pipeline import tasks
+
+    prep = json.loads(args.prep)
+    if os.environ.get("TURBO_MODEL_DIR"):  # the image's own copy of the model
+        prep["model_dir"] = os.environ["TURBO_MODEL_DIR"]
+    prep["work_dir"] = tempfile.mkdtemp(prefix="turbo-step-")
+    if args.step == "calibrate":
+        if not args.variant:
+            raise ValueError("turbo pipeline step calibrate needs --variant")
+        out = tasks.calibrate(prep, args.variant)
+    else:
+        if not args.calibrated:
+            raise ValueError("turbo pipeline step evaluate needs --calibrated")
+        calibrated = json.loads(args.calibrated)
+        if not Path(calibrated["plan"]).is_file():  # made in another pod: fetch from MLflow
+            calibrated["plan"] = tasks.fetch_plan(calibrated, prep["work_dir"])
+        out = tasks.evaluate(prep, calibrated)
+    write_atomic(args.xcom, json.dumps(out))
+    print(json.dumps(out))
+    return 0
+
+
+def add_step_parser(psub) -> None:
+    s = psub.add_parser("step", help="one pipeline step (what a worker pod runs)")
+    s.add_argument("step", choices=["calibrate", "evaluate"])
+    s.add_argument("--prep", required=True, help="the prepare task's output (JSON)")
+    s.add_argument("--variant", help="calibrate: the variant")
+    s.add_argument("--calibrated", help="evaluate: the calibrate step's output (JSON)")
+    s.add_argument("--xcom", default="/airflow/xcom/return.json",
+                   help="where the result goes (KubernetesPodOperator's XCom file)")
+    s.set_defaults(func=_step)

@@ -44,9 +44,6 @@ PARAMS: dict[str, dict] = {
                   "default": "default", "title": "Kubernetes namespace"},
     "serve_port": {"type": "integer", "minimum": 1, "maximum": 65535, "default": 8000,
                    "title": "Docker target: serving port on this host"},
-    "executor": {"type": "string", "enum": ["local", "kubernetes"], "default": "local",
-                 "title": "Where calibrate/evaluate run",
-                 "description": "local: in the worker; kubernetes: pods from the built image"},
 }
 
 SCHEMA = {"$schema": "https://json-schema.org/draft/2020-12/schema", "type": "object",

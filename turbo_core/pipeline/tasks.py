@@ -67,6 +67,18 @@ def calibrate(prep: dict, variant: str) -> dict:
     return {"variant": variant, "plan": str(out), "run_id": run_id}
 
 
+def fetch_plan(calibrated: dict, dest: str | Path) -> str:
+    """The calibrate run's plan from MLflow (for a step running where the file is not)."""
+    import mlflow
+
+    from turbo_core import tracking
+
+    tracking.configure()
+    return mlflow.artifacts.download_artifacts(run_id=calibrated["run_id"],
+                                               artifact_path=Path(calibrated["plan"]).name,
+                                               dst_path=str(dest))
+
+
 KEY_METRICS = ("ppl_delta_pct", "top1_agreement", "kv_compression", "kv_bytes_per_token",
                "decode_tokens_per_s", "prefill_tokens_per_s")
 
