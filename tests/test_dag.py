@@ -164,3 +164,40 @@ for conf in ({'variants': ['nope']}, {'min_top1_agreement': -0.5}):
     assert res.returncode == 0, res.stderr[-3000:]
     assert "RAN" not in res.stdout  # refused before a run was created
     assert "'nope' is not one of" in res.stdout and "-0.5 is less than the minimum of 0" in res.stdout
+
+
+@pytest.mark.slow
+def test_full_run_docker_target_builds_deploys_verifies_and_promotes(tmp_path, tiny_dir,
+                                                                     docker_services):
+    import socket
+
+    client, registry = docker_services
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    conf = SMALL | {"serve_port": port}
+    try:
+        res, run = _pipeline(tmp_path, "--model", str(tiny_dir), "--variants", "turbo-int4",
+                             "--deploy-target", "docker", "--image-repository",
+                             f"{registry}/turbo-dag-test", "--conf", json.dumps(conf))
+        assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+        st = _states(run)
+        for ok in ("build_image", "roll_out", "verify", "promote", "summary"):
+            assert st[(ok, -1)] == "success", (ok, st)
+        assert st[("push_image", -1)] == "skipped" and st[("rollback", -1)] == "skipped"
+        summary = run["summary"]
+        assert summary["rollout"]["status"] == "deployed" and summary["verify_ok"] is True
+        assert summary["promoted"]["champion"] == summary["chosen_version"] == "1"
+        container = client.containers.get(f"turbo-attention-{port}")
+        assert container.status == "running"
+        assert container.labels["turbo-attention.dev/variant"] == "turbo-int4"
+        from mlflow import MlflowClient
+
+        mlc = MlflowClient(tracking_uri=_env(tmp_path)["MLFLOW_TRACKING_URI"])
+        champion = mlc.get_model_version_by_alias(f"turbo-{tiny_dir.name}", "champion")
+        assert champion.version == "1" and champion.tags["validation_status"] == "deployed_verified"
+        assert mlc.get_run(champion.run_id).data.tags["rollout.status"] == "deployed"
+    finally:
+        for c in client.containers.list(all=True, filters={"label": "turbo-attention.dev/deployment"}):
+            if c.name.startswith(f"turbo-attention-{port}"):
+                c.remove(force=True)

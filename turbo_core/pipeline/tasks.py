@@ -168,6 +168,16 @@ def push_image(prep: dict, built: dict) -> dict | Skip:
     return built | {"digest": digest, "ref": f"{built['tag'].rsplit(':', 1)[0]}@{digest}"}
 
 
+def docker_options(prep: dict):
+    """The docker target's container: ``turbo-attention`` on port 8000, else named by port
+    (one deployment per host port)."""
+    from turbo_core.rollout.dockerhost import DockerOptions
+
+    port = prep["serve_port"]
+    return DockerOptions(name="turbo-attention" if port == 8000 else f"turbo-attention-{port}",
+                         port=port)
+
+
 def roll_out(prep: dict, chosen: dict, built: dict | None, pushed: dict | None) -> dict:
     """Deploy; the rollout verifies and rolls back by itself. Raises when it did not deploy,
     so the DAG's rollback task runs."""
@@ -181,7 +191,7 @@ def roll_out(prep: dict, chosen: dict, built: dict | None, pushed: dict | None) 
                      variant=chosen["variant"], mlflow_version=chosen["version"],
                      mlflow_run_id=chosen["run_id"],
                      kube=run.KubeOptions(namespace=prep["namespace"]),
-                     docker=run.DockerOptions(port=prep["serve_port"]),
+                     docker=docker_options(prep),
                      check_image=target == "kubernetes", out_dir=out)
     run.log_to_mlflow(result, chosen["run_id"])
     doc = result.to_dict()
@@ -221,7 +231,7 @@ def rollback(prep: dict, rolled: dict | None) -> dict:
         return {"action": "none", "reason": "nothing was deployed by this run"}
     result = run.run(prep["deploy_target"], previous, overlay=prep["overlay"],
                      kube=run.KubeOptions(namespace=prep["namespace"]),
-                     docker=run.DockerOptions(port=prep["serve_port"]), check_image=False)
+                     docker=docker_options(prep), check_image=False)
     return {"action": "redeployed previous", "image": previous, "result": result.to_dict()}
 
 
