@@ -95,7 +95,7 @@ def turbo_nightly():
             return False
         return chosen
 
-    @task(execution_timeout=timedelta(minutes=45))
+    @task(execution_timeout=timedelta(minutes=45), retries=0)  # failures here are not transient
     def build_image(prep: dict, chosen: dict) -> dict:
         return _done(tasks.build_image(prep, chosen))
 

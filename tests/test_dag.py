@@ -137,6 +137,25 @@ def test_no_variant_passes_short_circuits_with_the_reason(tmp_path, tiny_dir):
     assert run["summary"]["chosen"] is None and "chosen: none" in res.stdout
 
 
+def test_failed_deploy_step_runs_rollback_and_fails_the_run(tmp_path, tiny_dir):
+    env_no_engine = {"DOCKER_HOST": f"unix://{tmp_path / 'no-docker.sock'}"}
+    out = tmp_path / "run.json"
+    res = subprocess.run([sys.executable, "-m", "turbo_core.cli", "pipeline", "run", "--model",
+                          str(tiny_dir), "--variants", "turbo-int4", "--deploy-target", "docker",
+                          "--conf", json.dumps(SMALL), "--json", str(out)],
+                         env=_env(tmp_path) | env_no_engine, capture_output=True, text=True,
+                         timeout=900)
+    run = json.loads(out.read_text())
+    assert res.returncode == 1 and run["state"].endswith("failed"), res.stdout[-3000:]
+    st = _states(run)
+    assert st[("build_image", -1)] == "failed" and st[("rollback", -1)] == "success"
+    assert st[("summary", -1)] == "failed" and st[("promote", -1)] in ("upstream_failed", "skipped")
+    assert run["summary"]["rollback"]["reason"] == "nothing was deployed by this run"
+    assert "PROBLEM: a deploy step failed" in res.stdout
+    logs = res.stdout + res.stderr
+    assert "turbo_nightly task failed: task build_image" in logs and "no Docker engine reachable" in logs
+
+
 @pytest.mark.parametrize("args, words", [
     (["--variants", "turbo-int4", "turbo-int3"], "variants/1: 'turbo-int3' is not one of"),
     (["--conf", '{"max_ppl_delta_pct": -1}'], "max_ppl_delta_pct: -1 is less than the minimum"),
