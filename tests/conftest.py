@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from turbo_core.http import free_port, wait_ok
+
 
 def _tokenizer(vocab: int = 320):
     """A small byte-level BPE tokenizer trained on the stdlib prose (offline, < 1 s)."""
@@ -82,13 +84,10 @@ def mlflow_server(tmp_path_factory):
     started in its own process group and stopped with it."""
     import os
     import signal
-    import socket
     import subprocess
     import sys
     root = tmp_path_factory.mktemp("mlflow-server")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     log = (root / "server.log").open("w")
     mlflow_bin = os.path.join(os.path.dirname(sys.executable), "mlflow")
     proc = subprocess.Popen(
@@ -98,7 +97,6 @@ def mlflow_server(tmp_path_factory):
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        from turbo_core.http import wait_ok
 
         def alive():
             if proc.poll() is not None:
@@ -173,18 +171,14 @@ def local_registry(tmp_path_factory):
     import os
     import shutil
     import signal
-    import socket
     import subprocess
 
-    from turbo_core.http import wait_ok
 
     if not shutil.which("docker-registry"):
         pytest.skip("no local registry binary (Debian package docker-registry; "
                     "scripts/test.sh installs it when run as root)")
     root = tmp_path_factory.mktemp("registry")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     (root / "registry.yml").write_text(
         f"version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {root / 'data'}\n"
         f"http:\n  addr: 127.0.0.1:{port}\n")

@@ -5,7 +5,6 @@ auth manager), runs to success on a tiny model, and stopping the script leaves n
 import json
 import os
 import signal
-import socket
 import subprocess
 import time
 import urllib.error
@@ -14,15 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from turbo_core.http import wait_ok
+from turbo_core.http import free_port, wait_ok
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _call(url: str, method: str = "GET", body: dict | None = None, token: str | None = None):
@@ -52,7 +45,7 @@ def _ours(home: Path) -> list[int]:
 
 @pytest.mark.slow
 def test_ui_script_rest_trigger_with_conf_and_clean_stop(tmp_path, tiny_dir):
-    af_port, ml_port = _port(), _port()
+    af_port, ml_port = free_port(), free_port()
     home = tmp_path / "turbo" / "airflow"
     # USE_JOB_SCHEDULE=False: no cron run of the default (SmolLM2) parameters competes with
     # the triggered one (max_active_runs is 1); manual triggers still run.

@@ -188,12 +188,10 @@ for conf in ({'variants': ['nope']}, {'min_top1_agreement': -0.5}):
 @pytest.mark.slow
 def test_full_run_docker_target_builds_deploys_verifies_and_promotes(tmp_path, tiny_dir,
                                                                      docker_services):
-    import socket
+    from turbo_core.http import free_port
 
     client, registry = docker_services
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     conf = SMALL | {"serve_port": port}
     try:
         res, run = _pipeline(tmp_path, "--model", str(tiny_dir), "--variants", "turbo-int4",

@@ -5,7 +5,7 @@ import threading
 
 import pytest
 
-from turbo_core.http import wait_ok
+from turbo_core.http import free_port, wait_ok
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -18,7 +18,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 
 def test_wait_ok_succeeds_times_out_and_reports_death():
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), _Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     base = f"http://127.0.0.1:{server.server_address[1]}"
     try:

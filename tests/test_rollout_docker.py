@@ -5,20 +5,14 @@ Skipped with the reason where no engine can run."""
 
 import io
 import json
-import socket
 import urllib.request
 from dataclasses import replace
 
 import pytest
 
+from turbo_core.http import free_port
 from turbo_core.rollout import RolloutError, run
 from turbo_core.rollout.dockerhost import DEPLOYMENT, DockerOptions
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _complete(port: int) -> str:
@@ -33,7 +27,7 @@ def _complete(port: int) -> str:
 @pytest.mark.slow
 def test_docker_rollout_good_rerun_and_bad_image_rolled_back(serving_image):
     client = serving_image.client
-    opts = DockerOptions(name="turbo-rollout-test", port=_free_port(), ready_timeout_s=300)
+    opts = DockerOptions(name="turbo-rollout-test", port=free_port(), ready_timeout_s=300)
     bad_tag = "turbo-rollout-test-bad:never-ready"
     client.images.build(fileobj=io.BytesIO(
         f'FROM {serving_image.ref}\nENTRYPOINT ["python3", "-m", "http.server", "8000"]\n'.encode()),

@@ -1,10 +1,19 @@
-"""Waiting for an HTTP endpoint to answer 200 (servers we start: MLflow, a container, a pod)."""
+"""Servers we start (MLflow, a registry, a container, Airflow): a free port to give them, and
+waiting for an HTTP endpoint to answer 200."""
 
 from __future__ import annotations
 
+import socket
 import time
 import urllib.request
 from collections.abc import Callable
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free on ``host`` right now (for a server we are about to start)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 def wait_ok(url: str, timeout_s: float, alive: Callable[[], str | None] | None = None,

@@ -29,13 +29,7 @@ def airflow_env(home: Path) -> dict[str, str]:
 
 def default_target() -> str:
     """``docker`` when a Docker engine answers, else ``none``."""
-    import docker
-
-    try:
-        docker.from_env().ping()
-        return "docker"
-    except docker.errors.DockerException:
-        return "none"
+    return "docker" if tasks.engine_reachable() else "none"
 
 
 def run(conf: dict) -> dict:

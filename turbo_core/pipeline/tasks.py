@@ -124,7 +124,8 @@ def choose(prep: dict, results: list[dict]) -> dict | Skip:
     return best
 
 
-def _engine_reachable() -> bool:
+def engine_reachable() -> bool:
+    """Does a Docker engine answer (``DOCKER_HOST`` or the default socket)?"""
     import docker
 
     try:
@@ -139,7 +140,7 @@ def build_image(prep: dict, chosen: dict) -> dict | Skip:
 
     if prep["deploy_target"] == "none":
         return Skip("deploy target is 'none': no image is built")
-    if not _engine_reachable():
+    if not engine_reachable():
         raise RuntimeError("no Docker engine reachable to build the serving image "
                            "(start dockerd or choose deploy_target 'none')")
     if prep["base_image"] == image.LOCAL_BASE:  # made here when missing (no registry to pull)
