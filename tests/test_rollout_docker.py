@@ -41,7 +41,7 @@ def test_docker_rollout_good_rerun_and_bad_image_rolled_back(serving_image):
         first = run.run("docker", serving_image.ref, **kw)
         assert first.status == "deployed" and first.changed, (first.reason, first.verify)
         assert first.verify["served_models"] == [f"{serving_image.model}:turbo-int4"]
-        assert first.previous_revision is None
+        assert first.previous_revision is None and first.image_digest == serving_image.digest
         serving = client.containers.get(opts.name)
         assert serving.attrs["HostConfig"]["ReadonlyRootfs"] and serving.attrs["Config"]["User"] == "10001"
         assert "Paris" in _complete(opts.port)

@@ -101,8 +101,9 @@ def rollout(image_ref: str, opts: DockerOptions, cfg: VerifyConfig,
         image = client.images.get(image_ref)
     except docker.errors.ImageNotFound:
         raise RolloutError(f"image {image_ref} does not exist on this Docker engine") from None
+    repo_digests = image.attrs.get("RepoDigests") or []  # ["repo@sha256:…"] once pushed/pulled
     result = RolloutResult(target="docker", image=image_ref,
-                           image_digest=(image.attrs.get("RepoDigests") or [None])[0])
+                           image_digest=repo_digests[0].split("@")[1] if repo_digests else None)
     labels = labels or {}
     serving = _get(client, opts.name)
     if serving is not None:
