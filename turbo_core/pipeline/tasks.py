@@ -225,6 +225,9 @@ def rollback(prep: dict, rolled: dict | None) -> dict:
     already) and report what serves now."""
     from turbo_core.rollout import run
 
+    report = _workdir(prep) / "rollout" / "rollout.json"
+    if rolled is None and report.is_file():  # roll_out failed after writing its report
+        rolled = json.loads(report.read_text())
     if rolled and rolled.get("rolled_back"):
         return {"action": "none", "reason": "the rollout already rolled back", "rollout": rolled}
     previous = (rolled or {}).get("details", {}).get("previous_image")
