@@ -212,7 +212,7 @@ def test_full_run_docker_target_builds_deploys_verifies_and_promotes(tmp_path, t
 
         mlc = MlflowClient(tracking_uri=_env(tmp_path)["MLFLOW_TRACKING_URI"])
         champion = mlc.get_model_version_by_alias(f"turbo-{tiny_dir.name}", "champion")
-        assert champion.version == "1" and champion.tags["validation_status"] == "deployed_verified"
+        assert str(champion.version) == "1" and champion.tags["validation_status"] == "deployed_verified"
         assert mlc.get_run(champion.run_id).data.tags["rollout.status"] == "deployed"
     finally:
         for c in client.containers.list(all=True, filters={"label": "turbo-attention.dev/deployment"}):
