@@ -72,6 +72,15 @@ print(json.dumps({'errors': {k: str(v)[-500:] for k, v in bag.import_errors.item
                                    "rollback", "summary"])
 
 
+def _mlflow(tmp_path: Path):
+    """A client of the run's own store; the registry URI is given too, or a URI set earlier in
+    this process (another test's tracking.configure()) would be used for the registry."""
+    from mlflow import MlflowClient
+
+    uri = _env(tmp_path)["MLFLOW_TRACKING_URI"]
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
 def _pipeline(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess, dict | None]:
     out = tmp_path / "run.json"
     res = subprocess.run([sys.executable, "-m", "turbo_core.cli", "pipeline", "run", *args,
@@ -105,9 +114,7 @@ def test_full_run_one_variant_passes_one_fails(tmp_path, tiny_dir):
     assert summary["chosen"] == "turbo-int4" and summary["rollout"]["status"] == "rendered"
     assert "chosen: turbo-int4" in res.stdout and "Airflow UI" in res.stdout
 
-    from mlflow import MlflowClient
-
-    client = MlflowClient(tracking_uri=_env(tmp_path)["MLFLOW_TRACKING_URI"])
+    client = _mlflow(tmp_path)
     exp = client.get_experiment_by_name("turbo-attention/" + tiny_dir.name)
     runs = client.search_runs([exp.experiment_id])
     assert sorted((r.data.tags["turbo.variant"], r.data.tags["turbo.stage"]) for r in runs) == [
@@ -208,9 +215,7 @@ def test_full_run_docker_target_builds_deploys_verifies_and_promotes(tmp_path, t
         container = client.containers.get(f"turbo-attention-{port}")
         assert container.status == "running"
         assert container.labels["turbo-attention.dev/variant"] == "turbo-int4"
-        from mlflow import MlflowClient
-
-        mlc = MlflowClient(tracking_uri=_env(tmp_path)["MLFLOW_TRACKING_URI"])
+        mlc = _mlflow(tmp_path)
         champion = mlc.get_model_version_by_alias(f"turbo-{tiny_dir.name}", "champion")
         assert str(champion.version) == "1" and champion.tags["validation_status"] == "deployed_verified"
         assert mlc.get_run(champion.run_id).data.tags["rollout.status"] == "deployed"

@@ -9,7 +9,6 @@ import json
 def _run(args: argparse.Namespace) -> int:
     from turbo_core.fileio import write_atomic
     from turbo_core.pipeline import local
-    from turbo_core.pipeline.params import validate
 
     conf = json.loads(args.conf) if args.conf else {}
     if not isinstance(conf, dict):
@@ -22,8 +21,7 @@ def _run(args: argparse.Namespace) -> int:
         conf["deploy_target"] = local.default_target()
         print(f"deploy target: {conf['deploy_target']} "
               f"({'a Docker engine answers' if conf['deploy_target'] == 'docker' else 'no Docker engine'})")
-    validate(conf)
-    result = local.run(conf)
+    result = local.run(conf)  # validates conf before Airflow starts
     print(local.report(result))
     if args.json:
         write_atomic(args.json, json.dumps(result, indent=2, default=str))

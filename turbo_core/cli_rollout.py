@@ -14,10 +14,9 @@ def _rollout(args: argparse.Namespace) -> int:
     from turbo_core.rollout import run as rollout_run
     from turbo_core.rollout.dockerhost import DockerOptions
     from turbo_core.rollout.kube import KubeOptions
-    from turbo_core.rollout.verify import VerifyConfig
+    from turbo_core.rollout.verify import VerifyConfig, served_model_id
 
-    expected = args.expect_model or (f"{args.model}:{args.variant}"
-                                     if args.model and args.variant else None)
+    expected = args.expect_model or served_model_id(args.model, args.variant)
     result = rollout_run.run(
         args.target, args.image, overlay=args.overlay, model=args.model, variant=args.variant,
         mlflow_version=args.mlflow_version, mlflow_run_id=args.mlflow_run_id,

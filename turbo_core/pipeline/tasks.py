@@ -209,7 +209,7 @@ def verify(prep: dict, chosen: dict, rolled: dict) -> dict | Skip:
     target = prep["deploy_target"]
     if target == "none":
         return Skip("deploy target is 'none': nothing runs to verify")
-    cfg = vf.VerifyConfig(expected_model=f"{prep['model_name']}:{chosen['variant']}")
+    cfg = vf.VerifyConfig(expected_model=vf.served_model_id(prep["model_name"], chosen["variant"]))
     if target == "docker":
         report = vf.verify(vf.http_request(f"http://127.0.0.1:{prep['serve_port']}"), cfg)
     else:

@@ -115,6 +115,10 @@ def manifest_hash(objs: list[dict]) -> str:
     return hashlib.sha256(json.dumps(objs, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _annotation(obj: dict, key: str) -> str | None:
+    return (obj["metadata"].get("annotations") or {}).get(key)
+
+
 def _image(dep: dict) -> str:
     return dep["spec"]["template"]["spec"]["containers"][0]["image"]
 
@@ -219,12 +223,12 @@ def rollout(objs: list[dict], image: str, opts: KubeOptions, verify_cfg: VerifyC
     live = kube.get(dep_path)
     existed = {object_path(o): kube.get(object_path(o)) is not None for o in objs}
     if live is not None:
-        result.previous_revision = (live["metadata"].get("annotations") or {}).get(REVISION_KEY)
+        result.previous_revision = _annotation(live, REVISION_KEY)
         result.details["previous_image"] = _image(live)
     svc = next(o["metadata"]["name"] for o in objs if o["kind"] == "Service")
     request = service_request(kube, ns, svc)
 
-    unchanged = live is not None and (live["metadata"].get("annotations") or {}).get(HASH_KEY) == digest
+    unchanged = live is not None and _annotation(live, HASH_KEY) == digest
     try:
         if not unchanged:
             for obj in objs:
@@ -232,7 +236,7 @@ def rollout(objs: list[dict], image: str, opts: KubeOptions, verify_cfg: VerifyC
             result.changed = True
             log.info("applied %d objects to %s/%s", len(objs), kube.where, ns)
         live_new = wait_rollout(kube, dep_path, opts)
-        result.new_revision = (live_new["metadata"].get("annotations") or {}).get(REVISION_KEY)
+        result.new_revision = _annotation(live_new, REVISION_KEY)
         result.verify = verify(request, verify_cfg)
         if not result.verify["ok"]:
             raise RuntimeError("verification failed: " + "; ".join(result.verify["failed"]))
@@ -261,7 +265,7 @@ def _roll_back(kube: Kube, objs: list[dict], live: dict | None, existed: dict[st
     kube.apply(_reapplicable(live))
     try:
         back = wait_rollout(kube, object_path(live), opts)
-        result.rollback_revision = (back["metadata"].get("annotations") or {}).get(REVISION_KEY)
+        result.rollback_revision = _annotation(back, REVISION_KEY)
         result.rollback_verify = verify(request, verify_cfg)
         result.status = "rolled_back" if result.rollback_verify["ok"] else "failed"
     except RuntimeError as exc:

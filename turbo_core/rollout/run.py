@@ -10,7 +10,7 @@ from turbo_core.fileio import write_atomic
 from turbo_core.rollout import TARGETS, RolloutError, RolloutResult, release_metadata
 from turbo_core.rollout.dockerhost import DockerOptions
 from turbo_core.rollout.kube import KubeOptions
-from turbo_core.rollout.verify import VerifyConfig
+from turbo_core.rollout.verify import VerifyConfig, served_model_id
 
 log = logging.getLogger("turbo.rollout")
 
@@ -26,8 +26,7 @@ def run(target: str, image: str, *, overlay: str = "gpu", model: str | None = No
     if target not in TARGETS:
         raise RolloutError(f"unknown target {target!r}; choose from {', '.join(TARGETS)}")
     if verify_cfg is None:
-        expected = f"{model}:{variant}" if model and variant else None
-        verify_cfg = VerifyConfig(expected_model=expected)
+        verify_cfg = VerifyConfig(expected_model=served_model_id(model, variant))
     labels, annotations = release_metadata(model, variant, mlflow_version, mlflow_run_id)
     if target == "docker":
         from turbo_core.rollout import dockerhost

@@ -17,6 +17,12 @@ from dataclasses import dataclass
 Request = Callable[[str, str, dict | None], tuple[int, bytes]]
 
 
+def served_model_id(model: str | None, variant: str | None) -> str | None:
+    """The id ``turbo serve`` lists in /v1/models for a model and variant (the serving
+    engine's ``MODEL:VARIANT``); None when either is unknown."""
+    return f"{model}:{variant}" if model and variant else None
+
+
 @dataclass(frozen=True)
 class VerifyConfig:
     expected_model: str | None = None  # None: accept whatever single model is served
