@@ -14,9 +14,6 @@ from turbo_core.pipeline import pods, tasks
 from turbo_core.pipeline.callbacks import on_task_failure
 from turbo_core.pipeline.params import PARAMS
 
-# Where calibrate/evaluate run: "local" (in the worker, default) or "kubernetes" (pods from
-# the worker image; configuration in turbo_core/pipeline/pods.py).
-EXECUTOR = pods.executor()
 DOC = """
 ### TurboAttention nightly
 
@@ -74,19 +71,6 @@ def turbo_nightly():
     def evaluate(prep: dict, calibrated: dict) -> dict:
         return tasks.evaluate(prep, calibrated)
 
-    def heavy_steps(prep, names):
-        if EXECUTOR == "kubernetes":
-            from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
-
-            cal = KubernetesPodOperator.partial(**pods.pod_kwargs("calibrate")).expand(
-                arguments=names.map(pods.calibrate_args))
-            prep >> cal
-            ev = KubernetesPodOperator.partial(**pods.pod_kwargs("evaluate")).expand(
-                arguments=cal.output.map(pods.evaluate_args))
-            return ev.output
-        calibrated = calibrate.partial(prep=prep).expand(variant=names)
-        return evaluate.partial(prep=prep).expand(calibrated=calibrated)
-
     @task.short_circuit(ignore_downstream_trigger_rules=False, retries=0)
     def choose(prep: dict, results: list[dict]):
         chosen = tasks.choose(prep, list(results))
@@ -135,7 +119,8 @@ def turbo_nightly():
         return tasks.finish(prep, results, pulled)
 
     prep = prepare()
-    results = heavy_steps(prep, variant_names(prep))
+    # calibrate/evaluate run in the worker or, by configuration, as pods (pipeline/pods.py)
+    results = pods.calibrate_and_evaluate(prep, variant_names(prep), calibrate, evaluate)
     chosen = choose(prep, results)
     built = build_image(prep, chosen)
     pushed = push_image(prep, built)

@@ -15,7 +15,7 @@ def _tokenizer(vocab: int = 320):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from turbo_core.data import load_split
+    from turbo_core.hf.data import load_split
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -201,8 +201,9 @@ def serving_image(docker_services, tmp_path_factory):
     import subprocess
     from types import SimpleNamespace
 
-    from turbo_core import calibrate, image, models
-    from turbo_core.variants import get_variant
+    from turbo_core.attention.variants import get_variant
+    from turbo_core.hf import calibrate, models
+    from turbo_core.rollout import image
 
     client, registry = docker_services
     root = Path(__file__).resolve().parents[1]

@@ -15,7 +15,7 @@ def run_py(code: str) -> str:
 
 def test_package_and_config_imports_do_not_load_torch():
     out = run_py(
-        "import sys, turbo_core, turbo_core.config, turbo_core.plan, turbo_core.cli; "
+        "import sys, turbo_core, turbo_core.attention.config, turbo_core.attention.plan, turbo_core.cli; "
         "print('torch' in sys.modules)"
     )
     assert out == "False"

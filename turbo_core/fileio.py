@@ -1,4 +1,5 @@
-"""Torch-free file helpers shared by every writer of results, plans and reports."""
+"""Torch-free file helpers shared by every writer of results, plans and reports, and the one
+place that says where local caches and stores live."""
 
 from __future__ import annotations
 
@@ -21,3 +22,8 @@ def write_atomic(path: str | os.PathLike[str], text: str) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def data_dir() -> Path:
+    """Where caches and local stores live: ``$TURBO_HOME`` or ``~/.cache/turbo-attention``."""
+    return Path(os.environ.get("TURBO_HOME", Path.home() / ".cache" / "turbo-attention"))

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from turbo_core.config import EXACT, TURBO_DEFAULT, AttentionMath, KVQuantConfig, SASConfig
-from turbo_core.kvcache import QuantizedKVLayer
-from turbo_core.reference import decode_attention_reference
+from turbo_core.attention.config import EXACT, TURBO_DEFAULT, AttentionMath, KVQuantConfig, SASConfig
+from turbo_core.attention.kvcache import QuantizedKVLayer
+from turbo_core.attention.reference import decode_attention_reference
 from turbo_core.testing import assert_close
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -30,7 +30,7 @@ def test_decode_matches_reference(bits, length, group, name):
     cfg = {"exact": EXACT, "turbo": TURBO_DEFAULT}[name]
     cache = filled(bits, length)
     q = torch.randn(1, len(bits) * group, 1, 64, generator=torch.Generator().manual_seed(1)).to(DEVICE)
-    out = decode_attention(q, cache, math_cfg=cfg, chunks_per_split=2)
+    out = decode_attention(q, cache.view(), math_cfg=cfg, chunks_per_split=2)
     ref = decode_attention_reference(q, cache, math_cfg=cfg).out
     # exact: float rounding only; turbo: SAS polynomial error under per-split running maxima
     assert_close(ref.cpu(), out.cpu(), atol=1e-5 if name == "exact" else 6e-3)
@@ -43,7 +43,7 @@ def test_decode_head_dim_128_batch_and_groups():
     cache = filled([4, 2, 4], 200, d=128, b=2, cfg=cfg)
     q = torch.randn(2, 6, 1, 128, generator=torch.Generator().manual_seed(2)).to(DEVICE)
     math_cfg = AttentionMath(sas=SASConfig(degree=3, lut_max=6), qk_int8=True)
-    out = decode_attention(q, cache, math_cfg=math_cfg)
+    out = decode_attention(q, cache.view(), math_cfg=math_cfg)
     ref = decode_attention_reference(q, cache, math_cfg=math_cfg).out
     assert_close(ref.cpu(), out.cpu(), atol=6e-3)
 
@@ -51,7 +51,7 @@ def test_decode_head_dim_128_batch_and_groups():
 def test_decode_bad_input():
     from turbo_kernels.decode import decode_attention
 
-    cache = filled([4, 4], 70)
+    cache = filled([4, 4], 70).view()
     with pytest.raises(ValueError, match=r"\(B, H_q, 1, D\)"):
         decode_attention(torch.randn(1, 2, 2, 64, device=DEVICE), cache, math_cfg=EXACT)
     with pytest.raises(ValueError, match="multiple"):

@@ -1,13 +1,13 @@
-"""Backend dispatch in turbo_core.functional: env override, automatic choice, logging."""
+"""Backend dispatch in turbo_core.attention.functional: env override, automatic choice, logging."""
 
 import logging
 
 import pytest
 import torch
 
-from turbo_core import functional
-from turbo_core.config import TURBO_DEFAULT
-from turbo_core.modules import TurboAttention
+from turbo_core.attention import functional
+from turbo_core.attention.config import TURBO_DEFAULT
+from turbo_core.attention.modules import TurboAttention
 from turbo_core.testing import assert_close
 
 
@@ -20,7 +20,7 @@ def test_forced_triton_runs_the_kernel_through_the_module(monkeypatch, caplog):
         ref, _ = attn(x, x, x, need_weights=False, is_causal=True)
     monkeypatch.setenv(functional.BACKEND_ENV, "triton")
     monkeypatch.setattr(functional, "_logged", set())  # each choice is logged once per process
-    caplog.set_level(logging.INFO, logger="turbo_core.functional")
+    caplog.set_level(logging.INFO, logger="turbo_core.attention.functional")
     with torch.no_grad():
         out, _ = attn(x, x, x, need_weights=False, is_causal=True)
     assert "TurboAttention backend: triton" in caplog.text
@@ -30,39 +30,40 @@ def test_forced_triton_runs_the_kernel_through_the_module(monkeypatch, caplog):
 def test_choices_and_errors(monkeypatch):
     q = torch.randn(1, 2, 8, 64)
     monkeypatch.delenv(functional.BACKEND_ENV, raising=False)
-    assert functional.choose_backend(q, q, q, TURBO_DEFAULT) == ("reference", "cpu tensors")
+    assert functional.choose_backend(q, q, q, math_cfg=TURBO_DEFAULT) == ("reference", "cpu tensors")
     assert functional.backend_name("cuda") == "triton" and functional.backend_name() == "reference"
     monkeypatch.setenv(functional.BACKEND_ENV, "triton")
-    backend, reason = functional.choose_backend(q, q, q, TURBO_DEFAULT, need_probs=True)
+    backend, reason = functional.choose_backend(q, q, q, math_cfg=TURBO_DEFAULT, need_probs=True)
     assert backend == "reference" and "no kernel for: attention weights requested" in reason
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="needs a CUDA device or TRITON_INTERPRET=1"):
-        functional.choose_backend(q, q, q, TURBO_DEFAULT)
+        functional.choose_backend(q, q, q, math_cfg=TURBO_DEFAULT)
     monkeypatch.setenv(functional.BACKEND_ENV, "fast")
     with pytest.raises(ValueError, match="use one of"):
-        functional.choose_backend(q, q, q, TURBO_DEFAULT)
+        functional.choose_backend(q, q, q, math_cfg=TURBO_DEFAULT)
 
 
 def test_hf_generate_uses_prefill_and_decode_kernels(monkeypatch, caplog, tiny_llama):
     """Greedy generation through TurboCache: kernels (forced) and reference agree."""
     from transformers import AutoModelForCausalLM
 
-    from turbo_core import hf
-    from turbo_core.config import KVQuantConfig
-    from turbo_core.models import shape_of
+    from turbo_core.attention.config import KVQuantConfig
+    from turbo_core.hf.attention import enable
+    from turbo_core.hf.cache import TurboCache
+    from turbo_core.hf.models import shape_of
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
     shape = shape_of(model.config, "tiny")
     ids = torch.randint(0, model.config.vocab_size, (1, 70), generator=torch.Generator().manual_seed(5))
     kw = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0,
               attention_mask=torch.ones_like(ids))
-    hf.enable(model, TURBO_DEFAULT)
+    enable(model, TURBO_DEFAULT)
     outs = {}
     monkeypatch.setattr(functional, "_logged", set())  # each choice is logged once per process
-    caplog.set_level(logging.INFO, logger="turbo_core.functional")
+    caplog.set_level(logging.INFO, logger="turbo_core.attention.functional")
     for backend in ("reference", "triton"):
         monkeypatch.setenv(functional.BACKEND_ENV, backend)
         with torch.no_grad():
-            outs[backend] = model.generate(ids, cache=hf.TurboCache(shape, 4, KVQuantConfig()), **kw)
+            outs[backend] = model.generate(ids, cache=TurboCache(shape, 4, KVQuantConfig()), **kw)
     assert torch.equal(outs["reference"], outs["triton"])
     assert "TurboAttention backend: triton" in caplog.text

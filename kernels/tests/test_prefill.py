@@ -5,8 +5,8 @@ import dataclasses
 import pytest
 import torch
 
-from turbo_core.config import EXACT, TURBO_DEFAULT, AttentionMath, SASConfig
-from turbo_core.reference import attention_reference
+from turbo_core.attention.config import EXACT, TURBO_DEFAULT, AttentionMath, SASConfig
+from turbo_core.attention.reference import attention_reference
 from turbo_core.testing import assert_close
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,9 +1,9 @@
-"""The INT8 quantize kernel against turbo_core.quant (bit-exact)."""
+"""The INT8 quantize kernel against turbo_core.attention.quant (bit-exact)."""
 
 import pytest
 import torch
 
-from turbo_core import quant
+from turbo_core.attention import quant
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -6,5 +6,5 @@ no ``__init__.py``, so from the repository root it is at most an empty namespace
 transformers' probe rejects (tested in ``tests/test_packaging.py``).
 
 Each kernel lives in one file with its launcher and is tested against the pure-PyTorch
-reference in ``turbo_core.reference`` (the kernels arrive with the kernels issue).
+reference in ``turbo_core.attention.reference`` (the kernels arrive with the kernels issue).
 """

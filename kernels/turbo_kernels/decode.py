@@ -6,7 +6,7 @@ only); no dequantized copy of the cache is written. The context is split across 
 split keeps its own running max, and the partial results are merged with exact rescaling.
 Query heads sharing a KV head (GQA) are the rows of one ``tl.dot``.
 
-Reference: ``turbo_core.reference.decode_attention_reference``.
+Reference: ``turbo_core.attention.reference.decode_attention_reference``.
 """
 
 from __future__ import annotations
@@ -17,16 +17,16 @@ import torch
 import triton
 import triton.language as tl
 
-from turbo_core.config import AttentionMath
-from turbo_core.kvcache import QuantizedKVLayer
-from turbo_kernels.prefill import _sas_exp, sas_args
+from turbo_core.attention.config import AttentionMath
+from turbo_core.attention.packed import PackedKV
+from turbo_kernels.softmax import online_softmax_step, sas_args
 
 
 @triton.jit
 def _update(q, q_scale, k8, k_scale_row, v, valid, m_i, l_i, acc, sm_scale, lut_ptr,
             C0, C1, C2, C3, LUT_MAX: tl.constexpr, DEGREE: tl.constexpr,
             USE_SAS: tl.constexpr, QK_INT8: tl.constexpr):
-    """One online-softmax step: ``q (G, D)``, ``k8 (D, N)`` int8 codes with per-key float scale
+    """One tile of keys: ``q (G, D)``, ``k8 (D, N)`` int8 codes with per-key float scale
     ``k_scale_row (N,)``, ``v (N, D)`` float."""
     if QK_INT8:
         s = tl.dot(q, k8.to(tl.int8), out_dtype=tl.int32).to(tl.float32)
@@ -34,14 +34,7 @@ def _update(q, q_scale, k8, k_scale_row, v, valid, m_i, l_i, acc, sm_scale, lut_
     else:
         s = tl.dot(q, k8.to(tl.float32) * k_scale_row[None, :], input_precision="ieee")
     s = tl.where(valid[None, :], s * sm_scale, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    x = s - m_safe[:, None]
-    if USE_SAS:
-        p = _sas_exp(x, lut_ptr, C0, C1, C2, C3, LUT_MAX, DEGREE)
-    else:
-        p = tl.exp(x)
-    alpha = tl.exp(m_i - m_safe)
+    p, alpha, m_new = online_softmax_step(s, m_i, lut_ptr, C0, C1, C2, C3, LUT_MAX, DEGREE, USE_SAS)
     acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
     l_i = l_i * alpha + tl.sum(p, axis=1)
     return m_new, l_i, acc
@@ -188,20 +181,18 @@ def _decode_buffer_kernel(
 
 def decode_attention(
     q: torch.Tensor,
-    cache: QuantizedKVLayer,
+    cache: PackedKV,
     *,
     math_cfg: AttentionMath,
     scale: float | None = None,
     chunks_per_split: int = 8,
-    views: dict[int, dict[str, torch.Tensor] | None] | None = None,
 ) -> torch.Tensor:
     """Attention of one new token per sequence over ``cache`` (already holding that token).
 
     Args:
         q: ``(B, H_q, 1, D)`` float; ``H_q`` a multiple of the cache's KV heads.
+        cache: the tensor-only view of one cache layer (``QuantizedKVLayer.view()``).
         chunks_per_split: compressed chunks per program (the flash-decoding split).
-        views: ``{bits: cache.packed_view(bits)}`` computed once by the caller; by default
-            they are built here (a concatenation of the packed chunks on every call).
     Returns:
         ``(B, H_q, 1, D)`` in ``q.dtype``.
     """
@@ -228,7 +219,7 @@ def decode_attention(
         q3, qs = qi.values[:, :, 0, :], qi.scale[:, :, 0]
     else:
         q3, qs = q3.float(), torch.ones(b, hq, dtype=torch.float32, device=q.device)
-    n_chunks = cache.seq_len // cache.cfg.chunk
+    n_chunks = cache.n_chunks
     n_splits = max(1, math.ceil(n_chunks / chunks_per_split))
     slots = n_splits + 1  # the last slot is the buffer's
     m = torch.full((b, hq, slots), float("-inf"), dtype=torch.float32, device=q.device)
@@ -241,28 +232,25 @@ def decode_attention(
                   USE_SAS=sas_cfg is not None, QK_INT8=math_cfg.qk_int8,
                   BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=triton.next_power_of_2(d))
     out_strides = (*m.stride(), *acc.stride())
-    for bits in cache.groups:
-        view = views[bits] if views is not None else cache.packed_view(bits)
-        if view is None:
-            continue
-        ks, kl = view.get("k_scale", view["k_packed"]), view.get("k_low", view["k_packed"])
-        vs, vl = view.get("v_scale", view["v_packed"]), view.get("v_low", view["v_packed"])
-        n_heads = view["heads"].numel()
+    for g in cache.groups:
+        # 8-bit heads have no second level: any uint8 tensor stands in (never read)
+        ks, kl = (g.k_scale, g.k_low) if g.bits != 8 else (g.k_packed, g.k_packed)
+        vs, vl = (g.v_scale, g.v_low) if g.bits != 8 else (g.v_packed, g.v_packed)
+        n_heads = g.heads.numel()
         _decode_chunks_kernel[(n_splits, b * n_heads)](
-            q3, qs, view["heads"],
-            view["k_packed"], ks, kl, view["k_first"], view["v_packed"], vs, vl, view["v_first"],
+            q3, qs, g.heads,
+            g.k_packed, ks, kl, g.k_first, g.v_packed, vs, vl, g.v_first,
             lut, m, l_, acc,
             *q3.stride(), *qs.stride(),
-            *view["k_packed"].stride(), *ks.stride(), *view["k_first"].stride(),
-            *view["v_packed"].stride(), *vs.stride(), *view["v_first"].stride(),
+            *g.k_packed.stride(), *ks.stride(), *g.k_first.stride(),
+            *g.v_packed.stride(), *vs.stride(), *g.v_first.stride(),
             *out_strides,
             n_heads, group, d, n_chunks, chunks_per_split, scale, *coeffs,
-            BITS=bits, CHUNK=cache.cfg.chunk, K_GROUP=cache.cfg.k_group, V_GROUP=cache.v_group,
+            BITS=g.bits, CHUNK=cache.chunk, K_GROUP=cache.k_group, V_GROUP=cache.v_group,
             **common,
         )
-    buf = cache.buffer()
-    if buf is not None:
-        kb, vb = buf
+    if cache.buffer_k is not None:
+        kb, vb = cache.buffer_k, cache.buffer_v
         _decode_buffer_kernel[(1, b * hkv)](
             q3, qs, kb.values, kb.scale, vb.values, vb.scale, lut, m, l_, acc,
             *q3.stride(), *qs.stride(),

@@ -3,7 +3,7 @@ no hardware exp on the scores) with the sparsity cut-off, online softmax, P·V i
 INT8. Causal (bottom-right aligned) or not, GQA, head_dim ≤ 256 (padded to a power of two),
 any sequence length (masked tails).
 
-Reference: ``turbo_core.reference.attention_details``. The kernel uses a running row max
+Reference: ``turbo_core.attention.reference.attention_details``. The kernel uses a running row max
 (FlashAttention tiling) where the reference uses the final one, so the two differ by the SAS
 polynomial's relative error (≤ 2e-3) on rescaled tiles; tests bound that.
 """
@@ -16,24 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from turbo_core import sas as sas_mod
-from turbo_core.config import AttentionMath
-
-
-@triton.jit
-def _sas_exp(x, lut_ptr, C0, C1, C2, C3, LUT_MAX: tl.constexpr, DEGREE: tl.constexpr):
-    """e^x for x <= 0 (or -inf): LUT[floor(-x)] * P(frac(-x)), exactly 0 past the LUT."""
-    neg = tl.minimum(-x, LUT_MAX + 1.0)  # -inf (masked) -> past the table, and no inf - inf
-    n = tl.floor(neg)
-    f = neg - n
-    keep = n <= LUT_MAX
-    idx = tl.where(keep, n, 0.0).to(tl.int32)
-    table = tl.load(lut_ptr + idx)
-    if DEGREE == 3:
-        poly = ((C3 * f + C2) * f + C1) * f + C0
-    else:
-        poly = (C2 * f + C1) * f + C0
-    return tl.where(keep, table * poly, 0.0)
+from turbo_core.attention.config import AttentionMath
+from turbo_kernels.softmax import online_softmax_step, sas_args
 
 
 @triton.jit
@@ -92,14 +76,8 @@ def _prefill_kernel(
         if CAUSAL:
             valid = valid & (offs_n[None, :] <= offs_m[:, None] + shift)
         s = tl.where(valid, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        x = s - m_safe[:, None]
-        if USE_SAS:
-            p = _sas_exp(x, lut_ptr, C0, C1, C2, C3, LUT_MAX, DEGREE)
-        else:
-            p = tl.exp(x)
-        alpha = tl.exp(m_i - m_safe)  # one exp per row and tile, not per score
+        p, alpha, m_new = online_softmax_step(s, m_i, lut_ptr, C0, C1, C2, C3,
+                                              LUT_MAX, DEGREE, USE_SAS)
         v_ptrs = (v_ptr + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vn
                   + offs_d[None, :] * stride_vd)
         v = tl.load(v_ptrs, mask=n_ok[:, None] & d_ok[None, :], other=0)
@@ -117,14 +95,6 @@ def _prefill_kernel(
     tl.store(o_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om
              + offs_d[None, :] * stride_od, out.to(o_ptr.dtype.element_ty),
              mask=m_ok[:, None] & d_ok[None, :])
-
-
-def sas_args(sas_cfg, device: torch.device) -> tuple[list[float], torch.Tensor | None]:
-    """Kernel arguments for SAS: four polynomial coefficients (zero-padded) and the LUT."""
-    if sas_cfg is None:
-        return [0.0] * 4, None
-    coeffs = [*sas_mod.poly_coeffs(sas_cfg), 0.0, 0.0, 0.0][:4]
-    return coeffs, sas_mod.lut(sas_cfg, torch.float32, device)
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:

@@ -1,6 +1,6 @@
 """Triton kernel: float → blockwise symmetric INT8 (stage 1 of progressive quantization).
 
-Reference: ``turbo_core.quant.quantize_int8_blockwise`` (bit-exact: same scale, and rounding
+Reference: ``turbo_core.attention.quant.quantize_int8_blockwise`` (bit-exact: same scale, and rounding
 half to even like ``torch.round``).
 """
 
@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from turbo_core.quant import Int8Rows
+from turbo_core.attention.quant import Int8Rows
 
 
 @triton.jit
@@ -50,7 +50,7 @@ def _int8_block_kernel(
 
 
 def quantize_int8_blockwise(x: torch.Tensor, block_size: int = 64, qmax: int = 127) -> Int8Rows:
-    """Triton twin of ``turbo_core.quant.quantize_int8_blockwise`` for ``x (..., L, D)``."""
+    """Triton twin of ``turbo_core.attention.quant.quantize_int8_blockwise`` for ``x (..., L, D)``."""
     if x.dim() < 2 or not x.is_floating_point():
         raise ValueError(f"quantize_int8_blockwise needs a float (..., L, D) tensor, got "
                          f"{x.dtype} {tuple(x.shape)}")

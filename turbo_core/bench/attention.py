@@ -20,10 +20,10 @@ import torch.nn.functional as F
 from tabulate import tabulate
 from torch import nn
 
+from turbo_core.attention.config import EXACT, TURBO_DEFAULT, AttentionMath, SASConfig
+from turbo_core.attention.functional import backend_name
+from turbo_core.attention.modules import TurboAttention
 from turbo_core.bench.common import describe_device, median, time_call
-from turbo_core.config import EXACT, TURBO_DEFAULT, AttentionMath, SASConfig
-from turbo_core.functional import backend_name
-from turbo_core.modules import TurboAttention
 
 
 @dataclass(frozen=True)

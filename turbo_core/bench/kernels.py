@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from tabulate import tabulate
 
+from turbo_core.attention.config import TURBO_DEFAULT, KVQuantConfig
 from turbo_core.bench.common import describe_device, median, time_call
-from turbo_core.config import TURBO_DEFAULT, KVQuantConfig
 
 GPU_PREFILL = {"lengths": [1024, 2048, 4096, 8192, 16384], "head_dims": [64, 128], "tokens": 65536,
                "heads": 16}
@@ -67,7 +67,7 @@ def prefill_rows(dev: torch.device, spec: dict, repeats: int, log) -> list[dict]
 def decode_rows(dev: torch.device, spec: dict, repeats: int, log) -> list[dict]:
     from turbo_kernels.decode import decode_attention
 
-    from turbo_core.kvcache import QuantizedKVLayer
+    from turbo_core.attention.kvcache import QuantizedKVLayer
 
     b, hkv, g, d = spec["batch"], spec["kv_heads"], spec["group"], spec["head_dim"]
     rows = []
@@ -79,9 +79,9 @@ def decode_rows(dev: torch.device, spec: dict, repeats: int, log) -> list[dict]:
         q = torch.randn(b, hkv * g, 1, d, device=dev, dtype=torch.float16, generator=gen)
         cache = QuantizedKVLayer([4] * hkv, d, KVQuantConfig())
         cache.append(k, v)
-        views = {bits: cache.packed_view(bits) for bits in cache.groups}
-        def turbo(q=q, cache=cache, views=views) -> torch.Tensor:
-            return decode_attention(q, cache, math_cfg=TURBO_DEFAULT, views=views)
+
+        def turbo(q=q, cache=cache) -> torch.Tensor:  # the view is taken per step, as in serving
+            return decode_attention(q, cache.view(), math_cfg=TURBO_DEFAULT)
 
         def fp16(q=q, k=k, v=v) -> torch.Tensor:
             return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)

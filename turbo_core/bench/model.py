@@ -7,9 +7,9 @@ import sys
 
 from tabulate import tabulate
 
-from turbo_core import calibrate, data, evaluate, models
+from turbo_core.attention.variants import VARIANTS, get_variant
 from turbo_core.bench.common import describe_device
-from turbo_core.variants import VARIANTS, get_variant
+from turbo_core.hf import calibrate, data, evaluate, models
 
 COLUMNS = [
     ("variant", "contender", "{}"),

@@ -16,7 +16,7 @@ def where_to_look(context: dict) -> str:
              f"run {getattr(run, 'run_id', '?')}", f"try {getattr(ti, 'try_number', '?')}"]
     if getattr(ti, "log_url", None):
         parts.append(f"log {ti.log_url}")
-    parts.append(f"MLflow {os.environ.get('MLFLOW_TRACKING_URI', 'local store (turbo_core.tracking)')}"
+    parts.append(f"MLflow {os.environ.get('MLFLOW_TRACKING_URI', 'local store (turbo_core.tracking.runs)')}"
                  " (runs tagged airflow.run_id)")
     exc = context.get("exception")
     if exc is not None:

@@ -16,9 +16,9 @@ DAG_ID = "turbo_nightly"
 
 
 def airflow_home() -> Path:
-    from turbo_core import models
+    from turbo_core.fileio import data_dir
 
-    return Path(os.environ.get("AIRFLOW_HOME") or models.data_dir() / "airflow")
+    return Path(os.environ.get("AIRFLOW_HOME") or data_dir() / "airflow")
 
 
 def airflow_env(home: Path) -> dict[str, str]:
@@ -69,7 +69,7 @@ def report(result: dict) -> str:
         lines.append(f"  {t['task_id'] + label:<28} {t['state']}")
     if result["summary"]:
         lines += ["", tasks.render(result["summary"])]
-    from turbo_core import tracking
+    from turbo_core.tracking import runs as tracking
 
     lines += ["", "Look closer:",
               f"  Airflow UI:  scripts/ui.sh   (AIRFLOW_HOME={airflow_home()}; user admin)",

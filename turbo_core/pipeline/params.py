@@ -3,9 +3,9 @@ a run's ``conf`` before any work starts. Torch-free."""
 
 from __future__ import annotations
 
-from turbo_core.gates import Gate, GateSet
+from turbo_core.attention.variants import VARIANTS
 from turbo_core.rollout import TARGETS
-from turbo_core.variants import VARIANTS
+from turbo_core.tracking.gates import Gate, GateSet
 
 # name → JSON schema (with default, title, description): Airflow renders each as a form field.
 PARAMS: dict[str, dict] = {

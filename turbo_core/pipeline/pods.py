@@ -28,6 +28,23 @@ def executor() -> str:
     return value
 
 
+def calibrate_and_evaluate(prep, names, calibrate_task, evaluate_task):
+    """Wire the mapped calibrate → evaluate steps into the DAG being parsed; returns the
+    evaluate results (an XComArg). ``calibrate_task``/``evaluate_task`` are the DAG's in-worker
+    tasks, used unless ``TURBO_PIPELINE_EXECUTOR=kubernetes`` asks for pods."""
+    if executor() == "kubernetes":
+        from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+
+        cal = KubernetesPodOperator.partial(**pod_kwargs("calibrate")).expand(
+            arguments=names.map(calibrate_args))
+        prep >> cal
+        ev = KubernetesPodOperator.partial(**pod_kwargs("evaluate")).expand(
+            arguments=cal.output.map(evaluate_args))
+        return ev.output
+    calibrated = calibrate_task.partial(prep=prep).expand(variant=names)
+    return evaluate_task.partial(prep=prep).expand(calibrated=calibrated)
+
+
 def pod_kwargs(step: str) -> dict:
     """KubernetesPodOperator arguments for ``step`` (``calibrate`` or ``evaluate``)."""
     from kubernetes.client import models as k8s

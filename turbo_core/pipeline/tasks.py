@@ -12,6 +12,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from turbo_core.fileio import data_dir
 from turbo_core.pipeline.params import gates, validate
 
 log = logging.getLogger("turbo.pipeline")
@@ -25,7 +26,7 @@ class Skip:
 
 
 def _ctx(prep: dict):
-    from turbo_core.tracking import RunContext
+    from turbo_core.tracking.runs import RunContext
 
     return RunContext(trigger=prep["trigger"], airflow_dag_id=prep.get("dag_id"),
                       airflow_run_id=prep.get("run_id"))
@@ -40,7 +41,9 @@ def _workdir(prep: dict) -> Path:
 def prepare(conf: dict | None, *, trigger: str, dag_id: str | None = None,
             run_id: str | None = None) -> dict:
     """Validate the parameters and resolve the model before any heavy work."""
-    from turbo_core import models, registry, tracking
+    from turbo_core.hf import models
+    from turbo_core.tracking import model_registry as registry
+    from turbo_core.tracking import runs as tracking
 
     params = validate(conf)
     name, path = models.resolve(params["model"])
@@ -57,8 +60,9 @@ def prepare(conf: dict | None, *, trigger: str, dag_id: str | None = None,
 
 
 def calibrate(prep: dict, variant: str) -> dict:
-    from turbo_core import models, stages
-    from turbo_core.variants import get_variant
+    from turbo_core.attention.variants import get_variant
+    from turbo_core.hf import models
+    from turbo_core.pipeline import stages
 
     lm = models.load(prep["model_dir"])
     out = _workdir(prep) / f"{variant}.plan.json"
@@ -71,7 +75,7 @@ def fetch_plan(calibrated: dict, dest: str | Path) -> str:
     """The calibrate run's plan from MLflow (for a step running where the file is not)."""
     import mlflow
 
-    from turbo_core import tracking
+    from turbo_core.tracking import runs as tracking
 
     tracking.configure()
     return mlflow.artifacts.download_artifacts(run_id=calibrated["run_id"],
@@ -84,10 +88,11 @@ KEY_METRICS = ("ppl_delta_pct", "top1_agreement", "kv_compression", "kv_bytes_pe
 
 
 def evaluate(prep: dict, calibrated: dict) -> dict:
-    from turbo_core import evaluate as ev
-    from turbo_core import models, stages
-    from turbo_core.plan import BitPlan
-    from turbo_core.variants import get_variant
+    from turbo_core.attention.plan import BitPlan
+    from turbo_core.attention.variants import get_variant
+    from turbo_core.hf import evaluate as ev
+    from turbo_core.hf import models
+    from turbo_core.pipeline import stages
 
     lm = models.load(prep["model_dir"])
     variant = get_variant(calibrated["variant"])
@@ -107,7 +112,7 @@ def evaluate(prep: dict, calibrated: dict) -> dict:
 def choose(prep: dict, results: list[dict]) -> dict | Skip:
     """The passing variant with the smallest KV cache (ties: lower perplexity cost); skipped
     when none passes or the champion is already at least as good."""
-    from turbo_core import registry
+    from turbo_core.tracking import model_registry as registry
 
     passing = [r for r in results if r["passed"]]
     if not passing:
@@ -136,7 +141,7 @@ def engine_reachable() -> bool:
 
 
 def build_image(prep: dict, chosen: dict) -> dict | Skip:
-    from turbo_core import image, models
+    from turbo_core.rollout import image
 
     if prep["deploy_target"] == "none":
         return Skip("deploy target is 'none': no image is built")
@@ -149,7 +154,7 @@ def build_image(prep: dict, chosen: dict) -> dict | Skip:
         subprocess.run([str(image.ROOT / "docker" / "base" / "make_base.sh"), image.LOCAL_BASE],
                        check=True)
     lock = (Path(image.ROOT) / "requirements.lock").read_bytes()
-    wheels = models.data_dir() / "wheelhouse" / hashlib.sha256(lock).hexdigest()[:12]
+    wheels = data_dir() / "wheelhouse" / hashlib.sha256(lock).hexdigest()[:12]
     if not (wheels / "requirements.txt").is_file():
         image.build_wheelhouse(wheels)
     built = image.build(model_dir=Path(prep["model_dir"]), plan_path=Path(chosen["plan"]),
@@ -161,7 +166,7 @@ def build_image(prep: dict, chosen: dict) -> dict | Skip:
 
 
 def push_image(prep: dict, built: dict) -> dict | Skip:
-    from turbo_core import image
+    from turbo_core.rollout import image
 
     if prep["deploy_target"] != "kubernetes":
         return Skip(f"deploy target {prep['deploy_target']!r} runs the local image: no push")
@@ -240,7 +245,7 @@ def rollback(prep: dict, rolled: dict | None) -> dict:
 
 
 def promote(prep: dict, chosen: dict, verified: dict | Skip | None) -> dict | Skip:
-    from turbo_core import registry
+    from turbo_core.tracking import model_registry as registry
 
     if prep["deploy_target"] == "none":
         return Skip(f"deploy target 'none': {chosen['variant']} v{chosen['version']} stays "
@@ -250,9 +255,7 @@ def promote(prep: dict, chosen: dict, verified: dict | Skip | None) -> dict | Sk
 
 
 def work_dir_for(run_id: str | None) -> Path:
-    from turbo_core import models
-
-    return models.data_dir() / "pipeline" / hashlib.sha256((run_id or "adhoc").encode()).hexdigest()[:12]
+    return data_dir() / "pipeline" / hashlib.sha256((run_id or "adhoc").encode()).hexdigest()[:12]
 
 
 def finish(prep: dict, results: list[dict] | None, pulled: dict) -> dict:

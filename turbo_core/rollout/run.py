@@ -33,15 +33,15 @@ def run(target: str, image: str, *, overlay: str = "gpu", model: str | None = No
 
         result = dockerhost.rollout(image, docker, verify_cfg, labels | annotations)
     else:
-        from turbo_core.rollout import manifests, registry
+        from turbo_core.rollout import manifests, oci_registry
 
         digest = manifests.split_image(image)[2]
         if check_image:
-            digest = registry.resolve_digest(image)
+            digest = oci_registry.resolve_digest(image)
         elif target == "kubernetes" and not digest:
             raise RolloutError(f"image {image!r} has no digest: deploys use repo@sha256:…, or "
                                "drop --skip-image-check to resolve the tag in its registry")
-        ref = registry.pinned(image, digest) if digest else image
+        ref = oci_registry.pinned(image, digest) if digest else image
         objs = manifests.render(overlay, image=ref, namespace=kube.namespace, labels=labels,
                                 annotations=annotations)
         versions = manifests.validate(objs)
@@ -66,7 +66,7 @@ def log_to_mlflow(result: RolloutResult, run_id: str) -> None:
     """Attach the rollout report to an MLflow run (artifact + metrics + tags)."""
     from mlflow.tracking import MlflowClient
 
-    from turbo_core import tracking
+    from turbo_core.tracking import runs as tracking
 
     tracking.configure()
     client = MlflowClient()

@@ -10,9 +10,11 @@ from dataclasses import dataclass
 
 import torch
 
-from turbo_core import hf, models
-from turbo_core.plan import BitPlan
-from turbo_core.variants import Variant, get_variant
+from turbo_core.attention.plan import BitPlan
+from turbo_core.attention.variants import Variant, get_variant
+from turbo_core.hf import models
+from turbo_core.hf.attention import enable
+from turbo_core.hf.cache import TurboCache, cache_bytes
 
 
 @dataclass(frozen=True)
@@ -39,7 +41,7 @@ class Engine:
             raise ValueError(f"variant {variant.name} needs a bit plan (--plan)")
         self.lm, self.variant, self.plan = lm, variant, plan
         self.model_id = f"{lm.name}:{variant.name}"
-        hf.enable(lm.model, variant.math)
+        enable(lm.model, variant.math)
         self.kv_bytes_in_use = 0
         self._kv_lock = threading.Lock()
 
@@ -51,7 +53,7 @@ class Engine:
     def from_mlflow(cls, uri: str) -> Engine:
         import mlflow.pyfunc
 
-        from turbo_core import tracking
+        from turbo_core.tracking import runs as tracking
 
         tracking.configure()
         wrapped = mlflow.pyfunc.load_model(uri).unwrap_python_model()
@@ -65,7 +67,7 @@ class Engine:
             from transformers import DynamicCache
 
             return DynamicCache(config=self.lm.model.config)
-        return hf.TurboCache(self.lm.shape, self.plan if self.plan is not None else
+        return TurboCache(self.lm.shape, self.plan if self.plan is not None else
                              self.variant.kv_bits, self.variant.kv)
 
     @torch.no_grad()
@@ -126,9 +128,7 @@ class Engine:
         with self._kv_lock:
             if cache is None:
                 self.kv_bytes_in_use = 0
-            elif isinstance(cache, hf.TurboCache):
+            elif isinstance(cache, TurboCache):
                 self.kv_bytes_in_use = cache.nbytes()
             else:
-                from turbo_core.evaluate import cache_bytes
-
                 self.kv_bytes_in_use = cache_bytes(cache)

@@ -1,0 +1,91 @@
+"""Calibration and evaluation end to end on a tiny model, through the CLI."""
+
+import json
+
+import pytest
+
+from turbo_core.attention.plan import BitPlan
+from turbo_core.attention.variants import get_variant
+from turbo_core.cli import main
+from turbo_core.hf import calibrate, data, evaluate, models
+
+SMALL = evaluate.EvalSettings(max_tokens=256, window=128, decode_prompt=16, decode_tokens=4)
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_dir):
+    return models.load(tiny_dir)
+
+
+def test_calibration_is_deterministic_and_valid(lm):
+    v = get_variant("turbo-mix")
+    a = calibrate.calibrate(lm, v, max_tokens=512, progress=False)
+    b = calibrate.calibrate(lm, v, max_tokens=512, progress=False)
+    assert a == b
+    assert a.selection.int2_heads == round(v.int2_fraction * 4)
+    assert a.calibration["tokens"] == 512 and a.calibration["data_sha256"]
+    a.check_compatible(lm.shape)
+    int4 = calibrate.calibrate(lm, get_variant("turbo-int4"), max_tokens=256, progress=False)
+    assert {b for row in int4.bits_grid() for b in row} == {4}
+    fp = calibrate.calibrate(lm, get_variant("fp16"), max_tokens=256, progress=False)
+    assert {b for row in fp.bits_grid() for b in row} == {16}
+
+
+def test_baseline_variant_reproduces_the_baseline(lm):
+    r = evaluate.evaluate(lm, get_variant("fp16"), data.load_split(), settings=SMALL, progress=False)
+    assert abs(r["ppl_delta_pct"]) < 1e-3 and r["top1_agreement"] == 1.0
+    assert r["kv_compression"] == 1.0 and r["eval_tokens"] == 254
+
+
+def test_quantized_variant_metrics(lm):
+    split = data.load_split()
+    v = get_variant("turbo-mix")
+    plan = calibrate.calibrate(lm, v, max_tokens=256, progress=False)
+    r = evaluate.evaluate(lm, v, split, plan=plan, settings=SMALL, progress=False)
+    for key in ("ppl_baseline", "ppl_variant", "ppl_delta_pct", "top1_agreement",
+                "kv_bytes_per_token", "kv_compression", "sas_zero_fraction",
+                "prefill_tokens_per_s", "decode_tokens_per_s", "model", "variant", "data_sha256"):
+        assert key in r
+    assert r["kv_compression"] > 3.5 and 0.0 <= r["top1_agreement"] <= 1.0
+    assert r["int2_heads"] == plan.selection.int2_heads and r["prefill_tokens_per_s"] > 0
+    peer = evaluate.evaluate_peer(lm, "quanto", 4, split, settings=SMALL, progress=False)
+    assert peer["variant"] == "hf-quanto-int4" and peer["kv_compression"] > 1.5
+
+
+def test_cli_calibrate_then_evaluate(tmp_path, tiny_dir, capsys):
+    plan_path, out = tmp_path / "plan.json", tmp_path / "eval.json"
+    assert main(["calibrate", "--model", str(tiny_dir), "--variant", "turbo-mix",
+                 "--out", str(plan_path), "--max-tokens", "256"]) == 0
+    BitPlan.load(plan_path)
+    assert main(["evaluate", "--model", str(tiny_dir), "--variant", "turbo-mix", "--plan",
+                 str(plan_path), "--max-tokens", "256", "--window", "128", "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["variant"] == "turbo-mix" and doc["int2_heads"] == 1
+    assert "turbo-mix" in capsys.readouterr().out
+    assert main(["evaluate", "--model", str(tiny_dir), "--variant", "turbo-mix", "--int2-scope",
+                 "random", "--max-tokens", "256", "--window", "128", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["int2_scope"] == "random"
+
+
+def test_cli_bad_input_leaves_no_output(tmp_path, tiny_dir, tiny_factory, capsys):
+    out = tmp_path / "eval.json"
+    cases = [
+        (["evaluate", "--model", str(tmp_path / "missing"), "--variant", "turbo-int4"],
+         "not a local directory"),
+        (["evaluate", "--model", str(tiny_dir), "--variant", "turbo-int4", "--max-tokens",
+          "10000000"], "held-out text has"),
+        (["evaluate", "--model", str(tiny_dir), "--variant", "nope"], "unknown variant"),
+    ]
+    other = tiny_factory(tmp_path / "other", "qwen2")
+    plan_path = tmp_path / "other-plan.json"
+    assert main(["calibrate", "--model", str(other), "--variant", "turbo-mix", "--out",
+                 str(plan_path), "--max-tokens", "256"]) == 0
+    cases.append((["evaluate", "--model", str(tiny_dir), "--variant", "turbo-mix", "--plan",
+                   str(plan_path), "--max-tokens", "256", "--window", "128"], "bit plan is for model"))
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as exc:
+            main([*argv, "--json", str(out)])
+        assert exc.value.code == 2
+        assert message in capsys.readouterr().err
+        assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other", "other-plan.json"]

@@ -1,0 +1,70 @@
+"""The serving image for real: debootstrap base, wheelhouse, docker build, run, /ready, a
+completion, push to the local registry. Needs a Docker engine (scripts/test.sh installs and
+the `docker_services` fixture starts dockerd and the registry when it can); skipped otherwise."""
+
+import json
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from turbo_core.http import wait_ok
+from turbo_core.rollout import image
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_image_tag_and_bad_input(tmp_path):
+    tag = image.image_tag("127.0.0.1:5000/turbo", "SmolLM2-135M-Instruct", "turbo-int4", "abc123")
+    assert tag == "127.0.0.1:5000/turbo:smollm2-135m-instruct-turbo-int4-abc123"
+    with pytest.raises(ValueError, match="without a tag"):
+        image.image_tag("repo:latest", "m", "v")
+    with pytest.raises(ValueError, match=r"no config\.json"):
+        image.build(model_dir=tmp_path, plan_path=tmp_path / "p.json", model_name="m",
+                    variant="v", repository="r", wheelhouse=tmp_path)
+
+
+def test_dockerfile_is_hadolint_clean():
+    import subprocess
+    import sys
+
+    hadolint = Path(sys.executable).parent / "hadolint"
+    res = subprocess.run([str(hadolint), str(ROOT / "docker" / "Dockerfile")],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+@pytest.mark.slow
+def test_build_run_and_push_the_real_image(serving_image):
+    client, registry = serving_image.client, serving_image.registry
+    labels = client.images.get(serving_image.tag).labels
+    assert labels["ai.turbo.variant"] == "turbo-int4" and labels["ai.turbo.model"] == serving_image.model
+    container = client.containers.run(serving_image.tag, detach=True,
+                                      ports={"8000/tcp": ("127.0.0.1", None)})
+    try:
+        container.reload()
+        port = container.ports["8000/tcp"][0]["HostPort"]
+        url = f"http://127.0.0.1:{port}"
+
+        def alive():
+            container.reload()
+            if container.status != "running":
+                return f"container {container.status}: {container.logs().decode()[-2000:]}"
+            return None
+
+        wait_ok(f"{url}/ready", 180, alive)
+        req = urllib.request.Request(f"{url}/v1/completions", method="POST",
+                                     data=json.dumps({"prompt": "The capital of France is",
+                                                      "max_tokens": 6}).encode(),
+                                     headers={"content-type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            body = json.loads(r.read())
+        assert "Paris" in body["choices"][0]["text"], body
+        assert container.attrs["Config"]["User"] == "10001"
+    finally:
+        container.remove(force=True)
+    digest = serving_image.digest
+    assert digest.startswith("sha256:") and len(digest) == 71
+    client.images.remove(serving_image.tag, force=True)  # gone locally: the registry has it
+    pulled = client.images.pull(f"{registry}/turbo-test@{digest}")
+    assert pulled.labels["ai.turbo.variant"] == "turbo-int4"

@@ -1,0 +1,48 @@
+"""Gates as data: absolute and champion-relative bounds, missing metrics fail."""
+
+import math
+
+import pytest
+
+from turbo_core.tracking.gates import DEFAULT_GATES, Gate, GateSet
+
+
+def test_absolute_bounds_in_both_directions():
+    gates = GateSet((Gate("ppl_delta_pct", threshold=2.0, greater_is_better=False),
+                     Gate("kv_compression", threshold=3.5)))
+    ok = gates.evaluate({"ppl_delta_pct": 1.55, "kv_compression": 3.76})
+    assert ok.passed and ok.reasons == ()
+    bad = gates.evaluate({"ppl_delta_pct": 2.5, "kv_compression": 3.2})
+    assert not bad.passed
+    assert bad.reasons == ("ppl_delta_pct = 2.5, needs <= 2", "kv_compression = 3.2, needs >= 3.5")
+
+
+def test_missing_or_nan_metric_fails():
+    d = DEFAULT_GATES.evaluate({"ppl_delta_pct": math.nan, "kv_compression": 4.0})
+    assert not d.passed
+    assert any("ppl_delta_pct: missing or not a finite number" in r for r in d.reasons)
+    assert any("top1_agreement: missing" in r for r in d.reasons)
+
+
+def test_relative_to_champion():
+    gate = GateSet((Gate("kv_compression", min_relative_change=0.05),
+                    Gate("ppl_delta_pct", min_absolute_change=-0.5, greater_is_better=False)))
+    champion = {"kv_compression": 3.76, "ppl_delta_pct": 1.55}
+    assert gate.evaluate({"kv_compression": 4.48, "ppl_delta_pct": 1.9}, champion).passed
+    worse = gate.evaluate({"kv_compression": 3.8, "ppl_delta_pct": 2.2}, champion)
+    assert not worse.passed and worse.compared_to_champion
+    assert "kv_compression changes by +1.06% vs champion" in worse.reasons[0]
+    assert "ppl_delta_pct changes by -0.65" in worse.reasons[1]
+    # no champion yet: relative bounds cannot apply, absolute ones still do
+    assert gate.evaluate({"kv_compression": 1.0, "ppl_delta_pct": 50.0}, None).passed
+    assert not gate.evaluate({"kv_compression": 4.0, "ppl_delta_pct": 1.0}, {"x": 1}).passed
+
+
+def test_markdown_report_and_bad_gates():
+    d = DEFAULT_GATES.evaluate({"ppl_delta_pct": 9.0, "top1_agreement": 0.9, "kv_compression": 4})
+    md = d.markdown("turbo-mix", {"ppl_delta_pct": 9.0, "top1_agreement": 0.9})
+    assert md.startswith("# Gate report: turbo-mix — FAILED") and "| ppl_delta_pct | 9 | <= 8.0 |" in md
+    with pytest.raises(ValueError, match="bounds nothing"):
+        Gate("x")
+    with pytest.raises(ValueError, match="finite"):
+        Gate("x", threshold=math.inf)

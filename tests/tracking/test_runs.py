@@ -1,0 +1,139 @@
+"""MLflow tracking and registry against a real `mlflow server` process on 127.0.0.1."""
+
+import json
+
+import mlflow
+import pytest
+from mlflow import MlflowClient
+
+from turbo_core.attention.variants import get_variant
+from turbo_core.hf import evaluate, models
+from turbo_core.pipeline import stages
+from turbo_core.tracking import model_registry as registry
+from turbo_core.tracking import runs as tracking
+from turbo_core.tracking.gates import Gate, GateSet
+
+SMALL = evaluate.EvalSettings(max_tokens=256, window=128, decode_prompt=16, decode_tokens=4)
+
+
+@pytest.fixture
+def server(mlflow_server, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    return mlflow_server
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_dir):
+    return models.load(tiny_dir)
+
+
+def test_calibrate_and_evaluate_runs_are_tracked(server, lm, tiny_dir, tmp_path):
+    v = get_variant("turbo-mix")
+    ctx = tracking.RunContext(trigger="manual", airflow_dag_id="turbo_nightly",
+                              airflow_run_id="manual__1")
+    plan, calib_run = stages.calibrate_variant(lm, v, tmp_path / "plan.json", max_tokens=256, ctx=ctx)
+    out = stages.evaluate_variant(lm, v, plan=plan, base_model=str(tiny_dir), settings=SMALL, ctx=ctx)
+    client = MlflowClient()
+    run = client.get_run(out.run_id)
+    assert run.info.status == "FINISHED"
+    exp = client.get_experiment(run.info.experiment_id)
+    assert exp.name == "turbo-attention/tiny-llama"
+    p, m, t = run.data.params, run.data.metrics, run.data.tags
+    assert p["variant"] == "turbo-mix" and p["int2_fraction"] == "0.35" and p["kv_bits"] == "4"
+    assert p["weights_sha256"] == lm.weights_sha256 and len(p["data_sha256"]) == 64
+    assert p["code_version"].startswith("0.1.0+")
+    for key in ("ppl_baseline", "ppl_variant", "ppl_delta_pct", "top1_agreement",
+                "kv_bytes_per_token", "kv_compression", "decode_tokens_per_s"):
+        assert key in m
+    assert t["turbo.trigger"] == "manual" and t["airflow.run_id"] == "manual__1"
+    assert t["turbo.gate"] in ("passed", "failed")
+    files = {f.path for f in client.list_artifacts(out.run_id)}
+    assert {"plan.json", "gate_report.json", "gate_report.md", "evaluation.json",
+            "accuracy_vs_kv_bytes.png", "latency.png"} <= files
+    calib_files = {f.path for f in client.list_artifacts(calib_run)}
+    assert {"plan.json", "head_priority.png"} <= calib_files
+    report = json.loads(mlflow.artifacts.load_text(f"runs:/{out.run_id}/gate_report.json"))
+    assert report["passed"] == out.decision.passed
+
+
+def test_rerun_logs_a_new_run(server, lm, tiny_dir):
+    v = get_variant("int8")
+    a = stages.evaluate_variant(lm, v, plan=None, base_model=str(tiny_dir), settings=SMALL,
+                                register=False)
+    b = stages.evaluate_variant(lm, v, plan=None, base_model=str(tiny_dir), settings=SMALL,
+                                register=False)
+    assert a.run_id != b.run_id
+    assert MlflowClient().get_run(a.run_id).info.status == "FINISHED"
+
+
+def test_failed_evaluation_is_a_failed_run_without_version(server, lm, tiny_dir):
+    too_long = evaluate.EvalSettings(max_tokens=10_000_000, window=128)
+    client = MlflowClient()
+    name = registry.registered_name(lm.name)
+    before = len(client.search_model_versions(f"name='{name}'"))
+    with pytest.raises(ValueError, match="held-out text has"):
+        stages.evaluate_variant(lm, get_variant("turbo-int4"), plan=None, base_model=str(tiny_dir),
+                                settings=too_long)
+    runs = mlflow.search_runs(experiment_names=["turbo-attention/tiny-llama"],
+                              filter_string="attributes.status = 'FAILED'", output_format="list")
+    assert runs and "held-out text has" in runs[0].data.tags["turbo.error"]
+    assert len(client.search_model_versions(f"name='{name}'")) == before
+
+
+def test_passing_variant_is_registered_promoted_and_loadable(server, lm, tiny_dir):
+    lenient = GateSet((Gate("kv_compression", threshold=1.0),))
+    out = stages.evaluate_variant(lm, get_variant("turbo-int4"), plan=None,
+                                  base_model=str(tiny_dir), settings=SMALL, gates=lenient)
+    assert out.decision.passed and out.version is not None
+    name = registry.registered_name(lm.name)
+    client = MlflowClient()
+    mv = client.get_model_version(name, out.version)
+    assert mv.tags["validation_status"] == "passed_gates" and mv.tags["variant"] == "turbo-int4"
+    assert client.get_model_version_by_alias(name, "challenger").version == out.version
+    # the version holds plan + variant, not the base weights
+    model_files = {f.path for f in client.list_artifacts(out.run_id)}
+    assert not any(p.endswith(".safetensors") for p in model_files)
+    registry.promote(lm.name, out.version)
+    champion = registry.champion_metrics(lm.name)
+    assert champion["kv_compression"] == pytest.approx(out.result["kv_compression"])
+    model = mlflow.pyfunc.load_model(f"models:/{name}@champion")
+    completion = model.predict(["The attention"], params={"max_new_tokens": 3})
+    assert isinstance(completion, list) and len(completion) == 1 and isinstance(completion[0], str)
+    # champion-relative gate: a variant must not lose more than 10 % KV compression
+    relative = GateSet((Gate("kv_compression", min_relative_change=-0.1),))
+    worse = stages.evaluate_variant(lm, get_variant("int8"), plan=None, base_model=str(tiny_dir),
+                                    settings=SMALL, gates=relative, register=False)
+    assert not worse.decision.passed and "vs champion" in worse.decision.reasons[0]
+
+
+def test_compare_three_variants(server, lm, tiny_dir, tmp_path, capsys):
+    from turbo_core.cli import main
+
+    for name in ("int8", "turbo-int4", "turbo-int2"):
+        stages.evaluate_variant(lm, get_variant(name), plan=None, base_model=str(tiny_dir),
+                                settings=SMALL, register=False)
+    out, png = tmp_path / "cmp.json", tmp_path / "cmp.png"
+    assert main(["compare", "--experiment", "turbo-attention/tiny-llama", "--json", str(out),
+                 "--png", str(png)]) == 0
+    doc = json.loads(out.read_text())
+    variants = [r["variant"] for r in doc["rows"]]
+    assert {"int8", "turbo-int4", "turbo-int2"} <= set(variants)
+    assert len(variants) == len(set(variants))  # newest run per variant
+    assert "kv_bits" in doc["differing_params"] and "model" not in doc["differing_params"]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    printed = capsys.readouterr().out
+    assert "turbo-int2" in printed and "kv_compression" in printed
+    with pytest.raises(SystemExit):
+        main(["compare", "--experiment", "turbo-attention/nope"])
+    assert "no MLflow experiment named" in capsys.readouterr().err
+
+
+def test_local_store_keeps_artifacts_beside_the_database(tmp_path, monkeypatch, lm, tiny_dir):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "store").mkdir()
+    out = stages.evaluate_variant(lm, get_variant("int8"), plan=None, base_model=str(tiny_dir),
+                                  settings=SMALL, register=False)
+    uri = MlflowClient().get_run(out.run_id).info.artifact_uri
+    assert uri.startswith((tmp_path / "store" / "artifacts").as_uri())
+    assert not (tmp_path / "mlruns").exists()

@@ -1,0 +1,141 @@
+"""SAS: the sparsity-based softmax approximation of TurboAttention (DESIGN §1.1).
+
+For ``x = s - rowmax <= 0`` split ``-x = n + f`` with integer ``n >= 0`` and ``f in [0, 1)``:
+
+    e^x = e^{-n} * e^{-f}  ~=  LUT[n] * P(f),   LUT[n] = e^{-n} for n = 0..T,
+
+and the weight is exactly 0 where ``n > T`` (the table ends there: that is the sparsity).
+No hardware ``exp`` is evaluated on the scores. ``P`` is a degree-2 or degree-3 polynomial,
+fitted by least squares to ``e^{-f}`` on [0, 1).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from turbo_core.attention.config import SASConfig
+
+# The cubic published with TurboAttention, ascending powers. Our least-squares fit on [0, 1)
+# agrees with it to within 3e-4 per coefficient (tested); both have max relative error ~1e-3.
+PUBLISHED_CUBIC = (0.9996, -0.9922, 0.4626, -0.1025)
+
+_FIT_SAMPLES = 4096
+
+
+@functools.lru_cache(maxsize=8)
+def fit_exp_poly(degree: int) -> tuple[float, ...]:
+    """Least-squares polynomial for ``e^{-f}`` on [0, 1), ascending coefficients.
+
+    Reproducible: a fixed grid of ``_FIT_SAMPLES`` midpoints in float64, solved by numpy's
+    ``polyfit`` (QR-based least squares), no randomness.
+    """
+    f = (np.arange(_FIT_SAMPLES, dtype=np.float64) + 0.5) / _FIT_SAMPLES
+    coeffs = np.polynomial.polynomial.polyfit(f, np.exp(-f), degree)
+    return tuple(float(c) for c in coeffs)
+
+
+def poly_coeffs(cfg: SASConfig) -> tuple[float, ...]:
+    """The coefficients a config uses (explicit ones, else the least-squares fit)."""
+    return cfg.coeffs if cfg.coeffs is not None else fit_exp_poly(cfg.degree)
+
+
+def lut(cfg: SASConfig, dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
+    """``[e^{-0}, e^{-1}, ..., e^{-T}]`` rounded once to ``dtype``. Shape ``(T + 1,)``."""
+    table = torch.exp(-torch.arange(cfg.lut_max + 1, dtype=torch.float64))
+    return table.to(dtype=dtype, device=device)
+
+
+def _horner(f: torch.Tensor, coeffs: tuple[float, ...]) -> torch.Tensor:
+    acc = torch.full_like(f, coeffs[-1])
+    for c in reversed(coeffs[:-1]):
+        acc = acc * f + c
+    return acc
+
+
+def sas_exp(x: torch.Tensor, cfg: SASConfig) -> torch.Tensor:
+    """Approximate ``exp(x)`` for ``x <= 0`` the SAS way, in ``x.dtype``.
+
+    Args:
+        x: any shape, float16/bfloat16/float32/float64, every element ``<= 0`` or ``-inf``
+            (masked positions). ``-inf`` and NaN give weight 0.
+
+    Returns:
+        Tensor of ``x``'s shape and dtype; exactly 0 where ``floor(-x) > T``.
+    """
+    if not x.is_floating_point():
+        raise ValueError(f"sas_exp needs a floating-point tensor, got {x.dtype}")
+    if bool((x > 0).any()):
+        raise ValueError(
+            f"sas_exp is defined for x <= 0 (scores minus the row max); max(x) = {x.max().item()}"
+        )
+    neg = -x
+    n = torch.floor(neg)
+    f = neg - n  # exact: n is the integer part of neg
+    keep = n <= cfg.lut_max  # False for +inf and NaN
+    idx = torch.where(keep, n, torch.zeros_like(n)).to(torch.long)
+    table = lut(cfg, x.dtype, x.device)
+    approx = table[idx] * _horner(f, poly_coeffs(cfg))
+    return torch.where(keep, approx, torch.zeros_like(approx))
+
+
+def sparsity_mask(x: torch.Tensor, cfg: SASConfig) -> torch.Tensor:
+    """True where SAS drops a weight (``floor(-x) > T``), given finite ``x <= 0``."""
+    return torch.floor(-x) > cfg.lut_max
+
+
+@dataclass(frozen=True)
+class SASStats:
+    """What an SAS config costs: worst relative error of its exponent and sparsity."""
+
+    max_rel_error: float
+    zero_fraction: float
+
+
+def poly_max_rel_error(cfg: SASConfig, samples: int = 200_001) -> float:
+    """Max of ``|P(f) - e^{-f}| / e^{-f}`` on [0, 1), in float64 (the math, no rounding)."""
+    f = torch.linspace(0.0, 1.0, samples, dtype=torch.float64)[:-1]
+    exact = torch.exp(-f)
+    return float(((_horner(f, poly_coeffs(cfg)) - exact).abs() / exact).max())
+
+
+def measured_max_rel_error(cfg: SASConfig, dtype: torch.dtype, samples: int = 100_000) -> float:
+    """Max relative error of :func:`sas_exp` evaluated in ``dtype`` over the kept range.
+
+    The grid covers ``x in (-(T + 1), 0]``; each grid value is first rounded to ``dtype`` and
+    the exact reference is ``exp`` of that rounded value in float64, so only the SAS error and
+    the arithmetic rounding of ``dtype`` are measured.
+    """
+    x = -torch.linspace(0.0, cfg.lut_max + 1.0, samples, dtype=torch.float64)[:-1]
+    x = x.to(dtype)
+    kept = ~sparsity_mask(x.to(torch.float64), cfg)
+    approx = sas_exp(x, cfg).to(torch.float64)[kept]
+    exact = torch.exp(x.to(torch.float64))[kept]
+    return float(((approx - exact).abs() / exact).max())
+
+
+def zero_fraction(x: torch.Tensor, cfg: SASConfig, valid: torch.Tensor | None = None) -> float:
+    """Fraction of (valid) weights SAS sets to exactly zero.
+
+    Args:
+        x: scores minus row max, ``<= 0``; masked entries may be ``-inf``.
+        valid: optional bool mask of the same shape (True = a real candidate key); defaults to
+            the finite entries of ``x``.
+    """
+    if valid is None:
+        valid = torch.isfinite(x)
+    total = int(valid.sum())
+    if total == 0:
+        return 0.0
+    dropped = int((sparsity_mask(torch.where(valid, x, torch.zeros_like(x)), cfg) & valid).sum())
+    return dropped / total
+
+
+def stats(cfg: SASConfig, x: torch.Tensor | None = None) -> SASStats:
+    """Worst-case exponent error of ``cfg`` (float64 math) and, given scores, its sparsity."""
+    frac = zero_fraction(x, cfg) if x is not None else math.nan
+    return SASStats(max_rel_error=poly_max_rel_error(cfg), zero_fraction=frac)

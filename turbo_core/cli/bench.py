@@ -1,0 +1,126 @@
+"""``turbo bench attention | kernels | model | load``: benchmarks that print a table and write
+JSON (and Markdown where asked)."""
+
+from __future__ import annotations
+
+import argparse
+
+from turbo_core.cli.common import write_json, write_markdown
+
+
+def _emit(args: argparse.Namespace, doc: dict, title: str, table) -> None:
+    """Print ``table(doc)``; write the JSON and the Markdown table where asked."""
+    print(table(doc))
+    if args.json:
+        write_json(args.json, doc)
+    if getattr(args, "markdown", None):
+        write_markdown(args.markdown, title, table(doc, "github"))
+
+
+def _bench_attention(args: argparse.Namespace) -> int:
+    import torch
+
+    from turbo_core.bench import attention
+
+    shape = attention.PRESETS["quick" if args.quick else "article"]
+    overrides = {k: getattr(args, k) for k in ("batch", "seq", "embed", "heads")
+                 if getattr(args, k) is not None}
+    if overrides:
+        shape = attention.Shape(**(shape.__dict__ | overrides))
+    repeats = args.repeats if args.repeats is not None else (10 if args.quick else 5)
+    dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("turbo bench attention: --device cuda but no CUDA device is available")
+    doc = attention.run(shape, repeats=repeats, warmup=args.warmup, causal=args.causal,
+                        device=args.device, dtype=dtypes[args.dtype], cases=args.case)
+    doc["mode"] = "quick" if args.quick else "article"
+    _emit(args, doc, "Attention benchmark", attention.table)
+    return 0
+
+
+def _bench_kernels(args: argparse.Namespace) -> int:
+    import os
+
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+    from turbo_core.bench import kernels
+
+    doc = kernels.run(repeats=args.repeats)
+    _emit(args, doc, "Kernel benchmark", kernels.tables)
+    return 0
+
+
+def _bench_model(args: argparse.Namespace) -> int:
+    from turbo_core.bench import model
+    from turbo_core.hf import evaluate
+
+    settings = evaluate.EvalSettings(max_tokens=args.max_tokens, window=args.window)
+    variants = args.variants.split(",") if args.variants else None
+    doc = model.run(args.model, variants, args.peer, args.random_seeds, settings, args.text)
+    _emit(args, doc, "Model benchmark", model.table)
+    return 0
+
+
+def _bench_load(args: argparse.Namespace) -> int:
+    from tabulate import tabulate
+
+    from turbo_core.bench import load
+
+    doc = load.run(args.url, clients=args.clients, requests=args.requests,
+                   max_tokens=args.max_tokens)
+    keys = ["clients", "requests", "ok", "errors", "p50_s", "p95_s", "tokens_per_s"]
+    print(tabulate([[doc[k] for k in keys]], headers=keys, floatfmt=".3f"))
+    if args.json:
+        write_json(args.json, doc)
+    return 0 if doc["errors"] == 0 else 1
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    bench = sub.add_parser("bench", help="benchmarks (print a table, write JSON)")
+    bench_sub = bench.add_subparsers(dest="bench", required=True)
+    att = bench_sub.add_parser(
+        "attention", help="TurboAttention vs nn.MultiheadAttention and SDPA",
+        description="Default: the article's setup (batch 32, seq 512, embed 1024, 8 heads).")
+    att.add_argument("--quick", action="store_true", help="small shape (4 x 128, embed 256, 4 heads)")
+    for name in ("batch", "seq", "embed", "heads"):
+        att.add_argument(f"--{name}", type=int, help=f"override the preset's {name}")
+    att.add_argument("--repeats", type=int, help="timed runs per contender (default 5, quick 10)")
+    att.add_argument("--warmup", type=int, default=1, help="untimed runs first (default 1)")
+    att.add_argument("--causal", action="store_true", help="causal self-attention")
+    att.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    att.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    att.add_argument("--case", action="append",
+                     help="TurboAttention case to include (repeatable; default all)")
+    att.add_argument("--json", metavar="PATH", help="write the results as JSON")
+    att.add_argument("--markdown", metavar="PATH", help="write the table as Markdown")
+    att.set_defaults(func=_bench_attention)
+
+    ker = bench_sub.add_parser(
+        "kernels", help="Triton kernels vs SDPA fp16 (GPU; tiny interpreter smoke run on CPU)")
+    ker.add_argument("--repeats", type=int, help="timed runs per case (default 10 GPU, 1 CPU)")
+    ker.add_argument("--json", metavar="PATH")
+    ker.add_argument("--markdown", metavar="PATH")
+    ker.set_defaults(func=_bench_kernels)
+
+    b = bench_sub.add_parser("model", help="all variants + peer + INT2-choice controls (report)")
+    b.add_argument("--model", default="smollm2")
+    b.add_argument("--variants", help="comma-separated (default: all registered)")
+    b.add_argument("--peer", action="append", choices=["quanto", "hqq"], default=None,
+                   help="transformers quantized-cache backend to compare (repeatable)")
+    b.add_argument("--random-seeds", type=int, default=2, help="random INT2 controls per mix variant")
+    b.add_argument("--text", help="UTF-8 text file (default: the stdlib's pydoc topics)")
+    b.add_argument("--max-tokens", type=int, default=8192)
+    b.add_argument("--window", type=int, default=1024)
+    b.add_argument("--json", metavar="PATH")
+    b.add_argument("--markdown", metavar="PATH")
+    b.set_defaults(func=_bench_model)
+
+    ld = bench_sub.add_parser("load", help="concurrent clients against a running server")
+    ld.add_argument("--url", default="http://127.0.0.1:8000")
+    ld.add_argument("--clients", type=int, default=4)
+    ld.add_argument("--requests", type=int, default=32)
+    ld.add_argument("--max-tokens", type=int, default=16)
+    ld.add_argument("--json", metavar="PATH")
+    ld.set_defaults(func=_bench_load)

@@ -1,0 +1,108 @@
+"""transformers integration: the ``turbo`` attention implementation.
+
+* Attention goes through transformers' ``AttentionInterface`` under the name ``"turbo"`` (no
+  model file is copied or patched), so every model family that dispatches through
+  ``ALL_ATTENTION_FUNCTIONS`` — Llama, Qwen2/3, Mistral, Phi-3, Gemma… — runs TurboAttention.
+  GQA keys arrive un-repeated and are handled by the reference/kernels directly.
+* K/V that come from :class:`~turbo_core.hf.cache.TurboCache` carry their INT8 rows and the
+  packed store they came from, which the decode kernel reads.
+
+The per-module math is set by :func:`enable` as ``module.turbo_math`` on each attention module.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from turbo_core.attention.config import EXACT, AttentionMath
+from turbo_core.attention.functional import turbo_attention
+from turbo_core.hf.cache import INT8_ATTR, STORE_ATTR
+
+ATTN_NAME = "turbo"
+
+
+def turbo_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: object,
+) -> tuple[torch.Tensor, None]:
+    """transformers attention function. ``query (B, H_q, L, D)``, ``key/value (B, H_kv, S, D)``,
+    ``attention_mask`` bool ``(B, 1, L, S)`` (True = attend); returns ``(B, L, H_q, D)``."""
+    math_cfg: AttentionMath = getattr(module, "turbo_math", EXACT)
+    k = getattr(key, INT8_ATTR, None) or key
+    v = getattr(value, INT8_ATTR, None) or value
+    causal = attention_mask is None and getattr(module, "is_causal", True) and query.shape[2] > 1
+    if attention_mask is not None and attention_mask.dtype != torch.bool:
+        attention_mask = attention_mask.to(query.dtype)  # additive float mask
+    elif attention_mask is not None and _is_plain_causal(attention_mask, query.shape[2], key.shape[2]):
+        attention_mask, causal = None, True  # no padding: lets the fused kernel take the call
+    res = turbo_attention(
+        query, k, v, math_cfg=math_cfg, causal=causal, scale=scaling, mask=attention_mask,
+        dropout_p=dropout, kv_store=getattr(key, STORE_ATTR, None) if query.shape[2] == 1 else None,
+    )
+    _record_sparsity(module, res.sas_dropped, res.candidates)
+    return res.out.transpose(1, 2).contiguous(), None
+
+
+def _is_plain_causal(mask: torch.Tensor, lq: int, lk: int) -> bool:
+    """True when a bool ``(B, 1, L_q, L_k)`` mask is exactly bottom-right causal (no padding)."""
+    i = torch.arange(lq, device=mask.device).unsqueeze(-1)
+    j = torch.arange(lk, device=mask.device).unsqueeze(0)
+    return bool(torch.equal(mask, (j <= i + (lk - lq)).expand_as(mask)))
+
+
+def _record_sparsity(module: torch.nn.Module, dropped: int, candidates: int) -> None:
+    stats = getattr(module, "turbo_sas_counts", None)
+    if stats is not None:
+        stats[0] += dropped
+        stats[1] += candidates
+
+
+def register() -> None:
+    """Register ``"turbo"`` with transformers (idempotent). Masks are always materialised as
+    bool ``(B, 1, L, S)`` so padding and causality reach the reference unchanged."""
+    AttentionInterface.register(ATTN_NAME, turbo_attention_forward)
+    AttentionMaskInterface.register(ATTN_NAME, partial(sdpa_mask, allow_is_causal_skip=False))
+
+
+def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The self-attention modules: ``*Attention`` modules that carry a ``layer_idx``."""
+    found = [m for m in model.modules()
+             if hasattr(m, "layer_idx") and type(m).__name__.endswith("Attention")]
+    if not found:
+        raise ValueError(f"{type(model).__name__} has no *Attention modules with a layer_idx; "
+                         f"this architecture is not supported")
+    return sorted(found, key=lambda m: m.layer_idx)
+
+
+def enable(model: torch.nn.Module, math_cfg: AttentionMath) -> torch.nn.Module:
+    """Switch ``model`` to TurboAttention with ``math_cfg`` (in place; returns the model)."""
+    register()
+    for m in attention_modules(model):
+        m.turbo_math = math_cfg
+        m.turbo_sas_counts = [0, 0]
+    model.set_attn_implementation(ATTN_NAME)
+    return model
+
+
+def sas_zero_fraction(model: torch.nn.Module) -> float:
+    """Fraction of attention weights SAS zeroed since :func:`enable` / :func:`reset_counters`."""
+    dropped = total = 0
+    for m in attention_modules(model):
+        d, t = getattr(m, "turbo_sas_counts", (0, 0))
+        dropped, total = dropped + d, total + t
+    return dropped / total if total else 0.0
+
+
+def reset_counters(model: torch.nn.Module) -> None:
+    for m in attention_modules(model):
+        m.turbo_sas_counts = [0, 0]
