@@ -31,7 +31,7 @@ def test_decode_matches_reference(bits, length, group, name):
     cache = filled(bits, length)
     q = torch.randn(1, len(bits) * group, 1, 64, generator=torch.Generator().manual_seed(1)).to(DEVICE)
     out = decode_attention(q, cache.view(), math_cfg=cfg, chunks_per_split=2)
-    ref = decode_attention_reference(q, cache, math_cfg=cfg).out
+    ref = decode_attention_reference(q, cache.view(), math_cfg=cfg).out
     # exact: float rounding only; turbo: SAS polynomial error under per-split running maxima
     assert_close(ref.cpu(), out.cpu(), atol=1e-5 if name == "exact" else 6e-3)
 
@@ -44,8 +44,25 @@ def test_decode_head_dim_128_batch_and_groups():
     q = torch.randn(2, 6, 1, 128, generator=torch.Generator().manual_seed(2)).to(DEVICE)
     math_cfg = AttentionMath(sas=SASConfig(degree=3, lut_max=6), qk_int8=True)
     out = decode_attention(q, cache.view(), math_cfg=math_cfg)
-    ref = decode_attention_reference(q, cache, math_cfg=math_cfg).out
+    ref = decode_attention_reference(q, cache.view(), math_cfg=math_cfg).out
     assert_close(ref.cpu(), out.cpu(), atol=6e-3)
+
+
+def test_decode_ragged_sequences_over_shared_pages():
+    """Sequences of different lengths in one cache (page tables of their own), mixed widths."""
+    from turbo_kernels.decode import decode_attention
+
+    gen = torch.Generator().manual_seed(7)
+    cache = QuantizedKVLayer([4, 2, 8], 64, KVQuantConfig())
+    for n in (200, 64, 9):
+        s = cache.add_sequence()
+        k, v = (torch.randn(1, 3, n, 64, generator=gen).to(DEVICE) for _ in range(2))
+        cache.append(k, v, seqs=[s])
+    view = cache.view()
+    assert view.n_chunks.tolist() == [3, 1, 0] and view.buffer_len.tolist() == [8, 0, 9]
+    q = torch.randn(3, 6, 1, 64, generator=gen).to(DEVICE)
+    out = decode_attention(q, view, math_cfg=TURBO_DEFAULT, chunks_per_split=2)
+    assert_close(decode_attention_reference(q, view, math_cfg=TURBO_DEFAULT).out.cpu(), out.cpu(), atol=6e-3)
 
 
 def test_decode_bad_input():

@@ -18,8 +18,8 @@ import triton
 import triton.language as tl
 
 from turbo_core.attention.config import AttentionMath
-from turbo_core.attention.packed import PackedKV
-from turbo_kernels.softmax import online_softmax_step, sas_args
+from turbo_core.attention.packed import PackedKV, check_query
+from turbo_kernels.softmax import merge_partials, online_softmax_step, sas_args
 
 
 @triton.jit
@@ -67,24 +67,25 @@ def _store_partial(m_ptr, l_ptr, acc_ptr, b, hq, slot, m_i, l_i, acc, r_ok, offs
 
 @triton.jit
 def _decode_chunks_kernel(
-    q_ptr, qs_ptr, heads_ptr,
+    q_ptr, qs_ptr, heads_ptr, pt_ptr, nc_ptr,
     kp_ptr, ksc_ptr, klo_ptr, kf_ptr, vp_ptr, vsc_ptr, vlo_ptr, vf_ptr,
     lut_ptr, m_ptr, l_ptr, acc_ptr,
-    stride_qb, stride_qh, stride_qd, stride_qsb, stride_qsh,
-    stride_kpb, stride_kph, stride_kpd, stride_kpt,
-    stride_kscb, stride_ksch, stride_kscd, stride_ksct,
-    stride_kfb, stride_kfh, stride_kfc,
-    stride_vpb, stride_vph, stride_vpd, stride_vpt,
-    stride_vscb, stride_vsch, stride_vscg, stride_vsct,
-    stride_vfb, stride_vfh, stride_vfc,
+    stride_qb, stride_qh, stride_qd, stride_qsb, stride_qsh, stride_ptb, stride_ptc,
+    stride_kpp, stride_kph, stride_kpd, stride_kpt,
+    stride_kscp, stride_ksch, stride_kscd, stride_ksct,
+    stride_kfp, stride_kfh,
+    stride_vpp, stride_vph, stride_vpd, stride_vpt,
+    stride_vscp, stride_vsch, stride_vscg, stride_vsct,
+    stride_vfp, stride_vfh,
     stride_mb, stride_mh, stride_ms, stride_ab, stride_ah, stride_as, stride_ad,
-    N_HEADS, GROUP, HEAD_DIM, N_CHUNKS, CHUNKS_PER_SPLIT, sm_scale, C0, C1, C2, C3,
+    N_HEADS, GROUP, HEAD_DIM, CHUNKS_PER_SPLIT, sm_scale, C0, C1, C2, C3,
     BITS: tl.constexpr, CHUNK: tl.constexpr, K_GROUP: tl.constexpr, V_GROUP: tl.constexpr,
     LUT_MAX: tl.constexpr, DEGREE: tl.constexpr, USE_SAS: tl.constexpr, QK_INT8: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Grid ``(n_splits, B * N_HEADS)``: split ``s`` of the compressed chunks for one KV head
-    (``heads_ptr[i]``) of one sequence. Writes partial ``m, l (B, H_q, S)``, ``acc (B, H_q, S, D)``."""
+    """Grid ``(n_splits, B * N_HEADS)``: split ``s`` of sequence ``b``'s pages
+    (``pt_ptr[b, :nc_ptr[b]]``) for one KV head (``heads_ptr[i]``, row ``i`` of the pool).
+    Writes partial ``m, l (B, H_q, S)``, ``acc (B, H_q, S, D)``."""
     split = tl.program_id(0)
     pid = tl.program_id(1)
     b = pid // N_HEADS
@@ -105,36 +106,37 @@ def _decode_chunks_kernel(
     sh = (t // M_BYTES) * BITS
     valid = t < CHUNK
     c_lo = split * CHUNKS_PER_SPLIT
-    c_hi = tl.minimum(c_lo + CHUNKS_PER_SPLIT, N_CHUNKS)
+    c_hi = tl.minimum(c_lo + CHUNKS_PER_SPLIT, tl.load(nc_ptr + b))
     for c in range(c_lo, c_hi):
+        page = tl.load(pt_ptr + b * stride_ptb + c * stride_ptc).to(tl.int64)
         # K tile (D, CHUNK): bytes hold tokens j, j + M_BYTES, ... (planar packing)
-        kb = tl.load(kp_ptr + b * stride_kpb + i * stride_kph + offs_d[:, None] * stride_kpd
-                     + (c * M_BYTES + j)[None, :] * stride_kpt, mask=d_ok[:, None], other=0)
+        kb = tl.load(kp_ptr + page * stride_kpp + i * stride_kph + offs_d[:, None] * stride_kpd
+                     + j[None, :] * stride_kpt, mask=d_ok[:, None], other=0)
         kb = kb.to(tl.int32)
-        vb = tl.load(vp_ptr + b * stride_vpb + i * stride_vph + offs_d[None, :] * stride_vpd
-                     + (c * M_BYTES + j)[:, None] * stride_vpt, mask=d_ok[None, :], other=0)
+        vb = tl.load(vp_ptr + page * stride_vpp + i * stride_vph + offs_d[None, :] * stride_vpd
+                     + j[:, None] * stride_vpt, mask=d_ok[None, :], other=0)
         vb = vb.to(tl.int32)
         if BITS == 8:
             k8 = tl.where(kb > 127, kb - 256, kb)
             v8 = tl.where(vb > 127, vb - 256, vb)
         else:
-            kg = (c * (CHUNK // K_GROUP) + t // K_GROUP)[None, :]
-            k_s = tl.load(ksc_ptr + b * stride_kscb + i * stride_ksch + offs_d[:, None] * stride_kscd
+            kg = (t // K_GROUP)[None, :]
+            k_s = tl.load(ksc_ptr + page * stride_kscp + i * stride_ksch + offs_d[:, None] * stride_kscd
                           + kg * stride_ksct, mask=d_ok[:, None], other=0).to(tl.int32)
-            k_lo = tl.load(klo_ptr + b * stride_kscb + i * stride_ksch + offs_d[:, None] * stride_kscd
+            k_lo = tl.load(klo_ptr + page * stride_kscp + i * stride_ksch + offs_d[:, None] * stride_kscd
                            + kg * stride_ksct, mask=d_ok[:, None], other=0).to(tl.int32)
             k8 = ((kb >> sh[None, :]) & MASK) * k_s + k_lo
             k8 = tl.minimum(tl.maximum(k8, -127), 127)
             vg = (offs_d // V_GROUP)[None, :]
-            vt = (c * CHUNK + t)[:, None]
-            v_s = tl.load(vsc_ptr + b * stride_vscb + i * stride_vsch + vg * stride_vscg
+            vt = t[:, None]
+            v_s = tl.load(vsc_ptr + page * stride_vscp + i * stride_vsch + vg * stride_vscg
                           + vt * stride_vsct, mask=d_ok[None, :], other=0).to(tl.int32)
-            v_lo = tl.load(vlo_ptr + b * stride_vscb + i * stride_vsch + vg * stride_vscg
+            v_lo = tl.load(vlo_ptr + page * stride_vscp + i * stride_vsch + vg * stride_vscg
                            + vt * stride_vsct, mask=d_ok[None, :], other=0).to(tl.int32)
             v8 = ((vb >> sh[:, None]) & MASK) * v_s + v_lo
             v8 = tl.minimum(tl.maximum(v8, -127), 127)
-        k_first = tl.load(kf_ptr + b * stride_kfb + i * stride_kfh + c * stride_kfc)
-        v_first = tl.load(vf_ptr + b * stride_vfb + i * stride_vfh + c * stride_vfc)
+        k_first = tl.load(kf_ptr + page * stride_kfp + i * stride_kfh)
+        v_first = tl.load(vf_ptr + page * stride_vfp + i * stride_vfh)
         k_row = tl.zeros([CHUNK], dtype=tl.float32) + k_first
         m_i, l_i, acc = _update(q, q_scale, k8, k_row, v8.to(tl.float32) * v_first, valid,
                                 m_i, l_i, acc, sm_scale, lut_ptr, C0, C1, C2, C3,
@@ -145,16 +147,17 @@ def _decode_chunks_kernel(
 
 @triton.jit
 def _decode_buffer_kernel(
-    q_ptr, qs_ptr, kb_ptr, ksb_ptr, vb_ptr, vsb_ptr, lut_ptr, m_ptr, l_ptr, acc_ptr,
+    q_ptr, qs_ptr, kb_ptr, ksb_ptr, vb_ptr, vsb_ptr, bl_ptr, lut_ptr, m_ptr, l_ptr, acc_ptr,
     stride_qb, stride_qh, stride_qd, stride_qsb, stride_qsh,
     stride_kb, stride_kh, stride_kt, stride_kd, stride_ksb, stride_ksh, stride_kst,
     stride_vb, stride_vh, stride_vt, stride_vd, stride_vsb, stride_vsh, stride_vst,
     stride_mb, stride_mh, stride_ms, stride_ab, stride_ah, stride_as, stride_ad,
-    H_KV, GROUP, HEAD_DIM, N_BUF, SLOT, sm_scale, C0, C1, C2, C3,
+    H_KV, GROUP, HEAD_DIM, SLOT, sm_scale, C0, C1, C2, C3,
     LUT_MAX: tl.constexpr, DEGREE: tl.constexpr, USE_SAS: tl.constexpr, QK_INT8: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Grid ``(1, B * H_KV)``: the INT8 buffer (per-token scales) into partial slot ``SLOT``."""
+    """Grid ``(1, B * H_KV)``: the ``bl_ptr[b]`` buffered INT8 rows (per-token scales) of
+    sequence ``b`` into partial slot ``SLOT``."""
     pid = tl.program_id(1)
     b = pid // H_KV
     hk = pid % H_KV
@@ -162,7 +165,7 @@ def _decode_buffer_kernel(
         q_ptr, qs_ptr, b, hk, stride_qb, stride_qh, stride_qd, stride_qsb, stride_qsh,
         GROUP, HEAD_DIM, BLOCK_G, BLOCK_D)
     t = tl.arange(0, BLOCK_N)
-    t_ok = t < N_BUF
+    t_ok = t < tl.load(bl_ptr + b)
     k8 = tl.load(kb_ptr + b * stride_kb + hk * stride_kh + t[None, :] * stride_kt
                  + offs_d[:, None] * stride_kd, mask=t_ok[None, :] & d_ok[:, None], other=0)
     k_row = tl.load(ksb_ptr + b * stride_ksb + hk * stride_ksh + t * stride_kst, mask=t_ok, other=0.0)
@@ -200,15 +203,9 @@ def decode_attention(
 
     if q.dim() != 4 or q.shape[2] != 1:
         raise ValueError(f"decode kernel takes q of shape (B, H_q, 1, D), got {tuple(q.shape)}")
+    check_query(q, cache, math_cfg)
     b, hq, _, d = q.shape
     hkv = cache.num_heads
-    if d != cache.head_dim or hq % hkv:
-        raise ValueError(f"query {tuple(q.shape)} does not fit a cache of {hkv} KV heads of "
-                         f"head_dim {cache.head_dim} (query heads must be a multiple)")
-    if cache.seq_len == 0 or cache.batch != b:
-        raise ValueError(f"cache holds {cache.seq_len} tokens for batch {cache.batch}, query batch {b}")
-    if math_cfg.sparse_ratio is not None or math_cfg.pv_int8:
-        raise ValueError("the decode kernel implements SAS and INT8 Q·Kᵀ only (no top-k, no INT8 P·V)")
     if chunks_per_split < 1:
         raise ValueError(f"chunks_per_split must be >= 1, got {chunks_per_split}")
     group = hq // hkv
@@ -219,8 +216,7 @@ def decode_attention(
         q3, qs = qi.values[:, :, 0, :], qi.scale[:, :, 0]
     else:
         q3, qs = q3.float(), torch.ones(b, hq, dtype=torch.float32, device=q.device)
-    n_chunks = cache.n_chunks
-    n_splits = max(1, math.ceil(n_chunks / chunks_per_split))
+    n_splits = max(1, math.ceil(int(cache.n_chunks.max()) / chunks_per_split))
     slots = n_splits + 1  # the last slot is the buffer's
     m = torch.full((b, hq, slots), float("-inf"), dtype=torch.float32, device=q.device)
     l_ = torch.zeros(b, hq, slots, dtype=torch.float32, device=q.device)
@@ -238,29 +234,26 @@ def decode_attention(
         vs, vl = (g.v_scale, g.v_low) if g.bits != 8 else (g.v_packed, g.v_packed)
         n_heads = g.heads.numel()
         _decode_chunks_kernel[(n_splits, b * n_heads)](
-            q3, qs, g.heads,
+            q3, qs, g.heads, cache.page_table, cache.n_chunks,
             g.k_packed, ks, kl, g.k_first, g.v_packed, vs, vl, g.v_first,
             lut, m, l_, acc,
-            *q3.stride(), *qs.stride(),
+            *q3.stride(), *qs.stride(), *cache.page_table.stride(),
             *g.k_packed.stride(), *ks.stride(), *g.k_first.stride(),
             *g.v_packed.stride(), *vs.stride(), *g.v_first.stride(),
             *out_strides,
-            n_heads, group, d, n_chunks, chunks_per_split, scale, *coeffs,
+            n_heads, group, d, chunks_per_split, scale, *coeffs,
             BITS=g.bits, CHUNK=cache.chunk, K_GROUP=cache.k_group, V_GROUP=cache.v_group,
             **common,
         )
-    if cache.buffer_k is not None:
+    rows = int(cache.buffer_len.max())
+    if rows:
         kb, vb = cache.buffer_k, cache.buffer_v
         _decode_buffer_kernel[(1, b * hkv)](
-            q3, qs, kb.values, kb.scale, vb.values, vb.scale, lut, m, l_, acc,
+            q3, qs, kb.values, kb.scale, vb.values, vb.scale, cache.buffer_len, lut, m, l_, acc,
             *q3.stride(), *qs.stride(),
             *kb.values.stride(), *kb.scale.stride(), *vb.values.stride(), *vb.scale.stride(),
             *out_strides,
-            hkv, group, d, kb.values.shape[2], n_splits, scale, *coeffs,
-            BLOCK_N=max(16, triton.next_power_of_2(kb.values.shape[2])), **common,
+            hkv, group, d, n_splits, scale, *coeffs,
+            BLOCK_N=max(16, triton.next_power_of_2(rows)), **common,
         )
-    # merge the splits: exact rescaling to the global max
-    top = m.amax(dim=-1, keepdim=True)
-    w = torch.exp(m - top).nan_to_num(0.0)  # empty splits: -inf - top -> weight 0
-    out = (acc * w.unsqueeze(-1)).sum(dim=2) / (l_ * w).sum(dim=2, keepdim=False).unsqueeze(-1)
-    return out.unsqueeze(2).to(q.dtype)
+    return merge_partials(m, l_, acc).unsqueeze(2).to(q.dtype)

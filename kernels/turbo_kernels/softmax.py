@@ -57,3 +57,12 @@ def sas_args(sas_cfg, device: torch.device) -> tuple[list[float], torch.Tensor |
         return [0.0] * 4, None
     coeffs = [*sas_mod.poly_coeffs(sas_cfg), 0.0, 0.0, 0.0][:4]
     return coeffs, sas_mod.lut(sas_cfg, torch.float32, device)
+
+
+def merge_partials(m: torch.Tensor, l_: torch.Tensor, acc: torch.Tensor) -> torch.Tensor:
+    """Exact merge of online-softmax partials over their last axis ``S`` (context splits):
+    ``m, l (..., S)`` running max and sum, ``acc (..., S, D)``; returns ``(..., D)``. Empty
+    splits (``m`` = -inf or a large negative sentinel) get weight 0."""
+    top = m.amax(dim=-1, keepdim=True)
+    w = torch.exp(m - top).nan_to_num(0.0)
+    return (acc * w.unsqueeze(-1)).sum(dim=-2) / (l_ * w).sum(dim=-1, keepdim=True)

@@ -52,19 +52,55 @@ def test_cache_reconstruction_matches_the_math_exactly(bits):
             assert torch.equal(got.values[:, h:h + 1, n_comp:], buf.values[:, :, n_comp:])
 
 
+def page_bytes(bits, d=64, c=64, k_group=64, v_group=64):
+    """One page of one head, from the layout (DESIGN §1.2): packed K and V codes, K's integer
+    scale + offset per (channel, token group), V's per (token, channel group), two float32
+    first-level scales."""
+    codes = 2 * d * c * bits // 8
+    second = 0 if bits == 8 else 2 * d * (c // k_group) + 2 * (d // v_group) * c
+    return codes + second + 2 * 4
+
+
 def test_bytes_held_really_shrink():
-    k, v = kv(1, b=1, h=4, length=1024, d=64)
+    k, v = kv(1, b=1, h=4, length=1024 + 37, d=64)
     fp16_bytes = 2 * k.numel() * 2
+    row = 2 * 4 * (64 + 4)  # a buffered token: K and V, 4 heads, int8 codes + float32 scale
     sizes = {}
     for bits in (8, 4, 2):
         cache = QuantizedKVLayer([bits] * 4, head_dim=64, cfg=KVQuantConfig())
         cache.append(k, v)
         sizes[bits] = cache.nbytes()
-        assert sizes[bits] == sum(t.numel() * t.element_size() for t in cache.tensors())
-    # per token and head at D=64, chunk 64, groups 64: 64 B (INT8) + 2*(32 + 2) B (INT4) ...
-    assert fp16_bytes / sizes[4] >= 3.5, sizes
-    assert fp16_bytes / sizes[2] >= 6.5, sizes
+        assert sizes[bits] == 16 * 4 * page_bytes(bits) + 37 * row, bits
+        assert cache.capacity_nbytes() >= sizes[bits]
+    assert fp16_bytes / sizes[4] >= 3.4, sizes
+    assert fp16_bytes / sizes[2] >= 5.5, sizes
     assert sizes[8] > sizes[4] > sizes[2]
+
+
+def test_sequences_are_ragged_and_release_their_pages():
+    cache = QuantizedKVLayer([4, 2, 8], head_dim=64, cfg=CFG)
+    a, b = cache.add_sequence(), cache.add_sequence()
+    k, v = kv(8, b=1, length=53)
+    cache.append(k, v, seqs=[a])
+    cache.append(k[:, :, :20], v[:, :, :20], seqs=[b])
+    assert cache.seq_lens() == [53, 20]
+    view = cache.view()
+    assert view.n_chunks.tolist() == [3, 1] and view.buffer_len.tolist() == [5, 4]
+    # the same tokens give the same INT8 rows whichever sequence and pages hold them
+    alone = QuantizedKVLayer([4, 2, 8], head_dim=64, cfg=CFG)
+    alone.append(k[:, :, :20], v[:, :, :20])
+    got, want = cache.view([b]), alone.view()
+    ref = decode_attention_reference(torch.ones(1, 3, 1, 64), want).out
+    assert torch.equal(decode_attention_reference(torch.ones(1, 3, 1, 64), got).out, ref)
+    used = cache.nbytes()
+    cache.release(a)
+    assert cache.sequences == [b] and cache.nbytes() < used
+    c = cache.add_sequence()  # reuses slot a and its pages: the pool does not grow
+    pool_pages = cache.capacity_nbytes()
+    cache.append(k, v, seqs=[c])
+    assert cache.capacity_nbytes() == pool_pages and cache.seq_lens([c, b]) == [53, 20]
+    with pytest.raises(ValueError, match="not open"):
+        cache.release(a if a != c else 99)
 
 
 def test_decode_over_int8_cache_is_close_to_exact():
@@ -73,9 +109,9 @@ def test_decode_over_int8_cache_is_close_to_exact():
     cache = QuantizedKVLayer([8, 8, 8], head_dim=64, cfg=CFG)
     cache.append(k, v)
     exact = attention_exact(q, k, v, causal=True)
-    out = decode_attention_reference(q, cache, math_cfg=EXACT).out
+    out = decode_attention_reference(q, cache.view(), math_cfg=EXACT).out
     assert_cosine(exact, out, at_least=0.9995)
-    out_turbo = decode_attention_reference(q, cache, math_cfg=TURBO_DEFAULT).out
+    out_turbo = decode_attention_reference(q, cache.view(), math_cfg=TURBO_DEFAULT).out
     assert_cosine(exact, out_turbo, at_least=0.999)
 
 
@@ -88,7 +124,7 @@ def test_fewer_bits_cost_accuracy_in_order():
     for bits in (8, 4, 2):
         cache = QuantizedKVLayer([bits] * 3, head_dim=64, cfg=KVQuantConfig())
         cache.append(k, v)
-        sq[bits] = sqnr_db(exact, decode_attention_reference(q, cache).out)
+        sq[bits] = sqnr_db(exact, decode_attention_reference(q, cache.view()).out)
     assert sq[8] > sq[4] + 10 and sq[4] > sq[2] + 6, sq
     assert sq[4] > 15, sq
 
@@ -124,4 +160,4 @@ def test_bad_input():
     with pytest.raises(ValueError, match="queries"):
         small = QuantizedKVLayer([4], head_dim=64, cfg=CFG)
         small.append(k[:, :1, :2], v[:, :1, :2])
-        decode_attention_reference(torch.randn(2, 1, 3, 64), small, math_cfg=AttentionMath())
+        decode_attention_reference(torch.randn(2, 1, 3, 64), small.view(), math_cfg=AttentionMath())

@@ -108,3 +108,10 @@ def test_cache_refuses_misuse(tiny_dir):
         cache.layers[0].reorder_cache(torch.tensor([0]))
     with pytest.raises(ValueError, match="not supported"):
         attention_modules(torch.nn.Linear(2, 2))
+    # TurboCache hands out handles, not the history: another attention must not read them
+    model.set_attn_implementation("sdpa")
+    ids = torch.randint(0, model.config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(4))
+    cache = TurboCache(shape_of(model.config, "tiny"), 4)
+    with torch.no_grad(), pytest.raises(ValueError, match="other than 'turbo'"):
+        model(ids, cache=cache)  # sdpa reads the handles (wrong), the next step refuses
+        model(ids[:, :1], cache=cache)

@@ -4,6 +4,9 @@ The full accuracy and compression figures come from `turbo bench model` (a repor
 test); here we check the end-to-end path and the greedy-generation guarantee.
 """
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -43,6 +46,25 @@ def test_turbo_int4_greedy_matches_baseline_first_16_tokens(lm):
     turbo = turbo[0, ids.shape[1]:]
     assert turbo.tolist() == base.tolist(), (lm.tokenizer.decode(base), lm.tokenizer.decode(turbo))
     assert "Paris" in lm.tokenizer.decode(base)
+
+
+@torch.no_grad()
+def test_turbo_int4_greedy_tokens_unchanged_by_the_packed_cache_redesign(lm):
+    """The first 32 greedy tokens after a 300-token prompt (4 pages + a partly filled buffer),
+    recorded with the previous cache (a Python list of chunks, dequantized on every step, the
+    reference attention) before the paged storage and the fused CPU decode replaced it."""
+    golden = json.loads((Path(__file__).parent / "golden" / "turbo_int4_greedy.json").read_text())
+    ids = torch.tensor([golden["prompt_ids"]])
+    variant = get_variant("turbo-int4")
+    enable(lm.model, variant.math)
+    try:
+        out = lm.model.generate(ids, cache=TurboCache(lm.shape, 4, variant.kv), max_new_tokens=32,
+                                min_new_tokens=32, do_sample=False, attention_mask=torch.ones_like(ids),
+                                pad_token_id=lm.tokenizer.eos_token_id)
+    finally:
+        lm.model.set_attn_implementation("sdpa")
+    got = out[0, ids.shape[1]:].tolist()
+    assert got == golden["greedy_ids"], (lm.tokenizer.decode(golden["greedy_ids"]), lm.tokenizer.decode(got))
 
 
 def test_turbo_int4_short_evaluation(lm):

@@ -1,11 +1,16 @@
 """Functional TurboAttention API: the single place that picks an implementation.
 
-Backends: ``triton`` (the fused kernels in ``turbo_kernels``) and ``reference`` (pure PyTorch,
-``turbo_core.attention.reference``). ``TURBO_ATTENTION_BACKEND`` = ``auto`` (default: Triton on CUDA
-tensors when a kernel implements the call, else the reference), ``triton`` (the kernels for
-every call they implement, also on CPU tensors under ``TRITON_INTERPRET=1``; other calls run
-the reference with a WARNING naming why) or ``reference``. Each distinct choice is logged once
-with its reason.
+Backends:
+* ``triton`` — the fused kernels in ``turbo_kernels`` (prefill; decode over the packed cache);
+* ``cpu`` — the fused CPU kernel (numba) for new tokens over the packed cache, in place;
+* ``sdpa`` — PyTorch's ``scaled_dot_product_attention`` for exact attention (every switch off);
+* ``reference`` — pure PyTorch (``turbo_core.attention.reference``), the ground truth.
+
+``TURBO_ATTENTION_BACKEND`` = ``auto`` (default: the fastest implementation that serves the
+call: Triton on CUDA, the CPU kernel over a packed cache on CPU, SDPA for exact math, else the
+reference), ``triton`` / ``cpu`` (that implementation for every call it serves — Triton also on
+CPU tensors under ``TRITON_INTERPRET=1`` —, other calls run the reference with a WARNING naming
+why) or ``reference``. Each distinct choice is logged once with its reason.
 """
 
 from __future__ import annotations
@@ -18,12 +23,21 @@ import torch
 
 from turbo_core.attention.config import EXACT
 from turbo_core.attention.kvcache import QuantizedKVLayer
-from turbo_core.attention.reference import KV, AttentionOptions, AttentionResult, attention_details
+from turbo_core.attention.reference import (
+    KV,
+    AttentionOptions,
+    AttentionResult,
+    attention_details,
+    decode_attention_reference,
+)
 
 log = logging.getLogger(__name__)
 
 BACKEND_ENV = "TURBO_ATTENTION_BACKEND"
-_BACKENDS = ("auto", "triton", "reference")
+_BACKENDS = ("auto", "triton", "cpu", "reference")
+# New tokens at once that the CPU kernel takes over a packed cache; a longer prompt chunk
+# runs the reference's GEMMs (the kernel's loops lose to BLAS at prefill sizes).
+CPU_MAX_NEW_TOKENS = 128
 _logged: set[tuple[str, str]] = set()
 
 
@@ -34,73 +48,108 @@ def requested_backend() -> str:
     return value
 
 
-def _kernel_blocker(q: torch.Tensor, k: KV, v: KV, opts: AttentionOptions,
-                    kv_store: object = None) -> str | None:
-    """Why the kernels cannot serve this call (None = they can)."""
-    math_cfg, mask = opts.get("math_cfg", EXACT), opts.get("mask")
-    if kv_store is not None:
-        if q.dim() != 4 or q.shape[2] != 1:
-            return "several new tokens over a quantized cache (chunked prefill)"
-        if math_cfg.pv_int8 or math_cfg.sparse_ratio is not None:
-            return "INT8 P·V or top-k in decode"
-        return "attention mask over a quantized cache" if mask is not None else None
-    if not isinstance(k, torch.Tensor) or not isinstance(v, torch.Tensor):
-        return "pre-quantized KV input without its cache layer"
-    if mask is not None:
-        return "explicit attention mask"
+def _common_blocker(opts: AttentionOptions) -> str | None:
+    math_cfg = opts.get("math_cfg", EXACT)
     if opts.get("need_probs", False):
         return "attention weights requested"
     if opts.get("dropout_p", 0.0) > 0.0:
         return "attention dropout"
     if math_cfg.sparse_ratio is not None:
         return "top-k sparsity"
+    return None
+
+
+def _cache_blocker(q: torch.Tensor, opts: AttentionOptions, backend: str) -> str | None:
+    """Why ``backend`` (triton or cpu) cannot read the packed cache for this call."""
+    if q.dim() != 4:
+        return f"query of rank {q.dim()}"
+    if opts.get("mask") is not None:
+        return "attention mask with padding over a quantized cache"
+    if opts.get("math_cfg", EXACT).pv_int8:
+        return "INT8 P·V over a quantized cache"
+    lq = q.shape[2]
+    if backend == "triton" and lq != 1:
+        return f"{lq} new tokens over a quantized cache (the Triton decode kernel takes one)"
+    if backend == "cpu" and (q.is_cuda or lq > CPU_MAX_NEW_TOKENS):
+        return (f"{q.device.type} tensors" if q.is_cuda else
+                f"{lq} new tokens at once over a quantized cache (> {CPU_MAX_NEW_TOKENS})")
+    return _common_blocker(opts)
+
+
+def _prefill_blocker(q: torch.Tensor, k: KV, v: KV, opts: AttentionOptions) -> str | None:
+    """Why the Triton prefill kernel cannot serve this call."""
+    math_cfg = opts.get("math_cfg", EXACT)
+    if not isinstance(k, torch.Tensor) or not isinstance(v, torch.Tensor):
+        return "pre-quantized KV input without its cache layer"
+    if opts.get("mask") is not None:
+        return "explicit attention mask"
     if q.dim() != 4 or not 16 <= q.shape[-1] <= 256:
         return f"head_dim {q.shape[-1] if q.dim() else '?'} outside 16..256"
     if math_cfg.pv_int8 and math_cfg.block_size % 64:
         return "INT8 P·V block not a multiple of 64"
-    return None
+    return _common_blocker(opts)
+
+
+def _sdpa_serves(q: torch.Tensor, k: KV, v: KV, opts: AttentionOptions) -> bool:
+    """Exact math on plain tensors of one dtype, no weights wanted; causal only when square
+    (SDPA aligns causality top-left, ours bottom-right)."""
+    if opts.get("math_cfg", EXACT) != EXACT or opts.get("need_probs", False):
+        return False
+    if not all(isinstance(t, torch.Tensor) and t.dtype == q.dtype for t in (k, v)):
+        return False
+    return q.dim() == 4 and not (opts.get("causal", False) and q.shape[2] != k.shape[2])
 
 
 def choose_backend(q: torch.Tensor, k: KV, v: KV, *, kv_store: object = None,
                    **opts: Unpack[AttentionOptions]) -> tuple[str, str]:
     """``(backend, reason)`` for one call, honouring ``TURBO_ATTENTION_BACKEND``."""
     wanted = requested_backend()
-    blocker = _kernel_blocker(q, k, v, opts, kv_store)
     if wanted == "reference":
         return "reference", f"{BACKEND_ENV}=reference"
-    if wanted == "triton":
+    if wanted in ("triton", "cpu"):
+        blocker = (_cache_blocker(q, opts, wanted) if kv_store is not None else
+                   _prefill_blocker(q, k, v, opts) if wanted == "triton" else "no packed cache")
         if blocker:
-            return "reference", f"{BACKEND_ENV}=triton, but no kernel for: {blocker}"
-        if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+            return "reference", f"{BACKEND_ENV}={wanted}, but no kernel for: {blocker}"
+        if wanted == "triton" and not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError(f"{BACKEND_ENV}=triton on {q.device} tensors needs a CUDA device "
                              f"or TRITON_INTERPRET=1 (Triton's CPU interpreter)")
-        return "triton", f"{BACKEND_ENV}=triton"
+        return wanted, f"{BACKEND_ENV}={wanted}"
+    if kv_store is not None:
+        fast = "triton" if q.is_cuda else "cpu"
+        blocker = _cache_blocker(q, opts, fast)
+        return ("reference", blocker) if blocker else (fast, f"packed cache on {q.device.type}")
+    if _sdpa_serves(q, k, v, opts):
+        return "sdpa", "exact math"
     if not q.is_cuda:
         return "reference", f"{q.device.type} tensors"
-    if blocker:
-        return "reference", blocker
-    return "triton", "CUDA tensors"
+    blocker = _prefill_blocker(q, k, v, opts)
+    return ("reference", blocker) if blocker else ("triton", "CUDA tensors")
 
 
-def turbo_attention(q: torch.Tensor, k: KV, v: KV, *, kv_store: QuantizedKVLayer | None = None,
+def turbo_attention(q: torch.Tensor, k: KV | None, v: KV | None, *,
+                    kv_store: QuantizedKVLayer | None = None,
                     **opts: Unpack[AttentionOptions]) -> AttentionResult:
     """TurboAttention over ``q (B, H_q, L_q, D)``, ``k, v (B, H_kv, L_k, D)``.
 
-    See :func:`turbo_core.attention.reference.attention_details` for the arguments. ``kv_store``: the
-    packed cache layer ``k``/``v`` were read from; with one new token the Triton decode kernel
-    reads it directly. The Triton paths return ``sas_dropped = candidates = 0`` (no counting).
+    See :func:`turbo_core.attention.reference.attention_details` for the arguments. With
+    ``kv_store`` (the packed cache layer, already holding the ``L_q`` new tokens) ``k``/``v``
+    are not used: the fast paths read the packed storage in place and only the reference
+    decompresses it. The kernels return ``sas_dropped = candidates = 0`` unless they count.
     """
     math_cfg, scale = opts.get("math_cfg", EXACT), opts.get("scale")
     backend, reason = choose_backend(q, k, v, kv_store=kv_store, **opts)
     if (backend, reason) not in _logged:
         _logged.add((backend, reason))
-        forced_miss = backend == "reference" and reason.startswith(f"{BACKEND_ENV}=triton")
-        log.log(logging.WARNING if forced_miss else logging.INFO,
+        forced_miss = backend == "reference" and reason.startswith(f"{BACKEND_ENV}=")
+        log.log(logging.WARNING if forced_miss and "=reference" not in reason else logging.INFO,
                 "TurboAttention backend: %s (%s)", backend, reason)
-    if backend == "triton" and kv_store is not None:
-        from turbo_kernels.decode import decode_attention
-
-        out = decode_attention(q, kv_store.view(), math_cfg=math_cfg, scale=scale)
+    if kv_store is not None:
+        return _over_cache(q, kv_store, backend, opts)
+    if backend == "sdpa":
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=opts.get("mask"), dropout_p=opts.get("dropout_p", 0.0),
+            is_causal=opts.get("causal", False), scale=scale, enable_gqa=q.shape[1] != k.shape[1])
         return AttentionResult(out=out, probs=None, sas_dropped=0, candidates=0)
     if backend == "triton":
         from turbo_kernels.prefill import prefill_attention
@@ -110,9 +159,30 @@ def turbo_attention(q: torch.Tensor, k: KV, v: KV, *, kv_store: QuantizedKVLayer
     return attention_details(q, k, v, **opts)
 
 
+def _over_cache(q: torch.Tensor, store: QuantizedKVLayer, backend: str,
+                opts: AttentionOptions) -> AttentionResult:
+    math_cfg, scale = opts.get("math_cfg", EXACT), opts.get("scale")
+    if backend == "cpu":
+        from turbo_kernels.cpu_decode import decode_attention_cpu
+
+        out, dropped, candidates = decode_attention_cpu(q, store.view(), math_cfg=math_cfg,
+                                                        scale=scale, count=True)
+        return AttentionResult(out=out, probs=None, sas_dropped=dropped, candidates=candidates)
+    if backend == "triton":
+        from turbo_kernels.decode import decode_attention
+
+        out = decode_attention(q, store.view(), math_cfg=math_cfg, scale=scale)
+        return AttentionResult(out=out, probs=None, sas_dropped=0, candidates=0)
+    if opts.get("mask") is None and not opts.get("need_probs") and not opts.get("dropout_p"):
+        return decode_attention_reference(q, store.view(), math_cfg=math_cfg, scale=scale)
+    k8, v8 = store.dequantize_int8()  # a mask (padding) needs one rectangular batch
+    return attention_details(q, k8, v8, **(opts | {"causal": False}))
+
+
 def backend_name(device: str | torch.device = "cpu") -> str:
-    """What ``auto`` (or the env override) picks for a plain prefill call on ``device``."""
+    """What ``auto`` (or the env override) picks for a plain TurboAttention prefill call (not
+    exact math, no cache) on ``device``."""
     wanted = requested_backend()
-    if wanted != "auto":
+    if wanted not in ("auto", "cpu"):
         return wanted
     return "triton" if torch.device(device).type == "cuda" else "reference"

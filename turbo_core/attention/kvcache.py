@@ -1,54 +1,82 @@
 """One layer of the progressively quantized KV cache (DESIGN §1.2, stage 2), in pure PyTorch.
 
-Layout, per layer:
-* **recent-token buffer** — the newest tokens (fewer than ``chunk``) in INT8 with one float
-  scale per token and head: ``x ~= q8 * s_t``.
-* **compressed chunks** — every full ``chunk`` of tokens is re-quantized to INT8 with one scale
-  per (chunk, head) in the protective range ``±119``, then, per head, to the head's bits:
-  K grouped per channel along tokens (``k_group`` tokens), V grouped per token along channels
-  (``v_group`` channels), codes packed along the token axis (planar, see ``quant.pack``).
-  Heads at 8 bits keep the INT8 codes unpacked.
+Storage, per layer, for any number of sequences of their own lengths:
 
-``dequantize_int8`` performs the integer-only partial decompression (low-bit → INT8) and
-returns INT8 rows with per-token scales, which is exactly what an INT8 Q·Kᵀ consumes.
-The tensors held are the real storage: ``nbytes`` sums them.
+* **recent-token buffer** — per sequence, the newest tokens in INT8 with one float scale per
+  token and head (``x ~= q8 * s_t``), in one preallocated tensor ``(slots, H, rows, D)``.
+* **pages** — every full ``chunk`` of a sequence's tokens is re-quantized to INT8 with one
+  scale per (chunk, head) in the protective range ``±119``, then, per head, to the head's bits:
+  K grouped per channel along tokens (``k_group`` tokens), V grouped per token along channels
+  (``v_group`` channels), codes packed along the token axis (planar, see ``quant.pack``). Heads
+  at 8 bits keep the INT8 codes unpacked. A page is one such chunk of one sequence; pages live
+  in one pool per bit width (preallocated, grown by whole blocks of pages, written in place),
+  and a page table per sequence lists its pages in order.
+
+Readers never see this class: :meth:`QuantizedKVLayer.view` gives the tensor-only
+:class:`~turbo_core.attention.packed.PackedKV` (no copy for the first ``N`` sequences).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 
 from turbo_core.attention.config import KVQuantConfig, check_bits
-from turbo_core.attention.packed import PackedHeads, PackedKV
-from turbo_core.attention.quant import (
-    Int8Rows,
-    LowBit,
-    dequantize_lowbit,
-    pack,
-    quantize_int8_blockwise,
-    quantize_lowbit,
-    unpack,
-)
+from turbo_core.attention.packed import PackedHeads, PackedKV, int8_rows
+from turbo_core.attention.quant import Int8Rows, pack, quantize_int8_blockwise, quantize_lowbit
+
+PAGE_BLOCK = 16  # the page pool grows by at least this many pages (1024 tokens at chunk 64)
 
 
-@dataclass
-class _PackedSide:
-    """One side (K or V) of one chunk for the heads sharing one bit width."""
+class _Pool:
+    """The pages of the KV heads stored at one bit width: tensors with a leading page axis."""
 
-    packed: torch.Tensor  # uint8 (B, n_heads, D, chunk * bits / 8), packed along tokens
-    scale: torch.Tensor | None  # uint8 second-level scales (None at 8 bits)
-    low: torch.Tensor | None  # int8 group offsets (None at 8 bits)
-    first_scale: torch.Tensor  # float32 (B, n_heads): the chunk's INT8 scale
+    def __init__(self, bits: int, heads: list[int], head_dim: int, cfg: KVQuantConfig,
+                 v_group: int, device: torch.device):
+        self.bits, self.heads = bits, torch.tensor(heads, device=device)
+        n, d, c = len(heads), head_dim, cfg.chunk
+        packed = (n, d, c * bits // 8)
+        shapes = {"k_packed": (packed, torch.uint8), "v_packed": (packed, torch.uint8),
+                  "k_first": ((n,), torch.float32), "v_first": ((n,), torch.float32)}
+        if bits != 8:
+            shapes |= {"k_scale": ((n, d, c // cfg.k_group), torch.uint8),
+                       "k_low": ((n, d, c // cfg.k_group), torch.int8),
+                       "v_scale": ((n, d // v_group, c), torch.uint8),
+                       "v_low": ((n, d // v_group, c), torch.int8)}
+        self.t = {name: torch.empty(0, *shape, dtype=dt, device=device)
+                  for name, (shape, dt) in shapes.items()}
 
-    def tensors(self) -> list[torch.Tensor]:
-        return [t for t in (self.packed, self.scale, self.low, self.first_scale) if t is not None]
+    @property
+    def capacity(self) -> int:
+        return self.t["k_packed"].shape[0]
+
+    def grow(self, pages: int) -> None:
+        for name, old in self.t.items():
+            new = torch.empty(pages, *old.shape[1:], dtype=old.dtype, device=old.device)
+            new[: old.shape[0]] = old
+            self.t[name] = new
+
+    def write(self, pages: torch.Tensor, sides: dict[str, torch.Tensor]) -> None:
+        for name, value in sides.items():
+            self.t[name].index_copy_(0, pages, value)
+
+    def page_nbytes(self) -> int:
+        return sum(math.prod(t.shape[1:]) * t.element_size() for t in self.t.values())
+
+    def heads_view(self) -> PackedHeads:
+        return PackedHeads(bits=self.bits, heads=self.heads, **{
+            name: self.t.get(name) for name in ("k_packed", "k_scale", "k_low", "k_first",
+                                                "v_packed", "v_scale", "v_low", "v_first")})
 
 
 class QuantizedKVLayer:
     """Packed INT4/INT2 (+ INT8) KV storage of one attention layer with a per-head bit plan.
+
+    Sequences are slots: :meth:`add_sequence` / :meth:`release`; :meth:`append` without
+    ``seqs`` writes to every active sequence in order (and opens them on first use), which is
+    how a transformers batch uses it.
 
     Args:
         head_bits: bits per KV head (2, 4 or 8), length = number of KV heads.
@@ -67,23 +95,69 @@ class QuantizedKVLayer:
         self.groups: dict[int, list[int]] = {}
         for h, b in enumerate(self.head_bits):
             self.groups.setdefault(b, []).append(h)
-        self._chunks: list[dict[int, tuple[_PackedSide, _PackedSide]]] = []
-        self._buf_k: Int8Rows | None = None
-        self._buf_v: Int8Rows | None = None
-        self.batch: int | None = None
+        self._pools: dict[int, _Pool] = {}
+        self._device: torch.device | None = None
+        self._free_pages: list[int] = []
+        self._table = torch.zeros(0, 0, dtype=torch.int32)  # (slots, pages per sequence)
+        self._n_chunks: list[int] = []  # per slot
+        self._buf_len: list[int] = []
+        self._active: list[int] = []  # open slots, in the order they were added
+        self._buf: dict[str, torch.Tensor] = {}
 
+    # -- sequences ---------------------------------------------------------------------------
     @property
     def num_heads(self) -> int:
         return len(self.head_bits)
 
     @property
-    def buffered(self) -> int:
-        return 0 if self._buf_k is None else self._buf_k.values.shape[-2]
+    def sequences(self) -> list[int]:
+        return list(self._active)
+
+    @property
+    def batch(self) -> int | None:
+        return len(self._active) or None
+
+    def add_sequence(self) -> int:
+        """Open an empty sequence; returns its slot id."""
+        free = [s for s in range(len(self._n_chunks)) if s not in self._active]
+        slot = free[0] if free else len(self._n_chunks)
+        if slot == len(self._n_chunks):
+            self._n_chunks.append(0)
+            self._buf_len.append(0)
+        self._n_chunks[slot] = self._buf_len[slot] = 0
+        self._active.append(slot)
+        return slot
+
+    def release(self, seq: int) -> None:
+        """Close a sequence and return its pages to the pool."""
+        if seq not in self._active:
+            raise ValueError(f"sequence {seq} is not open in this cache layer")
+        self._free_pages += self._table[seq, : self._n_chunks[seq]].tolist()
+        self._n_chunks[seq] = self._buf_len[seq] = 0
+        self._active.remove(seq)
+
+    def seq_lens(self, seqs: Sequence[int] | None = None) -> list[int]:
+        return [self._n_chunks[s] * self.cfg.chunk + self._buf_len[s] for s in self._pick(seqs)]
 
     @property
     def seq_len(self) -> int:
-        return len(self._chunks) * self.cfg.chunk + self.buffered
+        """Tokens held per sequence (the longest, when lengths differ)."""
+        return max(self.seq_lens(), default=0)
 
+    @property
+    def buffered(self) -> int:
+        return max((self._buf_len[s] for s in self._active), default=0)
+
+    def _pick(self, seqs: Sequence[int] | None) -> list[int]:
+        if seqs is None:
+            return list(self._active)
+        seqs = [int(s) for s in seqs]
+        missing = [s for s in seqs if s not in self._active]
+        if missing:
+            raise ValueError(f"sequences {missing} are not open in this cache layer")
+        return seqs
+
+    # -- writing -----------------------------------------------------------------------------
     def _check(self, k: torch.Tensor, v: torch.Tensor) -> None:
         for name, t in (("key", k), ("value", v)):
             if t.dim() != 4:
@@ -95,145 +169,201 @@ class QuantizedKVLayer:
                 )
         if k.shape[:3] != v.shape[:3]:
             raise ValueError(f"key {tuple(k.shape)} and value {tuple(v.shape)} shapes differ")
-        if self.batch is not None and k.shape[0] != self.batch:
-            raise ValueError(f"batch size changed from {self.batch} to {k.shape[0]}")
 
-    def append(self, k: torch.Tensor, v: torch.Tensor, compress: bool = True) -> None:
-        """Add new tokens to the INT8 buffer. ``k, v``: float ``(B, H_kv, T, D)``.
+    def append(self, k: torch.Tensor, v: torch.Tensor, compress: bool = True,
+               seqs: Sequence[int] | None = None) -> None:
+        """Add new tokens to the INT8 buffers. ``k, v``: float ``(N, H_kv, T, D)``, row ``i``
+        for sequence ``seqs[i]`` (default: every open sequence, opened here on first use).
 
         With ``compress`` (default) every full chunk is compressed at once; otherwise call
         :meth:`compress_full_chunks` later (e.g. after the new tokens attended at INT8).
         """
         self._check(k, v)
-        self.batch = k.shape[0]
-        new_k = quantize_int8_blockwise(k, block_size=1)
-        new_v = quantize_int8_blockwise(v, block_size=1)
-        self._buf_k = new_k if self._buf_k is None else _cat_rows(self._buf_k, new_k)
-        self._buf_v = new_v if self._buf_v is None else _cat_rows(self._buf_v, new_v)
+        if seqs is None:
+            if not self._active:
+                for _ in range(k.shape[0]):
+                    self.add_sequence()
+            if k.shape[0] != len(self._active):
+                raise ValueError(f"batch size changed from {len(self._active)} to {k.shape[0]}")
+        seqs = self._pick(seqs)
+        if len(seqs) != k.shape[0]:
+            raise ValueError(f"{k.shape[0]} rows of keys for {len(seqs)} sequences")
+        self._ensure_storage(k.device)
+        t = k.shape[2]
+        self._reserve_rows(max(self._buf_len[s] for s in seqs) + t)
+        for name, x in (("k", k), ("v", v)):
+            rows = quantize_int8_blockwise(x, block_size=1)
+            for i, s in enumerate(seqs):
+                at = self._buf_len[s]
+                self._buf[f"{name}_values"][s, :, at:at + t] = rows.values[i]
+                self._buf[f"{name}_scale"][s, :, at:at + t] = rows.scale[i]
+        for s in seqs:
+            self._buf_len[s] += t
         if compress:
-            self.compress_full_chunks()
+            self.compress_full_chunks(seqs)
 
-    def compress_full_chunks(self) -> None:
-        """Move every full ``chunk`` of buffered tokens into packed low-bit storage."""
-        if self._buf_k is None:
-            return
+    def compress_full_chunks(self, seqs: Sequence[int] | None = None) -> None:
+        """Move every full ``chunk`` of buffered tokens into packed low-bit pages."""
         c = self.cfg.chunk
-        while self.buffered >= c:
-            head_k, self._buf_k = _split_rows(self._buf_k, c)
-            head_v, self._buf_v = _split_rows(self._buf_v, c)
-            self._chunks.append(self._compress(head_k.dequantize(), head_v.dequantize()))
-        if self.buffered == 0:
-            self._buf_k = self._buf_v = None
+        todo = [(s, self._buf_len[s] // c) for s in self._pick(seqs) if self._buf_len[s] >= c]
+        if not todo:
+            return
+        parts: dict[str, list[torch.Tensor]] = {"k": [], "v": []}
+        for s, n_full in todo:
+            for name in ("k", "v"):
+                rows = Int8Rows(self._buf[f"{name}_values"][s, :, : n_full * c],
+                                self._buf[f"{name}_scale"][s, :, : n_full * c])
+                x = rows.dequantize()  # (H, n_full * c, D) float32
+                parts[name].append(x.reshape(self.num_heads, n_full, c, -1).transpose(0, 1))
+        pages = self._take_pages(sum(n for _, n in todo))
+        k, v = torch.cat(parts["k"]), torch.cat(parts["v"])  # (N, H, c, D)
+        for bits, sides in self._compress(k, v).items():
+            self._pools[bits].write(pages, sides)
+        at = 0
+        for s, n_full in todo:
+            self._reserve_table(self._n_chunks[s] + n_full)
+            self._table[s, self._n_chunks[s]: self._n_chunks[s] + n_full] = pages[at:at + n_full].cpu()
+            at += n_full
+            self._n_chunks[s] += n_full
+            rest = self._buf_len[s] - n_full * c
+            for t in self._buf.values():  # the tail (< chunk rows) moves to the front
+                t[s, :, :rest] = t[s, :, n_full * c: n_full * c + rest].clone()
+            self._buf_len[s] = rest
+        self._shrink_rows()
 
-    def _compress(self, k: torch.Tensor, v: torch.Tensor) -> dict[int, tuple[_PackedSide, _PackedSide]]:
+    def _compress(self, k: torch.Tensor, v: torch.Tensor) -> dict[int, dict[str, torch.Tensor]]:
+        """``k, v`` float ``(N, H, c, D)`` -> per bit width, the page tensors of N pages."""
         c = self.cfg.chunk
         k8 = quantize_int8_blockwise(k, block_size=c, qmax=self.cfg.protect)
         v8 = quantize_int8_blockwise(v, block_size=c, qmax=self.cfg.protect)
         out = {}
-        for bits, heads in self.groups.items():
-            idx = torch.tensor(heads, device=k.device)
-            # (B, n, c, D) -> (B, n, D, c): channels-major so packing runs along tokens
-            kq = k8.values.index_select(1, idx).transpose(-1, -2)
-            vq = v8.values.index_select(1, idx).transpose(-1, -2)
-            k_first = k8.scale.index_select(1, idx)[..., 0]
-            v_first = v8.scale.index_select(1, idx)[..., 0]
-            out[bits] = (
-                _side(kq, bits, dim=-1, group=self.cfg.k_group, first=k_first),
-                _side(vq, bits, dim=-2, group=self.v_group, first=v_first),
-            )
+        for bits, pool in self._pools.items():
+            idx = pool.heads
+            sides = {}
+            for name, q8, dim, group in (("k", k8, -1, self.cfg.k_group), ("v", v8, -2, self.v_group)):
+                # (N, n, c, D) -> (N, n, D, c): channels-major so packing runs along tokens
+                codes = q8.values.index_select(1, idx).transpose(-1, -2)
+                sides[f"{name}_first"] = q8.scale.index_select(1, idx)[..., 0].contiguous()
+                if bits == 8:
+                    sides[f"{name}_packed"] = codes.contiguous().view(torch.uint8)
+                    continue
+                lb = quantize_lowbit(codes, bits, dim=dim, group=group)
+                sides |= {f"{name}_packed": pack(lb.codes, bits), f"{name}_scale": lb.scale,
+                          f"{name}_low": lb.low}
+            out[bits] = sides
         return out
 
+    # -- storage growth ----------------------------------------------------------------------
+    def _ensure_storage(self, device: torch.device) -> None:
+        if self._device is None:
+            self._device = device
+            self._pools = {b: _Pool(b, h, self.head_dim, self.cfg, self.v_group, device)
+                           for b, h in self.groups.items()}
+            shape = (0, self.num_heads, 0)
+            self._buf = {"k_values": torch.empty(*shape, self.head_dim, dtype=torch.int8, device=device),
+                         "k_scale": torch.empty(*shape, dtype=torch.float32, device=device)}
+            self._buf |= {"v_values": torch.empty_like(self._buf["k_values"]),
+                          "v_scale": torch.empty_like(self._buf["k_scale"])}
+        elif device != self._device:
+            raise ValueError(f"cache layer lives on {self._device}, new tokens are on {device}")
+
+    def _reserve_rows(self, rows: int) -> None:
+        """Buffer capacity for every slot: ``rows`` tokens (rounded up to a chunk)."""
+        slots, cap = self._buf["k_values"].shape[0], self._buf["k_values"].shape[2]
+        want_slots = max(slots, len(self._n_chunks))
+        want_rows = max(cap, -(-rows // self.cfg.chunk) * self.cfg.chunk)
+        if (want_slots, want_rows) != (slots, cap):
+            self._resize_buffer(want_slots, want_rows)
+
+    def _shrink_rows(self) -> None:
+        """After compression the buffers hold < chunk rows: give back what a prefill grew."""
+        need = max(self._buf_len, default=0)
+        rows = max(self.cfg.chunk, -(-need // self.cfg.chunk) * self.cfg.chunk)
+        if self._buf["k_values"].shape[2] > rows:
+            self._resize_buffer(self._buf["k_values"].shape[0], rows)
+
+    def _resize_buffer(self, slots: int, rows: int) -> None:
+        for name, old in self._buf.items():
+            new = torch.zeros(slots, old.shape[1], rows, *old.shape[3:], dtype=old.dtype,
+                              device=old.device)
+            keep = min(rows, old.shape[2])
+            new[: old.shape[0], :, :keep] = old[:, :, :keep]
+            self._buf[name] = new
+
+    def _take_pages(self, n: int) -> torch.Tensor:
+        if len(self._free_pages) < n:
+            have = next(iter(self._pools.values())).capacity
+            want = have + max(PAGE_BLOCK, have // 4, n - len(self._free_pages))
+            want = -(-want // PAGE_BLOCK) * PAGE_BLOCK
+            for pool in self._pools.values():
+                pool.grow(want)
+            self._free_pages += range(have, want)
+        taken, self._free_pages = self._free_pages[:n], self._free_pages[n:]
+        return torch.tensor(taken, dtype=torch.long, device=self._device)
+
+    def _reserve_table(self, pages: int) -> None:
+        slots, cols = self._table.shape
+        want = (max(slots, len(self._n_chunks)), max(cols, pages))
+        if want != (slots, cols):
+            new = torch.zeros(*want, dtype=torch.int32)
+            new[:slots, :cols] = self._table
+            self._table = new
+
+    # -- reading -----------------------------------------------------------------------------
+    def view(self, seqs: Sequence[int] | None = None) -> PackedKV:
+        """The tensor-only view of ``seqs`` (default: every open sequence, in order). Pools and
+        buffers are shared, not copied; only the small per-sequence tables are gathered."""
+        seqs = self._pick(seqs)
+        if not seqs or self._device is None:
+            raise ValueError("the KV cache layer is empty")
+        self._reserve_table(1)
+        self._reserve_rows(1)
+        max_chunks = max(self._n_chunks[s] for s in seqs)
+        if seqs == list(range(len(seqs))):  # the common case: a slice, no copy at all
+            table = self._table[: len(seqs), : max(1, max_chunks)]
+            buf = {k: t[: len(seqs)] for k, t in self._buf.items()}
+        else:
+            idx = torch.tensor(seqs, dtype=torch.long)
+            table = self._table.index_select(0, idx)[:, : max(1, max_chunks)]
+            buf = {k: t.index_select(0, idx.to(t.device)) for k, t in self._buf.items()}
+        device = self._device
+        return PackedKV(
+            groups=tuple(p.heads_view() for p in self._pools.values()),
+            page_table=table.to(device), n_chunks=_ints(self._n_chunks, seqs, device),
+            buffer_k=Int8Rows(buf["k_values"], buf["k_scale"]),
+            buffer_v=Int8Rows(buf["v_values"], buf["v_scale"]),
+            buffer_len=_ints(self._buf_len, seqs, device),
+            num_heads=self.num_heads, head_dim=self.head_dim, chunk=self.cfg.chunk,
+            k_group=self.cfg.k_group, v_group=self.v_group)
+
     def dequantize_int8(self) -> tuple[Int8Rows, Int8Rows]:
-        """Integer-only decompression of everything held: K and V as INT8 rows, token order.
-
-        Returns:
-            ``(k, v)`` with ``values`` int8 ``(B, H_kv, L, D)`` and ``scale`` float32 ``(B, H_kv, L)``.
-        """
-        if self.seq_len == 0:
-            raise ValueError("the KV cache layer is empty")
-        parts_k, parts_v = [], []
-        for chunk in self._chunks:
-            parts_k.append(self._restore(chunk, side=0))
-            parts_v.append(self._restore(chunk, side=1))
-        if self._buf_k is not None:
-            parts_k.append(self._buf_k)
-            parts_v.append(self._buf_v)
-        return _cat_rows(*parts_k), _cat_rows(*parts_v)
-
-    def _restore(self, chunk: dict[int, tuple[_PackedSide, _PackedSide]], side: int) -> Int8Rows:
-        c = self.cfg.chunk
-        any_side = next(iter(chunk.values()))[side]
-        batch = any_side.packed.shape[0]
-        values = torch.empty(batch, self.num_heads, c, self.head_dim, dtype=torch.int8,
-                             device=any_side.packed.device)
-        scale = torch.empty(batch, self.num_heads, c, dtype=torch.float32, device=values.device)
-        for bits, heads in self.groups.items():
-            s = chunk[bits][side]
-            codes = unpack(s.packed, bits)  # (B, n, D, c)
-            if bits == 8:
-                q8 = codes.view(torch.int8)
-            else:
-                dim, group = (-1, self.cfg.k_group) if side == 0 else (-2, self.v_group)
-                lb = LowBit(codes, s.scale, s.low, bits, group, dim % codes.dim())
-                q8 = dequantize_lowbit(lb)
-            idx = torch.tensor(heads, device=values.device)
-            values.index_copy_(1, idx, q8.transpose(-1, -2))
-            scale.index_copy_(1, idx, s.first_scale.unsqueeze(-1).expand(-1, -1, c))
-        return Int8Rows(values, scale)
-
-    def view(self) -> PackedKV:
-        """This layer as a :class:`PackedKV` (codes still packed: the compressed chunks of each
-        bit group concatenated along tokens, never a dequantized cache)."""
-        if self.seq_len == 0:
-            raise ValueError("the KV cache layer is empty")
-        groups = []
-        for bits, heads in self.groups.items() if self._chunks else ():
-            sides = [chunk[bits] for chunk in self._chunks]
-            parts = {}
-            for i, name in enumerate(("k", "v")):
-                side = [s[i] for s in sides]
-                parts[f"{name}_packed"] = torch.cat([p.packed for p in side], dim=-1)
-                parts[f"{name}_first"] = torch.stack([p.first_scale for p in side], dim=-1)
-                low_bit = bits != 8
-                parts[f"{name}_scale"] = torch.cat([p.scale for p in side], dim=-1) if low_bit else None
-                parts[f"{name}_low"] = torch.cat([p.low for p in side], dim=-1) if low_bit else None
-            device = parts["k_packed"].device
-            groups.append(PackedHeads(bits=bits, heads=torch.tensor(heads, device=device), **parts))
-        return PackedKV(groups=tuple(groups), buffer_k=self._buf_k, buffer_v=self._buf_v,
-                        batch=self.batch, num_heads=self.num_heads, head_dim=self.head_dim,
-                        n_chunks=len(self._chunks), chunk=self.cfg.chunk,
-                        k_group=self.cfg.k_group, v_group=self.v_group)
+        """Integer-only decompression of every open sequence (equal lengths): K and V as INT8
+        rows in token order, ``values`` int8 ``(B, H_kv, L, D)``, ``scale`` float32 ``(B, H_kv, L)``."""
+        if len(set(self.seq_lens())) > 1:
+            raise ValueError(f"sequences have different lengths {self.seq_lens()}; "
+                             f"decompress them one at a time from view()")
+        view = self.view()
+        rows = [int8_rows(view, b) for b in range(len(self._active))]
+        return tuple(Int8Rows(torch.stack([r[i].values for r in rows]),
+                              torch.stack([r[i].scale for r in rows])) for i in (0, 1))
 
     def tensors(self) -> list[torch.Tensor]:
-        held = []
-        for chunk in self._chunks:
-            for k_side, v_side in chunk.values():
-                held += k_side.tensors() + v_side.tensors()
-        for rows in (self._buf_k, self._buf_v):
-            if rows is not None:
-                held += [rows.values, rows.scale]
-        return held
+        """Every tensor allocated: page pools (free pages included) and buffers."""
+        return [*(t for p in self._pools.values() for t in p.t.values()), *self._buf.values()]
 
-    def nbytes(self) -> int:
-        """Bytes of every tensor this layer holds (codes, scales, offsets, buffer)."""
+    def capacity_nbytes(self) -> int:
+        """Bytes of every tensor allocated (what the process holds for this layer)."""
         return sum(t.numel() * t.element_size() for t in self.tensors())
 
-
-def _side(q8: torch.Tensor, bits: int, dim: int, group: int, first: torch.Tensor) -> _PackedSide:
-    """Compress one side; ``q8`` is int8 ``(B, n, D, chunk)``."""
-    if bits == 8:
-        return _PackedSide(q8.contiguous().view(torch.uint8), None, None, first.contiguous())
-    lb = quantize_lowbit(q8, bits, dim=dim, group=group)
-    return _PackedSide(pack(lb.codes, bits), lb.scale, lb.low, first.contiguous())
-
-
-def _cat_rows(*rows: Int8Rows) -> Int8Rows:
-    return Int8Rows(
-        torch.cat([r.values for r in rows], dim=-2), torch.cat([r.scale for r in rows], dim=-1)
-    )
+    def nbytes(self) -> int:
+        """Bytes the open sequences occupy: their pages (codes, scales, offsets, first-level
+        scales) and their buffered INT8 rows with scales, counted from the tensors' sizes."""
+        if self._device is None:
+            return 0
+        page = sum(p.page_nbytes() for p in self._pools.values())
+        row = sum(t.shape[1] * math.prod(t.shape[3:]) * t.element_size() for t in self._buf.values())
+        return sum(self._n_chunks[s] * page + self._buf_len[s] * row for s in self._active)
 
 
-def _split_rows(rows: Int8Rows, n: int) -> tuple[Int8Rows, Int8Rows]:
-    head = Int8Rows(rows.values[..., :n, :], rows.scale[..., :n])
-    tail = Int8Rows(rows.values[..., n:, :].clone(), rows.scale[..., n:].clone())
-    return head, tail
+def _ints(values: list[int], seqs: list[int], device: torch.device) -> torch.Tensor:
+    return torch.tensor([values[s] for s in seqs], dtype=torch.int32, device=device)

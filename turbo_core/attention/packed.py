@@ -1,19 +1,21 @@
-"""The tensor-only view of one layer of the packed KV cache: what the kernels read.
+"""The tensor-only view of one layer of the packed KV cache: what every reader reads.
 
-Kernels (``turbo_kernels``) and fast paths take a :class:`PackedKV` — tensors, lengths and the
-bit groups — never the cache class itself, so storage can change without touching a kernel.
-Layout (``n`` = KV heads at one width, ``C`` = compressed chunks, ``c`` = tokens per chunk):
+Kernels (``turbo_kernels``), the CPU fast path and the reference take a :class:`PackedKV` —
+tensors, lengths and the bit groups — never the cache class itself. Layout (``n`` = KV heads
+at one width, ``P`` = pages in the pool, ``c`` = tokens per page, i.e. the chunk):
 
-* K codes ``k_packed`` uint8 ``(B, n, D, C·c·bits/8)``, packed along tokens (planar, see
-  ``quant.pack``); second-level ``k_scale`` uint8 / ``k_low`` int8 ``(B, n, D, C·c/k_group)``
+* K codes ``k_packed`` uint8 ``(P, n, D, c·bits/8)``, packed along tokens (planar, see
+  ``quant.pack``); second-level ``k_scale`` uint8 / ``k_low`` int8 ``(P, n, D, c/k_group)``
   (K is grouped per channel along tokens);
-* V codes ``v_packed`` uint8 ``(B, n, D, C·c·bits/8)``; ``v_scale`` / ``v_low``
-  ``(B, n, D/v_group, C·c)`` (V is grouped per token along channels);
-* first-level INT8 scales ``k_first`` / ``v_first`` float32 ``(B, n, C)``.
+* V codes ``v_packed`` uint8 ``(P, n, D, c·bits/8)``; ``v_scale`` / ``v_low``
+  ``(P, n, D/v_group, c)`` (V is grouped per token along channels);
+* first-level INT8 scales ``k_first`` / ``v_first`` float32 ``(P, n)``;
+* per sequence ``b``: its pages in token order ``page_table[b, :n_chunks[b]]``, then
+  ``buffer_len[b]`` INT8 rows of the recent-token buffer ``(B, H_kv, rows, D)`` with a float
+  scale per token and head.
 
 INT8 of a code: ``q8 = clamp(code·scale + low, ±127)``; float: ``q8 · first``. Heads at 8 bits
-hold the INT8 codes unpacked and no second level (``k_scale`` … are ``None``). The newest
-tokens (fewer than a chunk) wait in the INT8 buffer with a float scale per token and head.
+hold the INT8 codes unpacked and no second level (``k_scale`` … are ``None``).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from turbo_core.attention.quant import Int8Rows
+from turbo_core.attention.quant import Int8Rows, LowBit, dequantize_lowbit, unpack
 
 
 @dataclass(frozen=True)
@@ -43,23 +45,77 @@ class PackedHeads:
 
 @dataclass(frozen=True)
 class PackedKV:
-    """One cache layer as tensors: compressed chunks per bit group, then the INT8 buffer."""
+    """One cache layer as tensors: page pools per bit group, page tables, INT8 buffers."""
 
-    groups: tuple[PackedHeads, ...]  # empty while no chunk is compressed
-    buffer_k: Int8Rows | None  # values int8 (B, H_kv, L_buf, D), scale float32 (B, H_kv, L_buf)
-    buffer_v: Int8Rows | None
-    batch: int
+    groups: tuple[PackedHeads, ...]
+    page_table: torch.Tensor  # int32 (B, max_chunks)
+    n_chunks: torch.Tensor  # int32 (B,)
+    buffer_k: Int8Rows  # values int8 (B, H_kv, rows, D), scale float32 (B, H_kv, rows)
+    buffer_v: Int8Rows
+    buffer_len: torch.Tensor  # int32 (B,)
     num_heads: int
     head_dim: int
-    n_chunks: int
     chunk: int
     k_group: int
     v_group: int
 
     @property
-    def buffered(self) -> int:
-        return 0 if self.buffer_k is None else self.buffer_k.values.shape[-2]
+    def batch(self) -> int:
+        return self.page_table.shape[0]
 
     @property
-    def seq_len(self) -> int:
-        return self.n_chunks * self.chunk + self.buffered
+    def seq_lens(self) -> list[int]:
+        return (self.n_chunks.long() * self.chunk + self.buffer_len.long()).tolist()
+
+
+def check_query(q: torch.Tensor, view: PackedKV, math_cfg) -> None:
+    """Refuse, naming the problem, queries a fast decode path over ``view`` cannot serve:
+    ``q (B, H_q, L_q, D)`` with the view's batch and head_dim, ``H_q`` a multiple of the KV
+    heads, several new tokens only when every sequence buffers them all, no top-k, no INT8 P·V."""
+    if q.dim() != 4:
+        raise ValueError(f"query must be (B, H_q, L_q, D), got shape {tuple(q.shape)}")
+    b, hq, lq, d = q.shape
+    if d != view.head_dim or hq % view.num_heads:
+        raise ValueError(f"query {tuple(q.shape)} does not fit a cache of {view.num_heads} KV heads "
+                         f"of head_dim {view.head_dim} (query heads must be a multiple)")
+    if view.batch != b:
+        raise ValueError(f"cache view holds {view.batch} sequences, query batch {b}")
+    if lq > 1 and lq > int(view.buffer_len.min()):  # the causal part must lie in the buffer
+        raise ValueError(f"{lq} new tokens but a sequence buffers only {int(view.buffer_len.min())}: "
+                         f"append the new tokens (compress=False) before attending")
+    if math_cfg.sparse_ratio is not None or math_cfg.pv_int8:
+        raise ValueError("fast decode implements SAS and INT8 Q·Kᵀ only (no top-k, no INT8 P·V)")
+
+
+def int8_rows(view: PackedKV, b: int) -> tuple[Int8Rows, Int8Rows]:
+    """Integer-only decompression of sequence ``b``: K and V as INT8 rows in token order,
+    ``values`` int8 ``(H_kv, L, D)`` and ``scale`` float32 ``(H_kv, L)``. The reference path;
+    fast paths decompress in registers instead."""
+    n_chunks, n_buf = int(view.n_chunks[b]), int(view.buffer_len[b])
+    if n_chunks + n_buf == 0:
+        raise ValueError(f"sequence {b} of the KV cache view is empty")
+    c, h, d = view.chunk, view.num_heads, view.head_dim
+    device = view.buffer_k.values.device
+    out = []
+    for side, buf in (("k", view.buffer_k), ("v", view.buffer_v)):
+        values = torch.empty(h, n_chunks * c, d, dtype=torch.int8, device=device)
+        scale = torch.empty(h, n_chunks * c, dtype=torch.float32, device=device)
+        pages = view.page_table[b, :n_chunks].long().to(device)
+        for g in view.groups if n_chunks else ():
+            codes = getattr(g, f"{side}_packed").index_select(0, pages)  # (C, n, D, c*bits/8)
+            codes = unpack(codes, g.bits)  # (C, n, D, c)
+            if g.bits == 8:
+                q8 = codes.view(torch.int8)
+            else:
+                dim, group = (-1, view.k_group) if side == "k" else (-2, view.v_group)
+                lb = LowBit(codes, getattr(g, f"{side}_scale").index_select(0, pages),
+                            getattr(g, f"{side}_low").index_select(0, pages), g.bits, group, dim % 4)
+                q8 = dequantize_lowbit(lb)
+            n = g.heads.numel()
+            # (C, n, D, c) -> (n, C * c, D)
+            values[g.heads] = q8.permute(1, 0, 3, 2).reshape(n, n_chunks * c, d)
+            first = getattr(g, f"{side}_first").index_select(0, pages)  # (C, n)
+            scale[g.heads] = first.t().repeat_interleave(c, dim=1)
+        out.append(Int8Rows(torch.cat([values, buf.values[b, :, :n_buf]], dim=1),
+                            torch.cat([scale, buf.scale[b, :, :n_buf]], dim=1)))
+    return out[0], out[1]

@@ -60,6 +60,13 @@ def quantize_int8_blockwise(x: torch.Tensor, block_size: int = 64, qmax: int = 1
     if block_size < 1 or not 1 <= qmax <= 127:
         raise ValueError(f"bad block_size={block_size} or qmax={qmax} (need >= 1 and 1..127)")
     *lead, length, dim = x.shape
+    if block_size == 1 or length <= block_size:  # one scale per row, or one for all rows
+        xf = x.float()
+        amax = xf.abs().amax(dim=-1) if block_size == 1 else xf.abs().amax(dim=(-2, -1))
+        scale = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
+        row_scale = scale if block_size == 1 else scale.unsqueeze(-1).expand(*lead, length)
+        values = torch.round(xf / row_scale.unsqueeze(-1)).clamp_(-qmax, qmax)
+        return Int8Rows(values.to(torch.int8), row_scale.contiguous())
     n_blocks = -(-length // block_size)
     pad = n_blocks * block_size - length
     xf = x.float()

@@ -20,7 +20,7 @@ import torch
 
 from turbo_core.attention import sas as sas_mod
 from turbo_core.attention.config import EXACT, AttentionMath
-from turbo_core.attention.kvcache import QuantizedKVLayer
+from turbo_core.attention.packed import PackedKV, int8_rows
 from turbo_core.attention.quant import Int8Rows, quantize_int8_blockwise
 
 # int8 x int8 products summed over D stay integers below 2^24 (exact in float32) while
@@ -219,24 +219,33 @@ def attention_exact(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 def decode_attention_reference(
     q: torch.Tensor,
-    cache: QuantizedKVLayer,
+    cache: PackedKV,
     *,
     math_cfg: AttentionMath = EXACT,
     scale: float | None = None,
 ) -> AttentionResult:
-    """Decode attention over a quantized cache layer (packed INT4/INT2 + INT8 buffer).
+    """Attention of the newest tokens over a quantized cache layer (packed pages + INT8 buffer),
+    read through its tensor-only view; sequences may have different lengths.
 
-    The new tokens must already be appended to ``cache``. K and V come out of the integer-only
+    The new tokens must already be appended to the cache. K and V come out of the integer-only
     partial decompression as INT8 rows; with ``math_cfg.qk_int8`` they feed the INT8 Q·Kᵀ
     directly, otherwise they are dequantized to float first.
 
     Args:
-        q: ``(B, H_q, L_q, D)`` queries of the newest ``L_q`` tokens (usually 1); causal
-            among themselves, bottom-right aligned with the cache.
+        q: ``(B, H_q, L_q, D)`` queries of the newest ``L_q`` tokens of each of the view's
+            ``B`` sequences; causal among themselves, bottom-right aligned with the cache.
     """
     if q.dim() != 4:
         raise ValueError(f"query must have rank 4 (B, H, L, D), got shape {tuple(q.shape)}")
-    k, v = cache.dequantize_int8()
-    if q.shape[2] > cache.seq_len:
-        raise ValueError(f"{q.shape[2]} queries but the cache holds only {cache.seq_len} tokens")
-    return attention_details(q, k, v, math_cfg=math_cfg, causal=True, scale=scale)
+    if q.shape[0] != cache.batch:
+        raise ValueError(f"query batch {q.shape[0]} but the cache view holds {cache.batch} sequences")
+    if q.shape[2] > min(cache.seq_lens):
+        raise ValueError(f"{q.shape[2]} queries but a sequence holds only {min(cache.seq_lens)} tokens")
+    parts = []
+    for b in range(cache.batch):
+        k, v = int8_rows(cache, b)
+        k, v = (Int8Rows(r.values.unsqueeze(0), r.scale.unsqueeze(0)) for r in (k, v))
+        parts.append(attention_details(q[b:b + 1], k, v, math_cfg=math_cfg, causal=True, scale=scale))
+    return AttentionResult(out=torch.cat([r.out for r in parts]), probs=None,
+                           sas_dropped=sum(r.sas_dropped for r in parts),
+                           candidates=sum(r.candidates for r in parts))

@@ -1,9 +1,10 @@
-"""``turbo bench attention | kernels | model | load``: benchmarks that print a table and write
+"""``turbo bench attention | kernels | decode | model | load``: benchmarks that print a table and write
 JSON (and Markdown where asked)."""
 
 from __future__ import annotations
 
 import argparse
+import sys
 
 from turbo_core.cli.common import write_json, write_markdown
 
@@ -49,6 +50,25 @@ def _bench_kernels(args: argparse.Namespace) -> int:
 
     doc = kernels.run(repeats=args.repeats)
     _emit(args, doc, "Kernel benchmark", kernels.tables)
+    return 0
+
+
+def _bench_decode(args: argparse.Namespace) -> int:
+    from turbo_core.bench import decode
+
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError("turbo bench decode: --device cuda but no CUDA device is available")
+    doc = decode.run(quick=args.quick, repeats=args.repeats, device=args.device,
+                     log=lambda m: print(m, file=sys.stderr))
+    if not args.no_e2e:
+        from turbo_core.bench import decode_e2e
+
+        doc["end_to_end"] = decode_e2e.run(quick=args.quick, repeats=args.repeats, model=args.model,
+                                           log=lambda m: print(m, file=sys.stderr))
+    _emit(args, doc, "Decode benchmark", decode.table)
     return 0
 
 
@@ -103,6 +123,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     ker.add_argument("--json", metavar="PATH")
     ker.add_argument("--markdown", metavar="PATH")
     ker.set_defaults(func=_bench_kernels)
+
+    dec = bench_sub.add_parser(
+        "decode", help="one decode step over each cache (ours, float SDPA, quanto) + end to end",
+        description="Attention-layer decode step at SmolLM2 (9/3/64) and Llama-8B-like (32/8/128) "
+                    "shapes, batch 1 and 8, contexts 1k/4k/16k; then SmolLM2 greedy decode after "
+                    "a long prompt with each cache (tokens/s, peak memory).")
+    dec.add_argument("--quick", action="store_true",
+                     help="SmolLM2 shape, contexts 1k and 4k; end to end after a 1024-token prompt")
+    dec.add_argument("--repeats", type=int, default=5, help="timed steps per contender (default 5)")
+    dec.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when present")
+    dec.add_argument("--model", default="smollm2", help="model for the end-to-end rows")
+    dec.add_argument("--no-e2e", action="store_true", help="attention-layer rows only")
+    dec.add_argument("--json", metavar="PATH")
+    dec.add_argument("--markdown", metavar="PATH")
+    dec.set_defaults(func=_bench_decode)
 
     b = bench_sub.add_parser("model", help="all variants + peer + INT2-choice controls (report)")
     b.add_argument("--model", default="smollm2")

@@ -20,7 +20,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from turbo_core.attention.config import EXACT, AttentionMath
 from turbo_core.attention.functional import turbo_attention
-from turbo_core.hf.cache import INT8_ATTR, STORE_ATTR
+from turbo_core.hf.cache import LAYER_ATTR
 
 ATTN_NAME = "turbo"
 
@@ -38,17 +38,21 @@ def turbo_attention_forward(
     """transformers attention function. ``query (B, H_q, L, D)``, ``key/value (B, H_kv, S, D)``,
     ``attention_mask`` bool ``(B, 1, L, S)`` (True = attend); returns ``(B, L, H_q, D)``."""
     math_cfg: AttentionMath = getattr(module, "turbo_math", EXACT)
-    k = getattr(key, INT8_ATTR, None) or key
-    v = getattr(value, INT8_ATTR, None) or value
+    layer = getattr(key, LAYER_ATTR, None)  # a TurboCache handle: the history is in its store
+    store = layer.store if layer is not None else None
+    if layer is not None:
+        layer.attended = True
+    lk = store.seq_len if store is not None else key.shape[2]
     causal = attention_mask is None and getattr(module, "is_causal", True) and query.shape[2] > 1
     if attention_mask is not None and attention_mask.dtype != torch.bool:
         attention_mask = attention_mask.to(query.dtype)  # additive float mask
-    elif attention_mask is not None and _is_plain_causal(attention_mask, query.shape[2], key.shape[2]):
-        attention_mask, causal = None, True  # no padding: lets the fused kernel take the call
-    res = turbo_attention(
-        query, k, v, math_cfg=math_cfg, causal=causal, scale=scaling, mask=attention_mask,
-        dropout_p=dropout, kv_store=getattr(key, STORE_ATTR, None) if query.shape[2] == 1 else None,
-    )
+    elif attention_mask is not None and _is_plain_causal(attention_mask, query.shape[2], lk):
+        attention_mask, causal = None, True  # no padding: lets the fused kernels take the call
+    if store is not None and attention_mask is not None and attention_mask.shape[-1] != lk:
+        raise ValueError(f"attention mask covers {attention_mask.shape[-1]} keys but the TurboCache "
+                         f"layer holds {lk}")
+    res = turbo_attention(query, key, value, math_cfg=math_cfg, causal=causal, scale=scaling,
+                          mask=attention_mask, dropout_p=dropout, kv_store=store)
     _record_sparsity(module, res.sas_dropped, res.candidates)
     return res.out.transpose(1, 2).contiguous(), None
 

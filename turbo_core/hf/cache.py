@@ -16,22 +16,22 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from turbo_core.attention.config import KVQuantConfig
 from turbo_core.attention.kvcache import QuantizedKVLayer
 from turbo_core.attention.plan import BitPlan, ModelShape
-from turbo_core.attention.quant import Int8Rows
 
-INT8_ATTR = "turbo_int8"  # attribute on K/V tensors returned by TurboCache: their INT8 rows
-STORE_ATTR = "turbo_store"  # ... and the QuantizedKVLayer they came from (for the decode kernel)
+LAYER_ATTR = "turbo_cache_layer"  # attribute on the K/V handles TurboCache returns
 
 
 class TurboCacheLayer(CacheLayerMixin):
     """One transformers cache layer backed by a :class:`QuantizedKVLayer`.
 
     ``update`` first compresses the full chunks left by the previous call, then appends the new
-    tokens (INT8 per token into the recent buffer) and returns K/V for attention — compressed
-    chunks decompressed to INT8 (integer-only) plus the buffer, as float tensors that also carry
-    their :class:`Int8Rows` and the store itself. So a token attends to the recent tokens at
-    INT8 and to older ones at their plan bits, and the store after ``update`` is exactly what
-    the attention reads (the decode kernel reads the store). :meth:`flush` compresses what is
-    left, e.g. before measuring bytes at rest.
+    tokens (INT8 per token into the recent buffer) and returns light handles: the new K/V
+    tokens themselves, carrying this layer (``LAYER_ATTR``). The ``"turbo"`` attention reads the
+    store in place — the fast paths never copy the history; only the reference decompresses
+    what it needs. So a token attends to the recent tokens at INT8 and to older ones at their
+    plan bits. The handles are not the history: TurboCache works with ``attn_implementation
+    "turbo"`` only (:func:`~turbo_core.hf.attention.enable`): the next ``update`` refuses
+    to go on when the previous handles were read by any other attention. :meth:`flush`
+    compresses what is left, e.g. before measuring bytes at rest.
     """
 
     is_compileable = False
@@ -41,6 +41,7 @@ class TurboCacheLayer(CacheLayerMixin):
     def __init__(self, head_bits: Sequence[int], head_dim: int, cfg: KVQuantConfig):
         super().__init__()
         self.store = QuantizedKVLayer(head_bits, head_dim, cfg)
+        self.attended = True  # set False by update, True again when the turbo attention reads
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device, self.dtype = key_states.device, key_states.dtype
@@ -50,10 +51,15 @@ class TurboCacheLayer(CacheLayerMixin):
                **kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        if not self.attended:
+            raise ValueError("TurboCache was read by an attention other than 'turbo'; switch the "
+                             "model with turbo_core.hf.attention.enable() before using TurboCache")
         self.store.compress_full_chunks()
         self.store.append(key_states, value_states, compress=False)
-        k8, v8 = self.store.dequantize_int8()
-        return _carrying(k8, self.dtype, self.store), _carrying(v8, self.dtype, self.store)
+        for handle in (key_states, value_states):
+            setattr(handle, LAYER_ATTR, self)
+        self.attended = False
+        return key_states, value_states
 
     def flush(self) -> None:
         self.store.compress_full_chunks()
@@ -69,6 +75,7 @@ class TurboCacheLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.store = QuantizedKVLayer(self.store.head_bits, self.store.head_dim, self.store.cfg)
+        self.attended = True
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         raise ValueError("TurboCache does not support beam search reordering; use greedy or sampling")
@@ -81,13 +88,6 @@ class TurboCacheLayer(CacheLayerMixin):
 
     def nbytes(self) -> int:
         return self.store.nbytes()
-
-
-def _carrying(rows: Int8Rows, dtype: torch.dtype, store: QuantizedKVLayer) -> torch.Tensor:
-    t = rows.dequantize(torch.float32).to(dtype)
-    setattr(t, INT8_ATTR, rows)
-    setattr(t, STORE_ATTR, store)
-    return t
 
 
 class TurboCache(Cache):
@@ -105,8 +105,13 @@ class TurboCache(Cache):
         self.shape = shape
 
     def nbytes(self) -> int:
-        """Bytes of every tensor the cache holds (packed codes, scales, offsets, buffer)."""
+        """Bytes the cached tokens occupy (packed pages with their scales and offsets, buffered
+        INT8 rows), from the tensors' sizes; :meth:`capacity_nbytes` adds unused capacity."""
         return sum(layer.nbytes() for layer in self.layers)
+
+    def capacity_nbytes(self) -> int:
+        """Bytes of every tensor the cache has allocated (free pages and buffer rows included)."""
+        return sum(layer.store.capacity_nbytes() for layer in self.layers)
 
     def flush(self) -> None:
         """Compress every full chunk still waiting in the buffers (the state at rest)."""

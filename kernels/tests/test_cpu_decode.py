@@ -1,0 +1,90 @@
+"""The fused CPU kernel (numba) over the packed cache's view, against the pure-PyTorch reference:
+ragged batches, INT2/INT4/INT8 heads mixed in one layer, GQA 1/3/8, head_dim 64/128/256, the
+INT8 buffer empty and not, several new tokens (chunked prefill), exact and TurboAttention math."""
+
+import pytest
+import torch
+from turbo_kernels.cpu_decode import decode_attention_cpu
+
+from turbo_core.attention.config import EXACT, TURBO_DEFAULT, AttentionMath, KVQuantConfig, SASConfig
+from turbo_core.attention.kvcache import QuantizedKVLayer
+from turbo_core.attention.reference import decode_attention_reference
+from turbo_core.testing import assert_close
+
+MATHS = {"exact": EXACT, "turbo": TURBO_DEFAULT,
+         "sas-quadratic": AttentionMath(sas=SASConfig(degree=2, lut_max=6))}
+# exact: float rounding only; SAS: the polynomial's error under running (per-split) maxima
+ATOL = {"exact": 2e-5, "turbo": 6e-3, "sas-quadratic": 2e-2}
+
+
+def ragged(bits, lengths, d=64, new=1, cfg=None, seed=0):
+    """A cache whose sequence ``i`` holds ``lengths[i]`` tokens, the last ``new`` buffered."""
+    gen = torch.Generator().manual_seed(seed)
+    cache = QuantizedKVLayer(bits, d, cfg or KVQuantConfig())
+    for n in lengths:
+        s = cache.add_sequence()
+        k, v = (torch.randn(1, len(bits), n, d, generator=gen) for _ in range(2))
+        cache.append(k[:, :, : n - new], v[:, :, : n - new], seqs=[s])
+        cache.append(k[:, :, n - new:], v[:, :, n - new:], seqs=[s], compress=False)
+    return cache
+
+
+@pytest.mark.parametrize("bits", [[4, 4, 4], [2, 4, 8], [8, 2, 2]])
+@pytest.mark.parametrize("lengths", [[300], [64, 1, 200], [128, 130]])  # ragged; buffer 1..≥ chunk
+@pytest.mark.parametrize("group", [1, 3, 8])
+@pytest.mark.parametrize("name", ["exact", "turbo"])
+def test_one_new_token_matches_reference(bits, lengths, group, name):
+    cache = ragged(bits, lengths)
+    q = torch.randn(len(lengths), 3 * group, 1, 64, generator=torch.Generator().manual_seed(1))
+    view = cache.view()
+    out = decode_attention_cpu(q, view, math_cfg=MATHS[name], splits=2)
+    assert_close(decode_attention_reference(q, view, math_cfg=MATHS[name]).out, out, atol=ATOL[name])
+
+
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("name", ["exact", "turbo", "sas-quadratic"])
+def test_head_dims_groups_and_an_empty_buffer(d, name):
+    cfg = KVQuantConfig(chunk=64, k_group=32, v_group=32)
+    cache = QuantizedKVLayer([4, 2], d, cfg)
+    k, v = (torch.randn(2, 2, 192, d, generator=torch.Generator().manual_seed(d)) for _ in range(2))
+    cache.append(k, v)  # 3 full pages per sequence, nothing buffered
+    view = cache.view()
+    assert view.buffer_len.tolist() == [0, 0]
+    q = torch.randn(2, 6, 1, d, generator=torch.Generator().manual_seed(3))
+    out = decode_attention_cpu(q, view, math_cfg=MATHS[name])
+    assert_close(decode_attention_reference(q, view, math_cfg=MATHS[name]).out, out, atol=ATOL[name])
+
+
+@pytest.mark.parametrize("new", [5, 64, 100])
+@pytest.mark.parametrize("name", ["exact", "turbo"])
+def test_several_new_tokens_are_causal_among_themselves(new, name):
+    cache = ragged([4, 2, 4], [new + 150, new + 64], new=new)
+    q = torch.randn(2, 9, new, 64, generator=torch.Generator().manual_seed(4))
+    view = cache.view()
+    out = decode_attention_cpu(q, view, math_cfg=MATHS[name])
+    assert_close(decode_attention_reference(q, view, math_cfg=MATHS[name]).out, out, atol=ATOL[name])
+
+
+def test_sas_zero_counts_follow_the_reference():
+    cache = ragged([4, 4, 4], [700])
+    q = 4 * torch.randn(1, 9, 1, 64, generator=torch.Generator().manual_seed(5))  # peaky scores
+    view = cache.view()
+    ref = decode_attention_reference(q, view, math_cfg=TURBO_DEFAULT)
+    _, dropped, candidates = decode_attention_cpu(q, view, math_cfg=TURBO_DEFAULT, count=True)
+    assert candidates == ref.candidates == 9 * 700
+    # the kernel cuts against running maxima (never above the final one), so what it zeroes is
+    # a subset of what the reference zeroes: a lower bound, here most of it
+    assert ref.sas_dropped > 0.1 * candidates
+    assert 0.5 * ref.sas_dropped <= dropped <= ref.sas_dropped, (dropped, ref.sas_dropped)
+
+
+def test_bad_input_is_refused_by_name():
+    view = ragged([4, 4], [70]).view()
+    with pytest.raises(ValueError, match="multiple"):
+        decode_attention_cpu(torch.randn(1, 3, 1, 64), view, math_cfg=EXACT)
+    with pytest.raises(ValueError, match="query batch 2"):
+        decode_attention_cpu(torch.randn(2, 2, 1, 64), view, math_cfg=EXACT)
+    with pytest.raises(ValueError, match="buffers only 6"):  # 70 = one page + 6 buffered
+        decode_attention_cpu(torch.randn(1, 2, 7, 64), view, math_cfg=EXACT)
+    with pytest.raises(ValueError, match="no top-k"):
+        decode_attention_cpu(torch.randn(1, 2, 1, 64), view, math_cfg=AttentionMath(sparse_ratio=0.5))
