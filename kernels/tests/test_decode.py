@@ -65,12 +65,32 @@ def test_decode_ragged_sequences_over_shared_pages():
     assert_close(decode_attention_reference(q, view, math_cfg=TURBO_DEFAULT).out.cpu(), out.cpu(), atol=6e-3)
 
 
+@pytest.mark.parametrize("new", [3, 40])
+@pytest.mark.parametrize("name", ["exact", "turbo"])
+def test_chunked_prefill_new_tokens_are_causal_among_themselves(new, name):
+    from turbo_kernels.decode import decode_attention
+
+    cfg = {"exact": EXACT, "turbo": TURBO_DEFAULT}[name]
+    gen = torch.Generator().manual_seed(8)
+    cache = QuantizedKVLayer([4, 2], 64, KVQuantConfig())
+    k, v = (torch.randn(2, 2, 130 + new, 64, generator=gen).to(DEVICE) for _ in range(2))
+    cache.append(k[:, :, :130], v[:, :, :130])
+    cache.append(k[:, :, 130:], v[:, :, 130:], compress=False)
+    q = torch.randn(2, 6, new, 64, generator=gen).to(DEVICE)
+    view = cache.view()
+    out = decode_attention(q, view, math_cfg=cfg, chunks_per_split=1)
+    ref = decode_attention_reference(q, view, math_cfg=cfg).out
+    assert_close(ref.cpu(), out.cpu(), atol=1e-5 if name == "exact" else 6e-3)
+
+
 def test_decode_bad_input():
     from turbo_kernels.decode import decode_attention
 
     cache = filled([4, 4], 70).view()
-    with pytest.raises(ValueError, match=r"\(B, H_q, 1, D\)"):
-        decode_attention(torch.randn(1, 2, 2, 64, device=DEVICE), cache, math_cfg=EXACT)
+    with pytest.raises(ValueError, match="buffers only 6"):  # 70 tokens = one page + 6 buffered
+        decode_attention(torch.randn(1, 2, 7, 64, device=DEVICE), cache, math_cfg=EXACT)
+    with pytest.raises(ValueError, match="at most 256"):
+        decode_attention(torch.randn(1, 2 * 257, 1, 64, device=DEVICE), cache, math_cfg=EXACT)
     with pytest.raises(ValueError, match="multiple"):
         decode_attention(torch.randn(1, 3, 1, 64, device=DEVICE), cache, math_cfg=EXACT)
     with pytest.raises(ValueError, match="query batch 2"):

@@ -44,7 +44,9 @@ def test_choices_and_errors(monkeypatch):
 
 
 def test_hf_generate_uses_prefill_and_decode_kernels(monkeypatch, caplog, tiny_llama):
-    """Greedy generation through TurboCache: kernels (forced) and reference agree."""
+    """Greedy generation through TurboCache: the prompt (70 tokens, chunked-prefill rows) and every
+    decode step read the packed cache through the Triton kernels (interpreter here) or the CPU
+    kernel, and the greedy tokens agree with the reference's."""
     from transformers import AutoModelForCausalLM
 
     from turbo_core.attention.config import KVQuantConfig
@@ -61,9 +63,11 @@ def test_hf_generate_uses_prefill_and_decode_kernels(monkeypatch, caplog, tiny_l
     outs = {}
     monkeypatch.setattr(functional, "_logged", set())  # each choice is logged once per process
     caplog.set_level(logging.INFO, logger="turbo_core.attention.functional")
-    for backend in ("reference", "triton"):
+    for backend in ("reference", "triton", "cpu"):
         monkeypatch.setenv(functional.BACKEND_ENV, backend)
         with torch.no_grad():
             outs[backend] = model.generate(ids, cache=TurboCache(shape, 4, KVQuantConfig()), **kw)
-    assert torch.equal(outs["reference"], outs["triton"])
-    assert "TurboAttention backend: triton" in caplog.text
+    assert torch.equal(outs["reference"], outs["triton"]) and torch.equal(outs["reference"], outs["cpu"])
+    assert "TurboAttention backend: triton (TURBO_ATTENTION_BACKEND=triton)" in caplog.text
+    assert "TurboAttention backend: cpu (TURBO_ATTENTION_BACKEND=cpu)" in caplog.text
+    assert "no kernel for" not in caplog.text  # neither fell back to the reference

@@ -7,7 +7,7 @@ GQA group (times the ``L_q`` new tokens) against the page's ``c`` keys are one b
 then the online softmax (SAS exponent or ``exp``) and P·V against the page's V tile. The INT8
 buffer is read row-major in place, with the causal mask among the new tokens. Nothing the size
 of the history is ever written; per program the locals are two ``(D, c)`` tiles, the scores
-``(R, c)`` and the accumulators ``(R, D)``. Splits are merged exactly (``merge_partials``).
+``(R, c)`` and the accumulators ``(R, D)``. Splits are merged exactly (``_merge``).
 
 Why numba: it compiles these loops to vectorized machine code at first use (cached on disk),
 ships as a wheel (no compiler in the serving image, unlike a C++ extension), and runs the
@@ -20,6 +20,7 @@ row max instead of a running one).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numba
@@ -29,7 +30,7 @@ from numba import njit, prange
 
 from turbo_core.attention.config import AttentionMath
 from turbo_core.attention.packed import PackedKV, check_query
-from turbo_kernels.softmax import merge_partials, sas_args
+from turbo_kernels.softmax import sas_args
 
 NEG = -3.0e38  # a finite "minus infinity": no inf arithmetic under fastmath
 _FAST = {"nsz", "arcp", "contract", "afn", "reassoc"}  # no nnan/ninf: masks stay exact
@@ -291,8 +292,39 @@ def _buffer_pass(q, qs, group, bk, bks, bv, bvs, blen, slot, sm_scale, use_sas, 
                 acc_out[b, hk * group + g, t, slot, :] = acc[r, :]
 
 
+@njit(fastmath=_FAST, cache=True, nogil=True)
+def _merge(m, l_, acc, out):
+    """Exact merge of the splits: ``m, l (B, H_q, L_q, S)``, ``acc (..., S, D)`` -> ``out``."""
+    nb, hq, lq, n_split = m.shape
+    dim = acc.shape[-1]
+    for b in range(nb):
+        for h in range(hq):
+            for i in range(lq):
+                top = np.float32(NEG)
+                for sp in range(n_split):
+                    top = max(top, m[b, h, i, sp])
+                den = np.float32(0.0)
+                out[b, h, i, :] = 0.0
+                for sp in range(n_split):
+                    w = np.float32(math.exp(m[b, h, i, sp] - top))
+                    den += l_[b, h, i, sp] * w
+                    for x in range(dim):
+                        out[b, h, i, x] += acc[b, h, i, sp, x] * w
+                for x in range(dim):
+                    out[b, h, i, x] /= den
+
+
+@functools.cache
+def _sas_tables(sas) -> tuple[np.ndarray, tuple[float, ...]]:
+    """The LUT plus one 0 past its end (weights beyond T cut without a branch), coefficients."""
+    if sas is None:
+        return np.zeros(1, np.float32), (0.0, 0.0, 0.0, 0.0)
+    coeffs, lut = sas_args(sas, torch.device("cpu"))
+    return np.append(lut.numpy(), np.float32(0.0)), tuple(coeffs)
+
+
 def _np(t: torch.Tensor) -> np.ndarray:
-    return t.detach().contiguous().numpy()
+    return t.numpy() if t.is_contiguous() else t.contiguous().numpy()
 
 
 def decode_attention_cpu(q: torch.Tensor, cache: PackedKV, *, math_cfg: AttentionMath,
@@ -324,25 +356,22 @@ def decode_attention_cpu(q: torch.Tensor, cache: PackedKV, *, math_cfg: Attentio
         qf, qs = qi.values.float(), qi.scale
     else:
         qf, qs = q.float(), torch.ones(b, hq, lq)
-    threads = torch.get_num_threads()
-    numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
-    most = max(1, int(cache.n_chunks.max()))
+    threads = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
+    if numba.get_num_threads() != threads:
+        numba.set_num_threads(threads)
+    table, n_chunks, buffer_len = _np(cache.page_table), _np(cache.n_chunks), _np(cache.buffer_len)
+    most = int(n_chunks.max())
     if splits is None:
-        splits = min(most, max(1, -(-4 * threads // (b * cache.num_heads))))
-    m = torch.full((b, hq, lq, splits + 1), NEG, dtype=torch.float32)
-    l_ = torch.zeros(b, hq, lq, splits + 1)
-    acc = torch.zeros(b, hq, lq, splits + 1, d)
+        splits = min(max(1, most), max(1, -(-4 * threads // (b * cache.num_heads))))
+    m = np.full((b, hq, lq, splits + 1), NEG, np.float32)
+    l_ = np.zeros((b, hq, lq, splits + 1), np.float32)
+    acc = np.zeros((b, hq, lq, splits + 1, d), np.float32)
     sas = math_cfg.sas
-    coeffs, lut = sas_args(sas, q.device)
-    # the table plus one 0 past its end (weights beyond T cut without a branch)
-    lut_np = np.append(_np(lut), np.float32(0.0)) if lut is not None else np.zeros(1, np.float32)
+    lut, coeffs = _sas_tables(sas)
     lut_max = float(sas.lut_max) if sas else 0.0
-    qn, qsn, mn, ln, an = _np(qf), _np(qs), m.numpy(), l_.numpy(), acc.numpy()
-    table, n_chunks = _np(cache.page_table), _np(cache.n_chunks)
+    qn, qsn = _np(qf), _np(qs)
     counts = np.zeros((max(b * cache.num_heads * splits, 1), 2), np.int64)
-    for g in cache.groups:
-        if not int(cache.n_chunks.max()):
-            break
+    for g in cache.groups if most else ():
         kp, vp = _np(g.k_packed), _np(g.v_packed)
         if g.bits == 8:  # no second level; typed stand-ins, never read
             ksc = vsc = np.zeros((1, 1, 1, 1), np.uint8)
@@ -351,14 +380,16 @@ def decode_attention_cpu(q: torch.Tensor, cache: PackedKV, *, math_cfg: Attentio
             ksc, klo, vsc, vlo = (_np(t) for t in (g.k_scale, g.k_low, g.v_scale, g.v_low))
         _pages_pass(qn, qsn, group, _np(g.heads), table, n_chunks, splits, kp, ksc, klo,
                     _np(g.k_first), vp, vsc, vlo, _np(g.v_first), g.bits, cache.k_group,
-                    cache.v_group, sm_scale, sas is not None, lut_np, *coeffs, lut_max, mn, ln, an,
+                    cache.v_group, sm_scale, sas is not None, lut, *coeffs, lut_max, m, l_, acc,
                     counts)
-    if int(cache.buffer_len.max()):
+    if int(buffer_len.max()):
         kb, vb = cache.buffer_k, cache.buffer_v
         _buffer_pass(qn, qsn, group, _np(kb.values), _np(kb.scale), _np(vb.values), _np(vb.scale),
-                     _np(cache.buffer_len), splits, sm_scale, sas is not None, lut_np, *coeffs,
-                     lut_max, mn, ln, an, counts)
-    out = merge_partials(m, l_, acc).to(q.dtype)
+                     buffer_len, splits, sm_scale, sas is not None, lut, *coeffs, lut_max, m, l_,
+                     acc, counts)
+    out = np.empty((b, hq, lq, d), np.float32)
+    _merge(m, l_, acc, out)
+    out = torch.from_numpy(out).to(q.dtype)
     if not count:
         return out
     return out, int(counts[:, 0].sum()), int(counts[:, 1].sum())

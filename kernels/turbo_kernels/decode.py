@@ -1,10 +1,12 @@
-"""Decode attention over the packed KV cache (flash-decoding): one new query token per
-sequence against INT4/INT2/INT8 compressed chunks plus the INT8 recent-token buffer.
+"""Decode attention over the packed KV cache (flash-decoding): the new query tokens of each
+sequence (one when decoding, a prompt chunk in chunked prefill) against its INT4/INT2/INT8
+pages plus the INT8 recent-token buffer, through the view's page tables.
 
 Codes are unpacked and decompressed to INT8 in registers (``q8 = clamp(code·S + lo)``, integer
 only); no dequantized copy of the cache is written. The context is split across programs; each
 split keeps its own running max, and the partial results are merged with exact rescaling.
-Query heads sharing a KV head (GQA) are the rows of one ``tl.dot``.
+Query heads sharing a KV head (GQA), times the new tokens, are the rows of one ``tl.dot``; the
+buffer kernel masks causally among the new tokens.
 
 Reference: ``turbo_core.attention.reference.decode_attention_reference``.
 """
@@ -21,19 +23,21 @@ from turbo_core.attention.config import AttentionMath
 from turbo_core.attention.packed import PackedKV, check_query
 from turbo_kernels.softmax import merge_partials, online_softmax_step, sas_args
 
+MAX_ROWS = 256  # query rows per KV head in one tile (query heads per KV head x new tokens)
+
 
 @triton.jit
 def _update(q, q_scale, k8, k_scale_row, v, valid, m_i, l_i, acc, sm_scale, lut_ptr,
             C0, C1, C2, C3, LUT_MAX: tl.constexpr, DEGREE: tl.constexpr,
             USE_SAS: tl.constexpr, QK_INT8: tl.constexpr):
     """One tile of keys: ``q (G, D)``, ``k8 (D, N)`` int8 codes with per-key float scale
-    ``k_scale_row (N,)``, ``v (N, D)`` float."""
+    ``k_scale_row (N,)``, ``v (N, D)`` float; ``valid (G, N)`` or ``(1, N)``."""
     if QK_INT8:
         s = tl.dot(q, k8.to(tl.int8), out_dtype=tl.int32).to(tl.float32)
         s = s * q_scale[:, None] * k_scale_row[None, :]
     else:
         s = tl.dot(q, k8.to(tl.float32) * k_scale_row[None, :], input_precision="ieee")
-    s = tl.where(valid[None, :], s * sm_scale, float("-inf"))
+    s = tl.where(valid, s * sm_scale, float("-inf"))
     p, alpha, m_new = online_softmax_step(s, m_i, lut_ptr, C0, C1, C2, C3, LUT_MAX, DEGREE, USE_SAS)
     acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
     l_i = l_i * alpha + tl.sum(p, axis=1)
@@ -138,7 +142,7 @@ def _decode_chunks_kernel(
         k_first = tl.load(kf_ptr + page * stride_kfp + i * stride_kfh)
         v_first = tl.load(vf_ptr + page * stride_vfp + i * stride_vfh)
         k_row = tl.zeros([CHUNK], dtype=tl.float32) + k_first
-        m_i, l_i, acc = _update(q, q_scale, k8, k_row, v8.to(tl.float32) * v_first, valid,
+        m_i, l_i, acc = _update(q, q_scale, k8, k_row, v8.to(tl.float32) * v_first, valid[None, :],
                                 m_i, l_i, acc, sm_scale, lut_ptr, C0, C1, C2, C3,
                                 LUT_MAX, DEGREE, USE_SAS, QK_INT8)
     _store_partial(m_ptr, l_ptr, acc_ptr, b, hq, split, m_i, l_i, acc, r_ok, offs_d, d_ok,
@@ -152,12 +156,13 @@ def _decode_buffer_kernel(
     stride_kb, stride_kh, stride_kt, stride_kd, stride_ksb, stride_ksh, stride_kst,
     stride_vb, stride_vh, stride_vt, stride_vd, stride_vsb, stride_vsh, stride_vst,
     stride_mb, stride_mh, stride_ms, stride_ab, stride_ah, stride_as, stride_ad,
-    H_KV, GROUP, HEAD_DIM, SLOT, sm_scale, C0, C1, C2, C3,
+    H_KV, GROUP, HEAD_DIM, SLOT, LQ, sm_scale, C0, C1, C2, C3,
     LUT_MAX: tl.constexpr, DEGREE: tl.constexpr, USE_SAS: tl.constexpr, QK_INT8: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Grid ``(1, B * H_KV)``: the ``bl_ptr[b]`` buffered INT8 rows (per-token scales) of
-    sequence ``b`` into partial slot ``SLOT``."""
+    sequence ``b`` into partial slot ``SLOT``. Query row ``r`` is new token ``r % LQ``, which
+    sees buffered rows ``t <= n_buf - LQ + r % LQ`` (causal among the new tokens)."""
     pid = tl.program_id(1)
     b = pid // H_KV
     hk = pid % H_KV
@@ -165,7 +170,8 @@ def _decode_buffer_kernel(
         q_ptr, qs_ptr, b, hk, stride_qb, stride_qh, stride_qd, stride_qsb, stride_qsh,
         GROUP, HEAD_DIM, BLOCK_G, BLOCK_D)
     t = tl.arange(0, BLOCK_N)
-    t_ok = t < tl.load(bl_ptr + b)
+    n_buf = tl.load(bl_ptr + b)
+    t_ok = t < n_buf
     k8 = tl.load(kb_ptr + b * stride_kb + hk * stride_kh + t[None, :] * stride_kt
                  + offs_d[:, None] * stride_kd, mask=t_ok[None, :] & d_ok[:, None], other=0)
     k_row = tl.load(ksb_ptr + b * stride_ksb + hk * stride_ksh + t * stride_kst, mask=t_ok, other=0.0)
@@ -175,8 +181,9 @@ def _decode_buffer_kernel(
     m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+    causal = t[None, :] <= n_buf - LQ + (tl.arange(0, BLOCK_G) % LQ)[:, None]
     m_i, l_i, acc = _update(q, q_scale, k8.to(tl.int32), k_row, v8.to(tl.float32) * v_row[:, None],
-                            t_ok, m_i, l_i, acc, sm_scale, lut_ptr, C0, C1, C2, C3,
+                            t_ok[None, :] & causal, m_i, l_i, acc, sm_scale, lut_ptr, C0, C1, C2, C3,
                             LUT_MAX, DEGREE, USE_SAS, QK_INT8)
     _store_partial(m_ptr, l_ptr, acc_ptr, b, hq, SLOT, m_i, l_i, acc, r_ok, offs_d, d_ok,
                    stride_mb, stride_mh, stride_ms, stride_ab, stride_ah, stride_as, stride_ad)
@@ -190,37 +197,41 @@ def decode_attention(
     scale: float | None = None,
     chunks_per_split: int = 8,
 ) -> torch.Tensor:
-    """Attention of one new token per sequence over ``cache`` (already holding that token).
+    """Attention of the ``L_q`` newest tokens of each sequence over ``cache`` (which already holds
+    them; with ``L_q > 1`` they are causal among themselves and must all be buffered). The
+    ``G · L_q`` query rows of a KV head (``G`` = query heads per KV head) are the rows of one
+    tile, at most ``MAX_ROWS``.
 
     Args:
-        q: ``(B, H_q, 1, D)`` float; ``H_q`` a multiple of the cache's KV heads.
+        q: ``(B, H_q, L_q, D)`` float; ``H_q`` a multiple of the cache's KV heads.
         cache: the tensor-only view of one cache layer (``QuantizedKVLayer.view()``).
         chunks_per_split: compressed chunks per program (the flash-decoding split).
     Returns:
-        ``(B, H_q, 1, D)`` in ``q.dtype``.
+        ``(B, H_q, L_q, D)`` in ``q.dtype``.
     """
     from turbo_kernels.quantize import quantize_int8_blockwise
 
-    if q.dim() != 4 or q.shape[2] != 1:
-        raise ValueError(f"decode kernel takes q of shape (B, H_q, 1, D), got {tuple(q.shape)}")
     check_query(q, cache, math_cfg)
-    b, hq, _, d = q.shape
+    b, hq, lq, d = q.shape
     hkv = cache.num_heads
     if chunks_per_split < 1:
         raise ValueError(f"chunks_per_split must be >= 1, got {chunks_per_split}")
-    group = hq // hkv
+    if hq // hkv * lq > MAX_ROWS:
+        raise ValueError(f"{hq // hkv} query heads per KV head x {lq} new tokens = "
+                         f"{hq // hkv * lq} rows; the decode kernel takes at most {MAX_ROWS}")
+    group = hq // hkv * lq  # rows per KV head: (query head, new token) flattened
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    q3 = q[:, :, 0, :]
     if math_cfg.qk_int8:
         qi = quantize_int8_blockwise(q, math_cfg.block_size)
-        q3, qs = qi.values[:, :, 0, :], qi.scale[:, :, 0]
+        q3, qs = qi.values.reshape(b, hq * lq, d), qi.scale.reshape(b, hq * lq)
     else:
-        q3, qs = q3.float(), torch.ones(b, hq, dtype=torch.float32, device=q.device)
+        q3 = q.float().reshape(b, hq * lq, d)
+        qs = torch.ones(b, hq * lq, dtype=torch.float32, device=q.device)
     n_splits = max(1, math.ceil(int(cache.n_chunks.max()) / chunks_per_split))
     slots = n_splits + 1  # the last slot is the buffer's
-    m = torch.full((b, hq, slots), float("-inf"), dtype=torch.float32, device=q.device)
-    l_ = torch.zeros(b, hq, slots, dtype=torch.float32, device=q.device)
-    acc = torch.zeros(b, hq, slots, d, dtype=torch.float32, device=q.device)
+    m = torch.full((b, hq * lq, slots), float("-inf"), dtype=torch.float32, device=q.device)
+    l_ = torch.zeros(b, hq * lq, slots, dtype=torch.float32, device=q.device)
+    acc = torch.zeros(b, hq * lq, slots, d, dtype=torch.float32, device=q.device)
     sas_cfg = math_cfg.sas
     coeffs, lut = sas_args(sas_cfg, q.device)
     lut = m if lut is None else lut  # never read without SAS
@@ -253,7 +264,7 @@ def decode_attention(
             *q3.stride(), *qs.stride(),
             *kb.values.stride(), *kb.scale.stride(), *vb.values.stride(), *vb.scale.stride(),
             *out_strides,
-            hkv, group, d, n_splits, scale, *coeffs,
+            hkv, group, d, n_splits, lq, scale, *coeffs,
             BLOCK_N=max(16, triton.next_power_of_2(rows)), **common,
         )
-    return merge_partials(m, l_, acc).unsqueeze(2).to(q.dtype)
+    return merge_partials(m, l_, acc).reshape(b, hq, lq, d).to(q.dtype)

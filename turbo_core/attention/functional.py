@@ -38,6 +38,7 @@ _BACKENDS = ("auto", "triton", "cpu", "reference")
 # New tokens at once that the CPU kernel takes over a packed cache; a longer prompt chunk
 # runs the reference's GEMMs (the kernel's loops lose to BLAS at prefill sizes).
 CPU_MAX_NEW_TOKENS = 128
+TRITON_MAX_ROWS = 256  # turbo_kernels.decode.MAX_ROWS (not imported: triton stays lazy)
 _logged: set[tuple[str, str]] = set()
 
 
@@ -59,7 +60,8 @@ def _common_blocker(opts: AttentionOptions) -> str | None:
     return None
 
 
-def _cache_blocker(q: torch.Tensor, opts: AttentionOptions, backend: str) -> str | None:
+def _cache_blocker(q: torch.Tensor, store: QuantizedKVLayer, opts: AttentionOptions,
+                   backend: str) -> str | None:
     """Why ``backend`` (triton or cpu) cannot read the packed cache for this call."""
     if q.dim() != 4:
         return f"query of rank {q.dim()}"
@@ -68,8 +70,9 @@ def _cache_blocker(q: torch.Tensor, opts: AttentionOptions, backend: str) -> str
     if opts.get("math_cfg", EXACT).pv_int8:
         return "INT8 P·V over a quantized cache"
     lq = q.shape[2]
-    if backend == "triton" and lq != 1:
-        return f"{lq} new tokens over a quantized cache (the Triton decode kernel takes one)"
+    rows = q.shape[1] // store.num_heads * lq  # query rows per KV head
+    if backend == "triton" and rows > TRITON_MAX_ROWS:
+        return f"{rows} query rows per KV head over a quantized cache (> {TRITON_MAX_ROWS})"
     if backend == "cpu" and (q.is_cuda or lq > CPU_MAX_NEW_TOKENS):
         return (f"{q.device.type} tensors" if q.is_cuda else
                 f"{lq} new tokens at once over a quantized cache (> {CPU_MAX_NEW_TOKENS})")
@@ -107,7 +110,7 @@ def choose_backend(q: torch.Tensor, k: KV, v: KV, *, kv_store: object = None,
     if wanted == "reference":
         return "reference", f"{BACKEND_ENV}=reference"
     if wanted in ("triton", "cpu"):
-        blocker = (_cache_blocker(q, opts, wanted) if kv_store is not None else
+        blocker = (_cache_blocker(q, kv_store, opts, wanted) if kv_store is not None else
                    _prefill_blocker(q, k, v, opts) if wanted == "triton" else "no packed cache")
         if blocker:
             return "reference", f"{BACKEND_ENV}={wanted}, but no kernel for: {blocker}"
@@ -117,7 +120,7 @@ def choose_backend(q: torch.Tensor, k: KV, v: KV, *, kv_store: object = None,
         return wanted, f"{BACKEND_ENV}={wanted}"
     if kv_store is not None:
         fast = "triton" if q.is_cuda else "cpu"
-        blocker = _cache_blocker(q, opts, fast)
+        blocker = _cache_blocker(q, kv_store, opts, fast)
         return ("reference", blocker) if blocker else (fast, f"packed cache on {q.device.type}")
     if _sdpa_serves(q, k, v, opts):
         return "sdpa", "exact math"
