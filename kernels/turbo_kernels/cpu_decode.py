@@ -154,13 +154,30 @@ def _load_v(vp, vsc, vlo, p, i, bits, v_group, sc_t, lo_t, v8):
 
 
 @njit(fastmath=_FAST, inline="always")
-def _query_rows(q, qs, b, hk, group, qr, qsr):
-    lq = q.shape[2]
+def _program_state(q, qs, b, hk, group):
+    """Query rows ``r = g·L_q + i`` of KV head ``hk`` (query head ``hk·G + g``, new token
+    ``i``) with their scales, and the running max, sum and accumulator of each row."""
+    lq, dim = q.shape[2], q.shape[3]
+    rows = group * lq
+    qr = np.empty((rows, dim), np.float32)
+    qsr = np.empty(rows, np.float32)
+    for g in range(group):
+        for i in range(lq):
+            qr[g * lq + i, :] = q[b, hk * group + g, i, :]
+            qsr[g * lq + i] = qs[b, hk * group + g, i]
+    return qr, qsr, np.full(rows, NEG, np.float32), np.zeros(rows, np.float32), \
+        np.zeros((rows, dim), np.float32)
+
+
+@njit(fastmath=_FAST, inline="always")
+def _store_partial(m_out, l_out, acc_out, b, hk, group, slot, m, l_, acc):
+    lq = m_out.shape[2]
     for g in range(group):
         for i in range(lq):
             r = g * lq + i
-            qr[r, :] = q[b, hk * group + g, i, :]
-            qsr[r] = qs[b, hk * group + g, i]
+            m_out[b, hk * group + g, i, slot] = m[r]
+            l_out[b, hk * group + g, i, slot] = l_[r]
+            acc_out[b, hk * group + g, i, slot, :] = acc[r, :]
 
 
 @njit(parallel=True, fastmath=_FAST, cache=True, nogil=True)
@@ -187,64 +204,53 @@ def _pages_job(job, q, qs, group, heads, table, n_chunks, splits, kp, ksc, klo, 
     n = heads.shape[0]
     chunk = kp.shape[3] * 8 // bits
     rows = group * lq
-    if True:
-        b = job // (n * splits)
-        i = (job // splits) % n
-        sp = job % splits
-        hk = heads[i]
-        nc = n_chunks[b]
-        step = (nc + splits - 1) // splits
-        c_lo, c_hi = sp * step, min(nc, sp * step + step)
-        qr = np.empty((rows, dim), np.float32)
-        qsr = np.empty(rows, np.float32)
-        _query_rows(q, qs, b, hk, group, qr, qsr)
-        m = np.full(rows, NEG, np.float32)
-        l_ = np.zeros(rows, np.float32)
-        acc = np.zeros((rows, dim), np.float32)
-        k8 = np.empty((dim, chunk), np.float32)
-        v8 = np.empty((dim, chunk), np.float32)
-        s = np.empty((rows, chunk), np.float32)
-        sc_t = np.ones(chunk, np.float32)  # per-token second level of one channel
-        lo_t = np.zeros(chunk, np.float32)
-        all_valid = np.full(rows, chunk, np.int64)
-        planes_in_one_group = k_group % kp.shape[3] == 0
-        for c in range(c_lo, c_hi):
-            p = table[b, c]
-            # the bit width as a literal in each branch: the plane loops unroll and vectorize
-            if bits == 4:
-                _load_k(kp, ksc, klo, p, i, 4, k_group, planes_in_one_group, sc_t, lo_t, k8)
-            elif bits == 2:
-                _load_k(kp, ksc, klo, p, i, 2, k_group, planes_in_one_group, sc_t, lo_t, k8)
-            else:
-                _load_k(kp, ksc, klo, p, i, 8, k_group, planes_in_one_group, sc_t, lo_t, k8)
-            for r in range(rows):
-                for t in range(chunk):
-                    s[r, t] = 0.0
-                for d in range(dim):
-                    qv = qr[r, d]
-                    for t in range(chunk):
-                        s[r, t] += qv * k8[d, t]
-                f = np.float32(qsr[r] * kf[p, i] * sm_scale)
-                for t in range(chunk):
-                    s[r, t] *= f
-            if bits == 4:
-                _load_v(vp, vsc, vlo, p, i, 4, v_group, sc_t, lo_t, v8)
-            elif bits == 2:
-                _load_v(vp, vsc, vlo, p, i, 2, v_group, sc_t, lo_t, v8)
-            else:
-                _load_v(vp, vsc, vlo, p, i, 8, v_group, sc_t, lo_t, v8)
-            vscale = vf[p, i]
+    b = job // (n * splits)
+    i = (job // splits) % n
+    sp = job % splits
+    hk = heads[i]
+    nc = n_chunks[b]
+    step = (nc + splits - 1) // splits
+    c_lo, c_hi = sp * step, min(nc, sp * step + step)
+    qr, qsr, m, l_, acc = _program_state(q, qs, b, hk, group)
+    k8 = np.empty((dim, chunk), np.float32)
+    v8 = np.empty((dim, chunk), np.float32)
+    s = np.empty((rows, chunk), np.float32)
+    sc_t = np.ones(chunk, np.float32)  # per-token second level of one channel
+    lo_t = np.zeros(chunk, np.float32)
+    all_valid = np.full(rows, chunk, np.int64)
+    planes_in_one_group = k_group % kp.shape[3] == 0
+    for c in range(c_lo, c_hi):
+        p = table[b, c]
+        # the bit width as a literal in each branch: the plane loops unroll and vectorize
+        if bits == 4:
+            _load_k(kp, ksc, klo, p, i, 4, k_group, planes_in_one_group, sc_t, lo_t, k8)
+        elif bits == 2:
+            _load_k(kp, ksc, klo, p, i, 2, k_group, planes_in_one_group, sc_t, lo_t, k8)
+        else:
+            _load_k(kp, ksc, klo, p, i, 8, k_group, planes_in_one_group, sc_t, lo_t, k8)
+        for r in range(rows):
+            for t in range(chunk):
+                s[r, t] = 0.0
             for d in range(dim):
+                qv = qr[r, d]
                 for t in range(chunk):
-                    v8[d, t] *= vscale
-            _softmax_pv(s, chunk, all_valid, m, l_, acc, v8, use_sas, lut, c0, c1, c2, c3, lut_max,
-                        counts, job)
-        for g in range(group):
-            for t in range(lq):
-                r = g * lq + t
-                m_out[b, hk * group + g, t, sp] = m[r]
-                l_out[b, hk * group + g, t, sp] = l_[r]
-                acc_out[b, hk * group + g, t, sp, :] = acc[r, :]
+                    s[r, t] += qv * k8[d, t]
+            f = np.float32(qsr[r] * kf[p, i] * sm_scale)
+            for t in range(chunk):
+                s[r, t] *= f
+        if bits == 4:
+            _load_v(vp, vsc, vlo, p, i, 4, v_group, sc_t, lo_t, v8)
+        elif bits == 2:
+            _load_v(vp, vsc, vlo, p, i, 2, v_group, sc_t, lo_t, v8)
+        else:
+            _load_v(vp, vsc, vlo, p, i, 8, v_group, sc_t, lo_t, v8)
+        vscale = vf[p, i]
+        for d in range(dim):
+            for t in range(chunk):
+                v8[d, t] *= vscale
+        _softmax_pv(s, chunk, all_valid, m, l_, acc, v8, use_sas, lut, c0, c1, c2, c3, lut_max,
+                    counts, job)
+    _store_partial(m_out, l_out, acc_out, b, hk, group, sp, m, l_, acc)
 
 
 @njit(parallel=True, fastmath=_FAST, cache=True, nogil=True)
@@ -260,12 +266,7 @@ def _buffer_pass(q, qs, group, bk, bks, bv, bvs, blen, slot, sm_scale, use_sas, 
         b = job // h_kv
         hk = job % h_kv
         n_rows = blen[b]
-        qr = np.empty((rows, dim), np.float32)
-        qsr = np.empty(rows, np.float32)
-        _query_rows(q, qs, b, hk, group, qr, qsr)
-        m = np.full(rows, NEG, np.float32)
-        l_ = np.zeros(rows, np.float32)
-        acc = np.zeros((rows, dim), np.float32)
+        qr, qsr, m, l_, acc = _program_state(q, qs, b, hk, group)
         s = np.empty((rows, block), np.float32)
         v_tile = np.empty((dim, block), np.float32)
         valid_to = np.empty(rows, np.int64)
@@ -284,12 +285,7 @@ def _buffer_pass(q, qs, group, bk, bks, bv, bvs, blen, slot, sm_scale, use_sas, 
                     s[r, t] = dot * qsr[r] * bks[b, hk, start + t] * sm_scale
             _softmax_pv(s, nt, valid_to, m, l_, acc, v_tile, use_sas, lut, c0, c1, c2, c3, lut_max,
                         counts, job)
-        for g in range(group):
-            for t in range(lq):
-                r = g * lq + t
-                m_out[b, hk * group + g, t, slot] = m[r]
-                l_out[b, hk * group + g, t, slot] = l_[r]
-                acc_out[b, hk * group + g, t, slot, :] = acc[r, :]
+        _store_partial(m_out, l_out, acc_out, b, hk, group, slot, m, l_, acc)
 
 
 @njit(fastmath=_FAST, cache=True, nogil=True)

@@ -84,17 +84,12 @@ class BitPlan(_Frozen):
         if len(self.layers) != m.num_layers:
             raise ValueError(f"plan lists {len(self.layers)} layers but model {m.describe()} "
                              f"has {m.num_layers}")
+        _in_order([layer.layer for layer in self.layers], "layer entries")
         for i, layer in enumerate(self.layers):
-            if layer.layer != i:
-                raise ValueError(f"layer entries must be in order 0..{m.num_layers - 1}; "
-                                 f"entry {i} says layer {layer.layer}")
             if len(layer.heads) != m.num_kv_heads:
                 raise ValueError(f"layer {i} lists {len(layer.heads)} heads, model has "
                                  f"{m.num_kv_heads} KV heads")
-            for j, head in enumerate(layer.heads):
-                if head.head != j:
-                    raise ValueError(f"layer {i}: head entries must be in order; "
-                                     f"entry {j} says head {head.head}")
+            _in_order([head.head for head in layer.heads], f"layer {i}: head entries")
         n2 = sum(h.bits == 2 for layer in self.layers for h in layer.heads)
         if n2 != self.selection.int2_heads:
             raise ValueError(f"selection says {self.selection.int2_heads} INT2 heads but the "
@@ -187,3 +182,9 @@ def build_plan(
         calibration=calibration or {},
         layers=layers,
     )
+
+
+def _in_order(numbers: list[int], what: str) -> None:
+    for i, n in enumerate(numbers):
+        if n != i:
+            raise ValueError(f"{what} must be in order 0..{len(numbers) - 1}; entry {i} says {n}")
