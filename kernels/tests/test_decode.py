@@ -48,6 +48,17 @@ def test_decode_head_dim_128_batch_and_groups():
     assert_close(ref.cpu(), out.cpu(), atol=6e-3)
 
 
+@pytest.mark.parametrize("d,group", [(64, 3), (64, 8), (256, 1), (256, 3)])
+def test_decode_head_dims_and_gqa_ratios(d, group):
+    from turbo_kernels.decode import decode_attention
+
+    cache = filled([4, 8], 100, d=d, seed=d + group)
+    q = torch.randn(1, 2 * group, 1, d, generator=torch.Generator().manual_seed(9)).to(DEVICE)
+    view = cache.view()
+    out = decode_attention(q, view, math_cfg=TURBO_DEFAULT)
+    assert_close(decode_attention_reference(q, view, math_cfg=TURBO_DEFAULT).out.cpu(), out.cpu(), atol=6e-3)
+
+
 def test_decode_ragged_sequences_over_shared_pages():
     """Sequences of different lengths in one cache (page tables of their own), mixed widths."""
     from turbo_kernels.decode import decode_attention

@@ -54,20 +54,29 @@ def _bench_kernels(args: argparse.Namespace) -> int:
 
 
 def _bench_decode(args: argparse.Namespace) -> int:
+    import torch
+
     from turbo_core.bench import decode
 
-    if args.device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ValueError("turbo bench decode: --device cuda but no CUDA device is available")
-    doc = decode.run(quick=args.quick, repeats=args.repeats, device=args.device,
-                     log=lambda m: print(m, file=sys.stderr))
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("turbo bench decode: --device cuda but no CUDA device is available")
+    if args.no_e2e and args.e2e_only:
+        raise ValueError("--no-e2e and --e2e-only exclude each other")
+    log = lambda m: print(m, file=sys.stderr)  # noqa: E731
+    doc = ({"benchmark": "decode", "results": []} if args.e2e_only else
+           decode.run(quick=args.quick, repeats=args.repeats, device=args.device, log=log))
     if not args.no_e2e:
         from turbo_core.bench import decode_e2e
 
         doc["end_to_end"] = decode_e2e.run(quick=args.quick, repeats=args.repeats, model=args.model,
-                                           log=lambda m: print(m, file=sys.stderr))
+                                           log=log)
+    if args.e2e_only:
+        from turbo_core.bench.common import describe_device
+
+        doc["device"] = describe_device(torch.device("cpu"))
+        _emit(args, doc, "Decode benchmark (end to end)", lambda d, fmt="simple": decode_e2e.table(
+            d["end_to_end"], fmt))
+        return 0
     _emit(args, doc, "Decode benchmark", decode.table)
     return 0
 
@@ -135,6 +144,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     dec.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when present")
     dec.add_argument("--model", default="smollm2", help="model for the end-to-end rows")
     dec.add_argument("--no-e2e", action="store_true", help="attention-layer rows only")
+    dec.add_argument("--e2e-only", action="store_true", help="end-to-end rows only")
     dec.add_argument("--json", metavar="PATH")
     dec.add_argument("--markdown", metavar="PATH")
     dec.set_defaults(func=_bench_decode)
