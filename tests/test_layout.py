@@ -98,3 +98,15 @@ def test_modules_stay_small_and_top_level_holds_only_utilities():
     assert not long, f"modules over {MAX_LINES} lines: {long}"
     top = {f"turbo_core.{p.stem}" for p in (ROOT / "turbo_core").glob("*.py") if p.stem != "__init__"}
     assert top <= UTILITIES, f"top-level modules beyond the shared utilities: {sorted(top - UTILITIES)}"
+
+
+def test_the_cpu_kernel_runs_without_triton():
+    """The serving image has no Triton (CPU or CUDA torch alone): the CPU path must import
+    none of it, directly or through another kernel module."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['triton'] = None; import turbo_kernels.cpu_decode, "
+            "turbo_core.attention.functional, turbo_core.hf.cache; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.stdout.strip() == "ok", out.stderr[-2000:]

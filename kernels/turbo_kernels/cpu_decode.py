@@ -30,7 +30,7 @@ from numba import njit, prange
 
 from turbo_core.attention.config import AttentionMath
 from turbo_core.attention.packed import PackedKV, check_query
-from turbo_kernels.softmax import sas_args
+from turbo_core.attention.sas import kernel_args
 
 NEG = -3.0e38  # a finite "minus infinity": no inf arithmetic under fastmath
 _FAST = {"nsz", "arcp", "contract", "afn", "reassoc"}  # no nnan/ninf: masks stay exact
@@ -315,7 +315,7 @@ def _sas_tables(sas) -> tuple[np.ndarray, tuple[float, ...]]:
     """The LUT plus one 0 past its end (weights beyond T cut without a branch), coefficients."""
     if sas is None:
         return np.zeros(1, np.float32), (0.0, 0.0, 0.0, 0.0)
-    coeffs, lut = sas_args(sas, torch.device("cpu"))
+    coeffs, lut = kernel_args(sas, torch.device("cpu"))
     return np.append(lut.numpy(), np.float32(0.0)), tuple(coeffs)
 
 

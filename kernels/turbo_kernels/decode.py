@@ -21,7 +21,8 @@ import triton.language as tl
 
 from turbo_core.attention.config import AttentionMath
 from turbo_core.attention.packed import PackedKV, check_query
-from turbo_kernels.softmax import merge_partials, online_softmax_step, sas_args
+from turbo_core.attention.sas import kernel_args
+from turbo_kernels.softmax import merge_partials, online_softmax_step
 
 MAX_ROWS = 256  # query rows per KV head in one tile (query heads per KV head x new tokens)
 
@@ -233,7 +234,7 @@ def decode_attention(
     l_ = torch.zeros(b, hq * lq, slots, dtype=torch.float32, device=q.device)
     acc = torch.zeros(b, hq * lq, slots, d, dtype=torch.float32, device=q.device)
     sas_cfg = math_cfg.sas
-    coeffs, lut = sas_args(sas_cfg, q.device)
+    coeffs, lut = kernel_args(sas_cfg, q.device)
     lut = m if lut is None else lut  # never read without SAS
     common = dict(LUT_MAX=sas_cfg.lut_max if sas_cfg else 0, DEGREE=sas_cfg.degree if sas_cfg else 3,
                   USE_SAS=sas_cfg is not None, QK_INT8=math_cfg.qk_int8,

@@ -17,7 +17,8 @@ import triton
 import triton.language as tl
 
 from turbo_core.attention.config import AttentionMath
-from turbo_kernels.softmax import online_softmax_step, sas_args
+from turbo_core.attention.sas import kernel_args
+from turbo_kernels.softmax import online_softmax_step
 
 
 @triton.jit
@@ -160,7 +161,7 @@ def prefill_attention(
     elif not math_cfg.qk_int8 and q.dtype != v.dtype:
         raise ValueError(f"query dtype {q.dtype} differs from value dtype {v.dtype}")
     sas_cfg = math_cfg.sas
-    coeffs, lut = sas_args(sas_cfg, q.device)
+    coeffs, lut = kernel_args(sas_cfg, q.device)
     lut = dummy if lut is None else lut
     o = torch.empty(b, hq, lq, d, dtype=out_dtype, device=q.device)
     grid = (triton.cdiv(lq, block_m), b * hq)

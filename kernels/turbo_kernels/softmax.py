@@ -5,7 +5,8 @@ running row max; the caller rescales its accumulators by ``alpha`` and adds ``pÂ
 ``sum(p)``. With ``USE_SAS`` the weights come from ``LUT[n] Â· P(f)`` (``-x = n + f``), exactly 0
 past the table; otherwise from ``tl.exp``. Only ``alpha`` (one per row and tile) uses ``exp``.
 
-Reference: ``turbo_core.attention.sas.sas_exp``.
+Reference: ``turbo_core.attention.sas.sas_exp``; the LUT and coefficients come from
+``turbo_core.attention.sas.kernel_args``.
 """
 
 from __future__ import annotations
@@ -13,8 +14,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
-from turbo_core.attention import sas as sas_mod
 
 
 @triton.jit
@@ -49,14 +48,6 @@ def online_softmax_step(s, m_i, lut_ptr, C0, C1, C2, C3, LUT_MAX: tl.constexpr,
         p = tl.exp(x)
     alpha = tl.exp(m_i - m_safe)
     return p, alpha, m_new
-
-
-def sas_args(sas_cfg, device: torch.device) -> tuple[list[float], torch.Tensor | None]:
-    """Kernel arguments for SAS: four polynomial coefficients (zero-padded) and the LUT."""
-    if sas_cfg is None:
-        return [0.0] * 4, None
-    coeffs = [*sas_mod.poly_coeffs(sas_cfg), 0.0, 0.0, 0.0][:4]
-    return coeffs, sas_mod.lut(sas_cfg, torch.float32, device)
 
 
 def merge_partials(m: torch.Tensor, l_: torch.Tensor, acc: torch.Tensor) -> torch.Tensor:

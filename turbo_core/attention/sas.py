@@ -50,6 +50,15 @@ def lut(cfg: SASConfig, dtype: torch.dtype, device: torch.device | str = "cpu") 
     return table.to(dtype=dtype, device=device)
 
 
+def kernel_args(cfg: SASConfig | None, device: torch.device | str = "cpu"
+                ) -> tuple[list[float], torch.Tensor | None]:
+    """What the fused kernels take for SAS: four polynomial coefficients ``c0..c3`` (a quadratic
+    is zero-padded) and the float32 LUT; ``([0, 0, 0, 0], None)`` without SAS."""
+    if cfg is None:
+        return [0.0] * 4, None
+    return [*poly_coeffs(cfg), 0.0, 0.0, 0.0][:4], lut(cfg, torch.float32, device)
+
+
 def _horner(f: torch.Tensor, coeffs: tuple[float, ...]) -> torch.Tensor:
     acc = torch.full_like(f, coeffs[-1])
     for c in reversed(coeffs[:-1]):
