@@ -21,6 +21,10 @@ def _serve(args: argparse.Namespace) -> int:
         engine = Engine.from_mlflow(args.model_uri)
     else:
         engine = Engine.from_files(args.model, args.variant, args.plan)
+    print(f"warming up {engine.model_id} (a page of prompt and a decode step through its cache)",
+          file=sys.stderr)
+    if not engine.warm_up():
+        raise SystemExit(f"turbo serve: {engine.model_id} produced non-finite logits")
     print(f"serving {engine.model_id} on http://{args.host}:{args.port}", file=sys.stderr)
     uvicorn.run(create_app(engine, limits), host=args.host, port=args.port, log_level="info")
     return 0

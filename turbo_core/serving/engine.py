@@ -71,11 +71,18 @@ class Engine:
                              self.variant.kv_bits, self.variant.kv)
 
     @torch.no_grad()
-    def self_test(self) -> bool:
-        """A real forward pass of one token (readiness)."""
-        ids = self.encode("ready")[:, :1]
-        logits = self.lm.model(ids, use_cache=False).logits
+    def self_test(self, tokens: int = 2) -> bool:
+        """Readiness: a real prefill of ``tokens`` and one decode step through the variant's
+        cache. :meth:`warm_up` runs it long enough to fill a page, which compiles every CPU
+        kernel path once (~15 s, cached on disk) before the first request."""
+        ids = self.encode("ready " * tokens)[:, :tokens]
+        cache = self._new_cache()
+        out = self.lm.model(ids, cache=cache, use_cache=True)
+        logits = self.lm.model(out.logits[:, -1:].argmax(-1), cache=cache, use_cache=True).logits
         return bool(torch.isfinite(logits).all())
+
+    def warm_up(self) -> bool:
+        return self.self_test(tokens=self.variant.kv.chunk + 2)
 
     @torch.no_grad()
     def stream(self, ids: torch.Tensor, max_new: int, temperature: float = 0.0, top_p: float = 1.0,
