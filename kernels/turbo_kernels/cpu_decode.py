@@ -186,7 +186,7 @@ def _pages_pass(q, qs, group, heads, table, n_chunks, splits, kp, ksc, klo, kf, 
                 m_out, l_out, acc_out, counts):
     """Grid ``B · n · splits``. q ``(B, H_q, L_q, D)`` float32 (INT8 codes when quantized),
     qs ``(B, H_q, L_q)`` row scales; pages as in ``PackedKV``; partials ``(B, H_q, L_q, S+1[, D])``.
-    The loop body is a plain function: code inside ``prange`` itself compiles ~2.5x slower."""
+    Each job is one call of :func:`_pages_job`, a plain compiled function."""
     nb = q.shape[0]
     n = heads.shape[0]
     for job in prange(nb * n * splits):
