@@ -30,6 +30,7 @@ from numba import njit, prange
 
 from turbo_core.attention.config import AttentionMath
 from turbo_core.attention.packed import PackedKV, check_query
+from turbo_core.attention.quant import quantize_int8_blockwise
 from turbo_core.attention.sas import kernel_args
 
 NEG = -3.0e38  # a finite "minus infinity": no inf arithmetic under fastmath
@@ -339,8 +340,6 @@ def decode_attention_cpu(q: torch.Tensor, cache: PackedKV, *, math_cfg: Attentio
     Returns:
         ``(B, H_q, L_q, D)`` in ``q.dtype`` (and the two counts with ``count``).
     """
-    from turbo_core.attention.quant import quantize_int8_blockwise
-
     check_query(q, cache, math_cfg)
     if q.device.type != "cpu":
         raise ValueError(f"decode_attention_cpu takes CPU tensors, got {q.device}")

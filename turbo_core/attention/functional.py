@@ -94,9 +94,12 @@ def _prefill_blocker(q: torch.Tensor, k: KV, v: KV, opts: AttentionOptions) -> s
 
 
 def _sdpa_serves(q: torch.Tensor, k: KV, v: KV, opts: AttentionOptions) -> bool:
-    """Exact math on plain tensors of one dtype, no weights wanted; causal only when square
-    (SDPA aligns causality top-left, ours bottom-right)."""
+    """Exact math on plain tensors of one dtype, no weights wanted, no mask (a fully masked row
+    is NaN in SDPA, 0 in the reference); causal only when square (SDPA aligns causality
+    top-left, ours bottom-right)."""
     if opts.get("math_cfg", EXACT) != EXACT or opts.get("need_probs", False):
+        return False
+    if opts.get("mask") is not None:
         return False
     if not all(isinstance(t, torch.Tensor) and t.dtype == q.dtype for t in (k, v)):
         return False
@@ -151,7 +154,7 @@ def turbo_attention(q: torch.Tensor, k: KV | None, v: KV | None, *,
         return _over_cache(q, kv_store, backend, opts)
     if backend == "sdpa":
         out = torch.nn.functional.scaled_dot_product_attention(
-            q, k, v, attn_mask=opts.get("mask"), dropout_p=opts.get("dropout_p", 0.0),
+            q, k, v, dropout_p=opts.get("dropout_p", 0.0),
             is_causal=opts.get("causal", False), scale=scale, enable_gqa=q.shape[1] != k.shape[1])
         return AttentionResult(out=out, probs=None, sas_dropped=0, candidates=0)
     if backend == "triton":
