@@ -35,6 +35,8 @@ from turbo_core.attention.sas import kernel_args
 
 NEG = -3.0e38  # a finite "minus infinity": no inf arithmetic under fastmath
 _FAST = {"nsz", "arcp", "contract", "afn", "reassoc"}  # no nnan/ninf: masks stay exact
+_IN_ORDER = _FAST - {"reassoc"}
+PAGES_PER_SPLIT = 8  # context split = 8 pages (512 tokens at chunk 64), whatever the batch
 
 
 @njit(fastmath=_FAST, inline="always")
@@ -182,8 +184,8 @@ def _store_partial(m_out, l_out, acc_out, b, hk, group, slot, m, l_, acc):
 
 
 @njit(parallel=True, fastmath=_FAST, cache=True, nogil=True)
-def _pages_pass(q, qs, group, heads, table, n_chunks, splits, kp, ksc, klo, kf, vp, vsc, vlo, vf,
-                bits, k_group, v_group, sm_scale, use_sas, lut, c0, c1, c2, c3, lut_max,
+def _pages_pass(q, qs, group, heads, table, n_chunks, splits, step, kp, ksc, klo, kf, vp, vsc,
+                vlo, vf, bits, k_group, v_group, sm_scale, use_sas, lut, c0, c1, c2, c3, lut_max,
                 m_out, l_out, acc_out, counts):
     """Grid ``B · n · splits``. q ``(B, H_q, L_q, D)`` float32 (INT8 codes when quantized),
     qs ``(B, H_q, L_q)`` row scales; pages as in ``PackedKV``; partials ``(B, H_q, L_q, S+1[, D])``.
@@ -191,14 +193,14 @@ def _pages_pass(q, qs, group, heads, table, n_chunks, splits, kp, ksc, klo, kf, 
     nb = q.shape[0]
     n = heads.shape[0]
     for job in prange(nb * n * splits):
-        _pages_job(job, q, qs, group, heads, table, n_chunks, splits, kp, ksc, klo, kf, vp, vsc,
-                   vlo, vf, bits, k_group, v_group, sm_scale, use_sas, lut, c0, c1, c2, c3,
+        _pages_job(job, q, qs, group, heads, table, n_chunks, splits, step, kp, ksc, klo, kf, vp,
+                   vsc, vlo, vf, bits, k_group, v_group, sm_scale, use_sas, lut, c0, c1, c2, c3,
                    lut_max, m_out, l_out, acc_out, counts)
 
 
 @njit(fastmath=_FAST, cache=True, nogil=True)
-def _pages_job(job, q, qs, group, heads, table, n_chunks, splits, kp, ksc, klo, kf, vp, vsc, vlo,
-               vf, bits, k_group, v_group, sm_scale, use_sas, lut, c0, c1, c2, c3, lut_max,
+def _pages_job(job, q, qs, group, heads, table, n_chunks, splits, step, kp, ksc, klo, kf, vp,
+               vsc, vlo, vf, bits, k_group, v_group, sm_scale, use_sas, lut, c0, c1, c2, c3, lut_max,
                m_out, l_out, acc_out, counts):
     """One program: split ``sp`` of sequence ``b``'s pages for head row ``i``."""
     _, _, lq, dim = q.shape
@@ -210,8 +212,7 @@ def _pages_job(job, q, qs, group, heads, table, n_chunks, splits, kp, ksc, klo, 
     sp = job % splits
     hk = heads[i]
     nc = n_chunks[b]
-    step = (nc + splits - 1) // splits
-    c_lo, c_hi = sp * step, min(nc, sp * step + step)
+    c_lo, c_hi = min(nc, sp * step), min(nc, sp * step + step)
     qr, qsr, m, l_, acc = _program_state(q, qs, b, hk, group)
     k8 = np.empty((dim, chunk), np.float32)
     v8 = np.empty((dim, chunk), np.float32)
@@ -289,9 +290,11 @@ def _buffer_pass(q, qs, group, bk, bks, bv, bvs, blen, slot, sm_scale, use_sas, 
         _store_partial(m_out, l_out, acc_out, b, hk, group, slot, m, l_, acc)
 
 
-@njit(fastmath=_FAST, cache=True, nogil=True)
+@njit(fastmath=_IN_ORDER, cache=True, nogil=True)
 def _merge(m, l_, acc, out):
-    """Exact merge of the splits: ``m, l (B, H_q, L_q, S)``, ``acc (..., S, D)`` -> ``out``."""
+    """Exact merge of the splits: ``m, l (B, H_q, L_q, S)``, ``acc (..., S, D)`` -> ``out``.
+    Summed in split order (no reassociation): empty splits add exact zeros, so the result does
+    not depend on how many splits the batch's longest sequence needed."""
     nb, hq, lq, n_split = m.shape
     dim = acc.shape[-1]
     for b in range(nb):
@@ -333,7 +336,9 @@ def decode_attention_cpu(q: torch.Tensor, cache: PackedKV, *, math_cfg: Attentio
     Args:
         q: ``(B, H_q, L_q, D)`` float CPU tensor; ``H_q`` a multiple of the KV heads.
         cache: the tensor-only view of one layer (``QuantizedKVLayer.view()``).
-        splits: context splits per (sequence, KV head); default: enough programs for every core.
+        splits: context splits per (sequence, KV head); default: one per ``PAGES_PER_SPLIT``
+            pages, so a sequence's result is the same whatever else shares the batch (a
+            server's batched tokens equal one-at-a-time tokens).
         count: also return the weights SAS zeroed and the valid positions. Zeros are cut
             against running maxima (never above the final one), so they are a subset of the
             reference's: a lower bound on its ``sas_dropped``.
@@ -356,8 +361,11 @@ def decode_attention_cpu(q: torch.Tensor, cache: PackedKV, *, math_cfg: Attentio
         numba.set_num_threads(threads)
     table, n_chunks, buffer_len = _np(cache.page_table), _np(cache.n_chunks), _np(cache.buffer_len)
     most = int(n_chunks.max())
-    if splits is None:
-        splits = min(max(1, most), max(1, -(-4 * threads // (b * cache.num_heads))))
+    if splits is None:  # fixed pages per split: a sequence's sums do not depend on its batch
+        step = PAGES_PER_SPLIT
+        splits = max(1, -(-most // step))
+    else:
+        step = max(1, -(-most // splits))
     m = np.full((b, hq, lq, splits + 1), NEG, np.float32)
     l_ = np.zeros((b, hq, lq, splits + 1), np.float32)
     acc = np.zeros((b, hq, lq, splits + 1, d), np.float32)
@@ -373,7 +381,7 @@ def decode_attention_cpu(q: torch.Tensor, cache: PackedKV, *, math_cfg: Attentio
             klo = vlo = np.zeros((1, 1, 1, 1), np.int8)
         else:
             ksc, klo, vsc, vlo = (_np(t) for t in (g.k_scale, g.k_low, g.v_scale, g.v_low))
-        _pages_pass(qn, qsn, group, _np(g.heads), table, n_chunks, splits, kp, ksc, klo,
+        _pages_pass(qn, qsn, group, _np(g.heads), table, n_chunks, splits, step, kp, ksc, klo,
                     _np(g.k_first), vp, vsc, vlo, _np(g.v_first), g.bits, cache.k_group,
                     cache.v_group, sm_scale, sas is not None, lut, *coeffs, lut_max, m, l_, acc,
                     counts)

@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from typing import Unpack
 
 import torch
 
 from turbo_core.attention.config import EXACT
+from turbo_core.attention.floatcache import FloatKVLayer
 from turbo_core.attention.kvcache import QuantizedKVLayer
 from turbo_core.attention.reference import (
     KV,
@@ -134,16 +136,21 @@ def choose_backend(q: torch.Tensor, k: KV, v: KV, *, kv_store: object = None,
 
 
 def turbo_attention(q: torch.Tensor, k: KV | None, v: KV | None, *,
-                    kv_store: QuantizedKVLayer | None = None,
+                    kv_store: QuantizedKVLayer | FloatKVLayer | None = None,
+                    kv_seqs: Sequence[int] | None = None,
                     **opts: Unpack[AttentionOptions]) -> AttentionResult:
     """TurboAttention over ``q (B, H_q, L_q, D)``, ``k, v (B, H_kv, L_k, D)``.
 
     See :func:`turbo_core.attention.reference.attention_details` for the arguments. With
     ``kv_store`` (the packed cache layer, already holding the ``L_q`` new tokens) ``k``/``v``
     are not used: the fast paths read the packed storage in place and only the reference
-    decompresses it. The kernels return ``sas_dropped = candidates = 0`` unless they count.
+    decompresses it. ``kv_seqs`` names the store's sequences that the rows of ``q`` belong to
+    (default: every open one). The kernels return ``sas_dropped = candidates = 0`` unless they
+    count. A :class:`FloatKVLayer` store is read per sequence (SDPA for exact math).
     """
     math_cfg, scale = opts.get("math_cfg", EXACT), opts.get("scale")
+    if isinstance(kv_store, FloatKVLayer):
+        return _over_float(q, kv_store, kv_seqs, opts)
     backend, reason = choose_backend(q, k, v, kv_store=kv_store, **opts)
     if (backend, reason) not in _logged:
         _logged.add((backend, reason))
@@ -151,7 +158,7 @@ def turbo_attention(q: torch.Tensor, k: KV | None, v: KV | None, *,
         log.log(logging.WARNING if forced_miss and "=reference" not in reason else logging.INFO,
                 "TurboAttention backend: %s (%s)", backend, reason)
     if kv_store is not None:
-        return _over_cache(q, kv_store, backend, opts)
+        return _over_cache(q, kv_store, kv_seqs, backend, opts)
     if backend == "sdpa":
         out = torch.nn.functional.scaled_dot_product_attention(
             q, k, v, dropout_p=opts.get("dropout_p", 0.0),
@@ -165,22 +172,57 @@ def turbo_attention(q: torch.Tensor, k: KV | None, v: KV | None, *,
     return attention_details(q, k, v, **opts)
 
 
-def _over_cache(q: torch.Tensor, store: QuantizedKVLayer, backend: str,
+def _over_float(q: torch.Tensor, store: FloatKVLayer, seqs: Sequence[int] | None,
                 opts: AttentionOptions) -> AttentionResult:
+    """Each sequence over its own rows (lengths differ); new tokens are the last ``L_q`` rows,
+    causal bottom-right. An explicit mask is taken when every sequence spans it."""
+    seqs = store.sequences if seqs is None else list(seqs)
+    if len(seqs) != q.shape[0]:
+        raise ValueError(f"{q.shape[0]} query rows for {len(seqs)} cached sequences")
+    mask, lq = opts.get("mask"), q.shape[2]
+    outs, dropped, total = [], 0, 0
+    for i, s in enumerate(seqs):
+        k, v = store.keys_values(s)
+        m = None
+        if mask is not None:
+            if mask.shape[-1] != k.shape[1]:
+                raise ValueError(f"attention mask covers {mask.shape[-1]} keys, sequence {s} "
+                                 f"holds {k.shape[1]}")
+            m = mask[i: i + 1] if mask.shape[0] > 1 else mask
+        if m is None and _sdpa_serves(q, k, v, {**opts, "mask": None, "causal": False}):
+            causal = None  # exact math, causal bottom-right: SDPA with an explicit causal mask
+            if 1 < lq < k.shape[1]:
+                j = torch.arange(k.shape[1], device=q.device)
+                causal = j[None, :] <= torch.arange(lq, device=q.device)[:, None] + k.shape[1] - lq
+            outs.append(torch.nn.functional.scaled_dot_product_attention(
+                q[i: i + 1], k[None], v[None], attn_mask=causal, is_causal=lq > 1 and causal is None,
+                scale=opts.get("scale"), enable_gqa=q.shape[1] != k.shape[0]))
+            continue
+        one = {**opts, "mask": m, "causal": m is None and lq > 1}
+        res = turbo_attention(q[i: i + 1], k[None], v[None], **one)
+        outs.append(res.out)
+        dropped, total = dropped + res.sas_dropped, total + res.candidates
+    return AttentionResult(out=torch.cat(outs), probs=None, sas_dropped=dropped, candidates=total)
+
+
+def _over_cache(q: torch.Tensor, store: QuantizedKVLayer, seqs: Sequence[int] | None,
+                backend: str, opts: AttentionOptions) -> AttentionResult:
     math_cfg, scale = opts.get("math_cfg", EXACT), opts.get("scale")
     if backend == "cpu":
         from turbo_kernels.cpu_decode import decode_attention_cpu
 
-        out, dropped, candidates = decode_attention_cpu(q, store.view(), math_cfg=math_cfg,
+        out, dropped, candidates = decode_attention_cpu(q, store.view(seqs), math_cfg=math_cfg,
                                                         scale=scale, count=True)
         return AttentionResult(out=out, probs=None, sas_dropped=dropped, candidates=candidates)
     if backend == "triton":
         from turbo_kernels.decode import decode_attention
 
-        out = decode_attention(q, store.view(), math_cfg=math_cfg, scale=scale)
+        out = decode_attention(q, store.view(seqs), math_cfg=math_cfg, scale=scale)
         return AttentionResult(out=out, probs=None, sas_dropped=0, candidates=0)
     if opts.get("mask") is None and not opts.get("need_probs") and not opts.get("dropout_p"):
-        return decode_attention_reference(q, store.view(), math_cfg=math_cfg, scale=scale)
+        return decode_attention_reference(q, store.view(seqs), math_cfg=math_cfg, scale=scale)
+    if seqs is not None and list(seqs) != store.sequences:
+        raise ValueError("an attention mask over a subset of the cached sequences is not supported")
     k8, v8 = store.dequantize_int8()  # a mask (padding) needs one rectangular batch
     return attention_details(q, k8, v8, **(opts | {"causal": False}))
 

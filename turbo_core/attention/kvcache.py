@@ -26,6 +26,7 @@ import torch
 from turbo_core.attention.config import KVQuantConfig, check_bits
 from turbo_core.attention.packed import PackedHeads, PackedKV, int8_rows
 from turbo_core.attention.quant import Int8Rows, pack, quantize_int8_blockwise, quantize_lowbit
+from turbo_core.attention.slots import SequenceSlots
 
 PAGE_BLOCK = 16  # the page pool grows by at least this many pages (1024 tokens at chunk 64)
 
@@ -71,7 +72,7 @@ class _Pool:
                                                 "v_packed", "v_scale", "v_low", "v_first")})
 
 
-class QuantizedKVLayer:
+class QuantizedKVLayer(SequenceSlots):
     """Packed INT4/INT2 (+ INT8) KV storage of one attention layer with a per-head bit plan.
 
     Sequences are slots: :meth:`add_sequence` / :meth:`release`; :meth:`append` without
@@ -109,32 +110,18 @@ class QuantizedKVLayer:
     def num_heads(self) -> int:
         return len(self.head_bits)
 
-    @property
-    def sequences(self) -> list[int]:
-        return list(self._active)
+    def _slot_count(self) -> int:
+        return len(self._n_chunks)
 
-    @property
-    def batch(self) -> int | None:
-        return len(self._active) or None
-
-    def add_sequence(self) -> int:
-        """Open an empty sequence; returns its slot id."""
-        free = [s for s in range(len(self._n_chunks)) if s not in self._active]
-        slot = free[0] if free else len(self._n_chunks)
+    def _open_slot(self, slot: int) -> None:
         if slot == len(self._n_chunks):
             self._n_chunks.append(0)
             self._buf_len.append(0)
         self._n_chunks[slot] = self._buf_len[slot] = 0
-        self._active.append(slot)
-        return slot
 
-    def release(self, seq: int) -> None:
-        """Close a sequence and return its pages to the pool."""
-        if seq not in self._active:
-            raise ValueError(f"sequence {seq} is not open in this cache layer")
-        self._free_pages += self._table[seq, : self._n_chunks[seq]].tolist()
-        self._n_chunks[seq] = self._buf_len[seq] = 0
-        self._active.remove(seq)
+    def _close_slot(self, slot: int) -> None:
+        self._free_pages += self._table[slot, : self._n_chunks[slot]].tolist()
+        self._n_chunks[slot] = self._buf_len[slot] = 0
 
     def seq_lens(self, seqs: Sequence[int] | None = None) -> list[int]:
         return [self._n_chunks[s] * self.cfg.chunk + self._buf_len[s] for s in self._pick(seqs)]
@@ -147,15 +134,6 @@ class QuantizedKVLayer:
     @property
     def buffered(self) -> int:
         return max((self._buf_len[s] for s in self._active), default=0)
-
-    def _pick(self, seqs: Sequence[int] | None) -> list[int]:
-        if seqs is None:
-            return list(self._active)
-        seqs = [int(s) for s in seqs]
-        missing = [s for s in seqs if s not in self._active]
-        if missing:
-            raise ValueError(f"sequences {missing} are not open in this cache layer")
-        return seqs
 
     # -- writing -----------------------------------------------------------------------------
     def _check(self, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -179,20 +157,20 @@ class QuantizedKVLayer:
         :meth:`compress_full_chunks` later (e.g. after the new tokens attended at INT8).
         """
         self._check(k, v)
-        if seqs is None:
-            if not self._active:
-                for _ in range(k.shape[0]):
-                    self.add_sequence()
-            if k.shape[0] != len(self._active):
-                raise ValueError(f"batch size changed from {len(self._active)} to {k.shape[0]}")
-        seqs = self._pick(seqs)
-        if len(seqs) != k.shape[0]:
-            raise ValueError(f"{k.shape[0]} rows of keys for {len(seqs)} sequences")
+        seqs = self._rows_for(k.shape[0], seqs)
         self._ensure_storage(k.device)
         t = k.shape[2]
         self._reserve_rows(max(self._buf_len[s] for s in seqs) + t)
+        if t == 1:  # a decode step: one scatter per tensor for the whole batch
+            slot = torch.tensor(seqs, device=k.device)[:, None]
+            pos = torch.tensor([self._buf_len[s] for s in seqs], device=k.device)[:, None]
+            head = torch.arange(self.num_heads, device=k.device)[None, :]
         for name, x in (("k", k), ("v", v)):
             rows = quantize_int8_blockwise(x, block_size=1)
+            if t == 1:
+                self._buf[f"{name}_values"][slot, head, pos] = rows.values[:, :, 0]
+                self._buf[f"{name}_scale"][slot, head, pos] = rows.scale[:, :, 0]
+                continue
             for i, s in enumerate(seqs):
                 at = self._buf_len[s]
                 self._buf[f"{name}_values"][s, :, at:at + t] = rows.values[i]
@@ -354,6 +332,20 @@ class QuantizedKVLayer:
     def capacity_nbytes(self) -> int:
         """Bytes of every tensor allocated (what the process holds for this layer)."""
         return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    def bytes_for(self, tokens: int) -> int:
+        """The most bytes one sequence of ``tokens`` tokens occupies at rest between decode
+        steps (full chunks as pages, up to one chunk of INT8 rows in the buffer), from the
+        tensors' shapes and element sizes — what admission by a KV budget reserves."""
+        if tokens <= 0:
+            return 0
+        pools = self._pools.values() if self._pools else [
+            _Pool(b, h, self.head_dim, self.cfg, self.v_group, torch.device("meta"))
+            for b, h in self.groups.items()]
+        page = sum(p.page_nbytes() for p in pools)
+        row = 2 * self.num_heads * (self.head_dim * torch.int8.itemsize + torch.float32.itemsize)
+        pages = (tokens - 1) // self.cfg.chunk
+        return pages * page + (tokens - pages * self.cfg.chunk) * row
 
     def nbytes(self) -> int:
         """Bytes the open sequences occupy: their pages (codes, scales, offsets, first-level

@@ -42,7 +42,8 @@ def turbo_attention_forward(
     store = layer.store if layer is not None else None
     if layer is not None:
         layer.attended = True
-    lk = store.seq_len if store is not None else key.shape[2]
+    seqs = layer.seqs if layer is not None else None
+    lk = max(store.seq_lens(seqs)) if store is not None else key.shape[2]
     causal = attention_mask is None and getattr(module, "is_causal", True) and query.shape[2] > 1
     if attention_mask is not None and attention_mask.dtype != torch.bool:
         attention_mask = attention_mask.to(query.dtype)  # additive float mask
@@ -52,7 +53,7 @@ def turbo_attention_forward(
         raise ValueError(f"attention mask covers {attention_mask.shape[-1]} keys but the TurboCache "
                          f"layer holds {lk}")
     res = turbo_attention(query, key, value, math_cfg=math_cfg, causal=causal, scale=scaling,
-                          mask=attention_mask, dropout_p=dropout, kv_store=store)
+                          mask=attention_mask, dropout_p=dropout, kv_store=store, kv_seqs=seqs)
     _record_sparsity(module, res.sas_dropped, res.candidates)
     return res.out.transpose(1, 2).contiguous(), None
 

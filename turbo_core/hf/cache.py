@@ -14,6 +14,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from turbo_core.attention.config import KVQuantConfig
+from turbo_core.attention.floatcache import FloatKVLayer
 from turbo_core.attention.kvcache import QuantizedKVLayer
 from turbo_core.attention.plan import BitPlan, ModelShape
 
@@ -38,9 +39,10 @@ class TurboCacheLayer(CacheLayerMixin):
     is_croppable = False
     is_sliding = False
 
-    def __init__(self, head_bits: Sequence[int], head_dim: int, cfg: KVQuantConfig):
+    def __init__(self, store: QuantizedKVLayer | FloatKVLayer):
         super().__init__()
-        self.store = QuantizedKVLayer(head_bits, head_dim, cfg)
+        self.store = store
+        self.seqs: list[int] | None = None  # the sequences the next update writes (None: all)
         self.attended = True  # set False by update, True again when the turbo attention reads
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -54,28 +56,29 @@ class TurboCacheLayer(CacheLayerMixin):
         if not self.attended:
             raise ValueError("TurboCache was read by an attention other than 'turbo'; switch the "
                              "model with turbo_core.hf.attention.enable() before using TurboCache")
-        self.store.compress_full_chunks()
-        self.store.append(key_states, value_states, compress=False)
+        self.store.compress_full_chunks(self.seqs)
+        self.store.append(key_states, value_states, compress=False, seqs=self.seqs)
         for handle in (key_states, value_states):
             setattr(handle, LAYER_ATTR, self)
         self.attended = False
         return key_states, value_states
 
-    def flush(self) -> None:
-        self.store.compress_full_chunks()
+    def flush(self, seqs: Sequence[int] | None = None) -> None:
+        self.store.compress_full_chunks(seqs)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.get_seq_length() + query_length, 0
 
     def get_seq_length(self) -> int:
-        return self.store.seq_len
+        return max(self.store.seq_lens(self.seqs), default=0)
 
     def get_max_length(self) -> int:
         return -1
 
     def reset(self) -> None:
-        self.store = QuantizedKVLayer(self.store.head_bits, self.store.head_dim, self.store.cfg)
-        self.attended = True
+        for seq in self.store.sequences:
+            self.store.release(seq)
+        self.seqs, self.attended = None, True
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         raise ValueError("TurboCache does not support beam search reordering; use greedy or sampling")
@@ -92,17 +95,57 @@ class TurboCacheLayer(CacheLayerMixin):
 
 class TurboCache(Cache):
     """Packed INT4/INT2 KV cache for ``generate()`` / ``forward``, one layer per model layer,
-    bits per (layer, KV head) from a :class:`BitPlan` or a uniform width."""
+    bits per (layer, KV head) from a :class:`BitPlan` or a uniform width; ``bits=None`` keeps
+    float K/V (``dtype``) in the same slotted layout — the baseline a server batches alike.
 
-    def __init__(self, shape: ModelShape, bits: BitPlan | int, cfg: KVQuantConfig | None = None):
+    Sequences: a plain batch opens one per row on first use. A server opens them itself
+    (:meth:`add_sequence`), points each forward at the ones it carries (:meth:`select`), and
+    :meth:`release` frees a finished one's storage for the next.
+    """
+
+    def __init__(self, shape: ModelShape, bits: BitPlan | int | None,
+                 cfg: KVQuantConfig | None = None, dtype: torch.dtype = torch.float32):
         cfg = cfg or KVQuantConfig()
-        if isinstance(bits, BitPlan):
-            bits.check_compatible(shape)
-            grid = bits.bits_grid()
+        if bits is None:
+            stores = [FloatKVLayer(shape.num_kv_heads, shape.head_dim, dtype)
+                      for _ in range(shape.num_layers)]
         else:
-            grid = [[bits] * shape.num_kv_heads for _ in range(shape.num_layers)]
-        super().__init__(layers=[TurboCacheLayer(row, shape.head_dim, cfg) for row in grid])
+            if isinstance(bits, BitPlan):
+                bits.check_compatible(shape)
+                grid = bits.bits_grid()
+            else:
+                grid = [[bits] * shape.num_kv_heads for _ in range(shape.num_layers)]
+            stores = [QuantizedKVLayer(row, shape.head_dim, cfg) for row in grid]
+        super().__init__(layers=[TurboCacheLayer(s) for s in stores])
         self.shape = shape
+        self.quantized = bits is not None
+
+    def add_sequence(self) -> int:
+        slots = {layer.store.add_sequence() for layer in self.layers}
+        if len(slots) != 1:
+            raise RuntimeError(f"cache layers disagree on the new sequence's slot: {slots}")
+        return slots.pop()
+
+    def release(self, seq: int) -> None:
+        for layer in self.layers:
+            layer.store.release(seq)
+
+    def select(self, seqs: Sequence[int] | None) -> None:
+        """The sequences the next forward's batch rows are, in order (``None``: every open one)."""
+        picked = None if seqs is None else self.layers[0].store._pick(seqs)
+        for layer in self.layers:
+            layer.seqs = picked
+
+    @property
+    def sequences(self) -> list[int]:
+        return self.layers[0].store.sequences
+
+    def seq_length(self, seq: int) -> int:
+        return self.layers[0].store.seq_lens([seq])[0]
+
+    def bytes_for(self, tokens: int) -> int:
+        """The most bytes one sequence of ``tokens`` tokens occupies at rest (every layer)."""
+        return sum(layer.store.bytes_for(tokens) for layer in self.layers)
 
     def nbytes(self) -> int:
         """Bytes the cached tokens occupy (packed pages with their scales and offsets, buffered
@@ -113,10 +156,11 @@ class TurboCache(Cache):
         """Bytes of every tensor the cache has allocated (free pages and buffer rows included)."""
         return sum(layer.store.capacity_nbytes() for layer in self.layers)
 
-    def flush(self) -> None:
-        """Compress every full chunk still waiting in the buffers (the state at rest)."""
+    def flush(self, seqs: Sequence[int] | None = None) -> None:
+        """Compress every full chunk still waiting in the buffers (the state at rest), of
+        ``seqs`` or of every open sequence."""
         for layer in self.layers:
-            layer.flush()
+            layer.flush(seqs)
 
 
 def tensor_bytes(t: torch.Tensor) -> int:

@@ -1,57 +1,30 @@
-"""FastAPI app: ``POST /v1/completions`` (OpenAI-compatible, SSE streaming), ``GET /v1/models``,
-``/health`` (liveness), ``/ready`` (a real forward pass works), ``/metrics`` (Prometheus)."""
+"""FastAPI app over the batching scheduler: OpenAI ``POST /v1/completions`` and
+``/v1/chat/completions`` (SSE streaming, ``usage``), ``GET /v1/models``, ``/health``
+(liveness), ``/ready`` (the engine demonstrably generates), ``/metrics`` (Prometheus).
+
+With an API key (``--api-key`` / ``TURBO_API_KEY``) every ``/v1`` route needs
+``Authorization: Bearer <key>`` (401 otherwise), as vLLM does; probes and metrics stay open.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
-import threading
 import time
 import uuid
-from typing import Literal
+from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    generate_latest,
-)
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from turbo_core.serving.engine import Engine, Limits
+from turbo_core.serving.engine import Engine, Limits, Sampling
+from turbo_core.serving.metrics import ServerMetrics
+from turbo_core.serving.protocol import ChatRequest, CompletionRequest, GenerationRequest
+from turbo_core.serving.scheduler import QueueFull, Scheduler, TooLarge
 
-
-class CompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    model: str | None = None
-    prompt: str | list[str]
-    max_tokens: int = Field(16, ge=1)
-    temperature: float = Field(0.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    n: Literal[1] = 1
-    stream: bool = False
-    seed: int | None = None
-    stop: str | list[str] | None = None
-
-    @field_validator("prompt")
-    @classmethod
-    def _one_prompt(cls, v: str | list[str]) -> str | list[str]:
-        if isinstance(v, list) and len(v) != 1:
-            raise ValueError("exactly one prompt per request")
-        return v
-
-    @field_validator("stop")
-    @classmethod
-    def _stops(cls, v: str | list[str] | None) -> str | list[str] | None:
-        if isinstance(v, list) and len(v) > 4:
-            raise ValueError("at most 4 stop sequences")
-        return v
+READY_FRESH_S = 30.0  # a scheduler step this recent proves the engine works
 
 
 def _error(status: int, message: str, kind: str = "invalid_request_error", **headers: str) -> JSONResponse:
@@ -59,38 +32,33 @@ def _error(status: int, message: str, kind: str = "invalid_request_error", **hea
                         headers=headers or None)
 
 
-class _Metrics:
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        self.requests = Counter("turbo_requests_total", "HTTP requests", ["endpoint", "status"],
-                                registry=self.registry)
-        self.errors = Counter("turbo_request_errors_total", "requests answered with an error",
-                              ["endpoint", "status"], registry=self.registry)
-        self.latency = Histogram("turbo_request_latency_seconds", "completion latency",
-                                 registry=self.registry,
-                                 buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120))
-        self.tokens = Counter("turbo_generated_tokens_total", "generated tokens",
-                              registry=self.registry)
-        self.kv_bytes = Gauge("turbo_kv_cache_bytes", "bytes held by KV caches in use",
-                              registry=self.registry)
-
-
-def create_app(engine: Engine, limits: Limits | None = None) -> FastAPI:
+def create_app(engine: Engine, limits: Limits | None = None, api_key: str | None = None) -> FastAPI:
     limits = limits or Limits()
-    app = FastAPI(title="TurboAttention server", version="1")
-    metrics = _Metrics()
-    metrics.kv_bytes.set_function(lambda: engine.kv_bytes_in_use)
-    slots = asyncio.Semaphore(limits.max_concurrency)
-    state = {"waiting": 0, "ready": None}
-    app.state.engine, app.state.limits, app.state.slots = engine, limits, slots
+    metrics = ServerMetrics()
+    holder: dict[str, Scheduler] = {}
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        scheduler = Scheduler(engine, limits, metrics.hooks())
+        holder["s"] = app.state.scheduler = scheduler
+        metrics.bind(scheduler)
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(scheduler.close)
+
+    app = FastAPI(title="TurboAttention server", version="2", lifespan=lifespan)
+    app.state.engine, app.state.limits = engine, limits
 
     @app.middleware("http")
-    async def count(request: Request, call_next):
-        response = await call_next(request)
+    async def guard_and_count(request: Request, call_next):
         path = request.url.path if request.url.path in _PATHS else "other"
-        metrics.requests.labels(path, str(response.status_code)).inc()
-        if response.status_code >= 400:
-            metrics.errors.labels(path, str(response.status_code)).inc()
+        if api_key and request.url.path.startswith("/v1/") and not _authorized(request, api_key):
+            response = _error(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                              "authentication_error")
+        else:
+            response = await call_next(request)
+        metrics.count(path, response.status_code)
         return response
 
     @app.exception_handler(RequestValidationError)
@@ -108,17 +76,20 @@ def create_app(engine: Engine, limits: Limits | None = None) -> FastAPI:
 
     @app.get("/ready")
     async def ready() -> JSONResponse:
-        if slots.locked():  # every slot generating: the model demonstrably works
-            return JSONResponse({"ready": bool(state["ready"]), "busy": True},
-                                status_code=200 if state["ready"] else 503)
-        async with slots:
-            try:
-                ok = await asyncio.wait_for(asyncio.to_thread(engine.self_test), timeout=30)
-            except (TimeoutError, RuntimeError) as exc:
-                state["ready"] = False
-                return JSONResponse({"ready": False, "error": str(exc)}, status_code=503)
-        state["ready"] = ok
-        return JSONResponse({"ready": ok, "model": engine.model_id}, status_code=200 if ok else 503)
+        scheduler = holder["s"]
+        last = scheduler.last_step_ok
+        if last is not None and time.monotonic() - last < READY_FRESH_S:
+            return JSONResponse({"ready": True, "model": engine.model_id, "running": scheduler.running})
+        probe = engine.encode("ready")[:2] or [0]
+        try:
+            _, finish, _ = await asyncio.wait_for(asyncio.to_thread(
+                scheduler.generate, probe, Sampling(max_tokens=1)), timeout=30)
+        except (TimeoutError, QueueFull, ValueError) as exc:
+            return JSONResponse({"ready": False, "error": f"{type(exc).__name__}: {exc}"},
+                                status_code=503)
+        ok = finish in ("length", "stop")
+        return JSONResponse({"ready": ok, "model": engine.model_id, "probe": finish},
+                            status_code=200 if ok else 503)
 
     @app.get("/v1/models")
     async def list_models() -> dict:
@@ -127,91 +98,127 @@ def create_app(engine: Engine, limits: Limits | None = None) -> FastAPI:
 
     @app.get("/metrics")
     async def prometheus() -> PlainTextResponse:
-        return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        body, content_type = metrics.render()
+        return PlainTextResponse(body, media_type=content_type)
 
     @app.post("/v1/completions")
-    async def completions(req: CompletionRequest):
+    async def completions(req: CompletionRequest, request: Request):
+        prompt = req.prompt[0] if isinstance(req.prompt, list) else req.prompt
+        return await _serve(req, request, lambda: engine.encode(prompt), chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat(req: ChatRequest, request: Request):
+        messages = [m.model_dump() for m in req.messages]
+        return await _serve(req, request, lambda: engine.encode_chat(messages), chat=True)
+
+    async def _serve(req: GenerationRequest, request: Request, encode, chat: bool):
         if req.model is not None and req.model != engine.model_id:
             return _error(404, f"model {req.model!r} is not served here; use {engine.model_id!r}",
                           "model_not_found")
-        if req.max_tokens > limits.max_new_tokens:
-            return _error(422, f"max_tokens {req.max_tokens} exceeds the limit "
-                               f"{limits.max_new_tokens}")
-        prompt = req.prompt[0] if isinstance(req.prompt, list) else req.prompt
-        ids = engine.encode(prompt)
-        if ids.shape[1] == 0:
+        max_tokens = req.max_new_tokens()
+        if max_tokens > limits.max_new_tokens:
+            return _error(422, f"max_tokens {max_tokens} exceeds the limit {limits.max_new_tokens}")
+        try:
+            ids = encode()
+        except ValueError as exc:
+            return _error(400, str(exc))
+        if not ids:
             return _error(422, "prompt is empty")
-        if ids.shape[1] > limits.max_prompt_tokens:
-            return _error(400, f"prompt has {ids.shape[1]} tokens, the limit is "
-                               f"{limits.max_prompt_tokens}")
-        if slots.locked() and state["waiting"] >= limits.max_queue:
-            return _error(429, "server busy: generation slots and queue are full", "overloaded",
-                          **{"Retry-After": "1"})
-        stops = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
-        rid = f"cmpl-{uuid.uuid4().hex[:24]}"
-        created = int(time.time())
-        state["waiting"] += 1
+        if len(ids) > limits.max_prompt_tokens:
+            return _error(400, f"prompt has {len(ids)} tokens, the limit is {limits.max_prompt_tokens}")
+        sampling = Sampling(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
+                            seed=req.seed, stop=tuple(req.stops()))
+        loop, events = asyncio.get_running_loop(), asyncio.Queue()
         try:
-            await asyncio.wait_for(slots.acquire(), timeout=limits.request_timeout_s)
-        except TimeoutError:
-            return _error(503, "timed out waiting for a generation slot", "overloaded",
-                          **{"Retry-After": "1"})
-        finally:
-            state["waiting"] -= 1
-        cancel = threading.Event()
-        deadline = time.monotonic() + limits.request_timeout_s
-        gen = engine.stream(ids, req.max_tokens, req.temperature, req.top_p, req.seed, stops,
-                            cancel, deadline)
+            handle = holder["s"].submit(ids, sampling,
+                                        lambda item: loop.call_soon_threadsafe(events.put_nowait, item))
+        except TooLarge as exc:
+            return _error(400, str(exc))
+        except QueueFull as exc:
+            return _error(429, str(exc), "overloaded", **{"Retry-After": "1"})
+        shape = _Shape(chat, engine.model_id, len(ids))
         started = time.monotonic()
-
-        def chunk(text: str, finish: str | None) -> dict:
-            return {"id": rid, "object": "text_completion", "created": created,
-                    "model": engine.model_id,
-                    "choices": [{"index": 0, "text": text, "finish_reason": finish,
-                                 "logprobs": None}]}
-
-        def finish_metrics(n: int) -> None:
-            metrics.tokens.inc(n)
-            metrics.latency.observe(time.monotonic() - started)
-
         if req.stream:
-            async def events():
-                n = 0
-                try:
-                    while True:
-                        item = await asyncio.to_thread(next, gen, None)
-                        if item is None:
-                            break
-                        delta, finish = item
-                        n += 0 if finish else 1
-                        yield f"data: {json.dumps(chunk(delta, finish))}\n\n"
-                        if finish:
-                            break
-                    yield "data: [DONE]\n\n"
-                finally:
-                    cancel.set()
-                    slots.release()
-                    finish_metrics(n)
-            return StreamingResponse(events(), media_type="text/event-stream")
-
+            return StreamingResponse(_events(shape, handle, events, req.include_usage(), metrics,
+                                             started), media_type="text/event-stream")
+        parts, finish = [], None
         try:
-            pieces = await asyncio.to_thread(lambda: list(gen))
+            while finish is None:
+                try:
+                    delta, finish = await asyncio.wait_for(events.get(), timeout=1.0)
+                except TimeoutError:
+                    if await request.is_disconnected():
+                        handle.cancel()
+                        return _error(499, "client closed the request", "cancelled")
+                    continue
+                if finish is None:
+                    parts.append(delta)
         finally:
-            cancel.set()
-            slots.release()
-        text = "".join(p for p, _ in pieces)
-        n_out = sum(1 for _, f in pieces if f is None)
-        finish_metrics(n_out)
-        finish = next((f for _, f in pieces if f), "length")
+            handle.cancel()  # no-op once finished; frees the sequence if this task was cancelled
+        metrics.finished(len(parts), time.monotonic() - started)
         if finish == "timeout":
             return _error(504, f"generation exceeded the request timeout "
                                f"({limits.request_timeout_s:g} s)", "timeout")
-        body = chunk(text, finish)
-        body["usage"] = {"prompt_tokens": int(ids.shape[1]), "completion_tokens": n_out,
-                         "total_tokens": int(ids.shape[1]) + n_out}
+        if finish.startswith("error") or finish == "cancelled":
+            return _error(500 if finish.startswith("error") else 503, f"generation failed: {finish}",
+                          "server_error")
+        body = shape.chunk("".join(parts), finish, whole=True)
+        body["usage"] = shape.usage(len(parts))
         return body
 
     return app
 
 
-_PATHS = {"/v1/completions", "/v1/models", "/health", "/ready", "/metrics"}
+class _Shape:
+    """The OpenAI response objects of one request (completion or chat, whole or chunk)."""
+
+    def __init__(self, chat: bool, model: str, prompt_tokens: int):
+        self.chat, self.model, self.prompt_tokens = chat, model, prompt_tokens
+        self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        self.created = int(time.time())
+
+    def chunk(self, text: str, finish: str | None, whole: bool = False) -> dict:
+        if self.chat:
+            obj = "chat.completion" if whole else "chat.completion.chunk"
+            key = "message" if whole else "delta"
+            choice = {"index": 0, key: {"role": "assistant", "content": text},
+                      "finish_reason": finish, "logprobs": None}
+        else:
+            obj = "text_completion"
+            choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
+                "choices": [choice]}
+
+    def usage(self, completion_tokens: int) -> dict:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion_tokens,
+                "total_tokens": self.prompt_tokens + completion_tokens}
+
+
+async def _events(shape: _Shape, handle, events: asyncio.Queue, include_usage: bool,
+                  metrics: ServerMetrics, started: float):
+    """SSE: one chunk per token, the last with its finish reason, optional usage, [DONE]."""
+    n = 0
+    try:
+        while True:
+            delta, finish = await events.get()
+            if finish is None:
+                n += 1
+            yield f"data: {json.dumps(shape.chunk(delta, finish))}\n\n"
+            if finish is not None:
+                break
+        if include_usage:
+            tail = shape.chunk("", None) | {"choices": [], "usage": shape.usage(n)}
+            yield f"data: {json.dumps(tail)}\n\n"
+        yield "data: [DONE]\n\n"
+    finally:
+        handle.cancel()  # a client that went away frees its sequence at the next step
+        metrics.finished(n, time.monotonic() - started)
+
+
+def _authorized(request: Request, key: str) -> bool:
+    given = request.headers.get("authorization", "")
+    scheme, _, token = given.partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode())
+
+
+_PATHS = {"/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/ready", "/metrics"}

@@ -1,12 +1,13 @@
-"""The generation engine behind the server: one model + variant + plan, token-by-token
-generation with the packed TurboCache, cancellable, with the KV bytes it holds."""
+"""What the server runs: one model + variant + plan on one device, its caches, and sampling.
+
+The :class:`~turbo_core.serving.scheduler.Scheduler` batches requests over one shared
+:class:`~turbo_core.hf.cache.TurboCache`; this module knows nothing of HTTP or threads.
+"""
 
 from __future__ import annotations
 
-import threading
-import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 
 import torch
 
@@ -14,128 +15,185 @@ from turbo_core.attention.plan import BitPlan
 from turbo_core.attention.variants import Variant, get_variant
 from turbo_core.hf import models
 from turbo_core.hf.attention import enable
-from turbo_core.hf.cache import TurboCache, cache_bytes
+from turbo_core.hf.cache import TurboCache
+
+DTYPES = ("float32", "float16", "bfloat16")
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(text: str | int | None) -> int | None:
+    """``"512MiB"`` / ``"2GB"`` / ``"1048576"`` -> bytes; ``None`` stays ``None``."""
+    if text is None or isinstance(text, int):
+        return text
+    m = _SIZE.match(str(text))
+    if not m:
+        raise ValueError(f"KV budget {text!r} is not a size like 512MiB, 2GB or 1048576")
+    return int(float(m.group(1)) * _UNITS[(m.group(2) or "B").lower()])
 
 
 @dataclass(frozen=True)
 class Limits:
-    """Server limits; requests beyond them are refused with a 4xx, never a 500."""
+    """Server limits; requests beyond them are refused with a 4xx, never a 500.
+
+    ``max_batch`` sequences decode together; ``kv_budget`` (bytes, ``None`` = unlimited)
+    admits a request only when its prompt + ``max_tokens`` fit beside the running ones at the
+    variant's bytes per sequence; others wait in a queue of ``max_queue`` (full: 429).
+    A prompt runs in forwards of ``prefill_chunk`` tokens (128: the CPU kernel's largest call
+    over a packed cache), at most ``prefill_per_step`` prompt tokens between two decode steps
+    — a long prompt delays the running batch by one budget, not by its whole length.
+    """
 
     max_prompt_tokens: int = 2048
     max_new_tokens: int = 512
-    max_concurrency: int = 1
-    max_queue: int = 8
-    request_timeout_s: float = 120.0
+    max_batch: int = 16
+    max_queue: int = 64
+    request_timeout_s: float = 300.0
+    kv_budget: int | None = None
+    prefill_chunk: int = 128
+    prefill_per_step: int = 2048
 
     def __post_init__(self) -> None:
-        if min(self.max_prompt_tokens, self.max_new_tokens, self.max_concurrency) < 1 or \
-                self.max_queue < 0 or self.request_timeout_s <= 0:
+        counts = (self.max_prompt_tokens, self.max_new_tokens, self.max_batch,
+                  self.prefill_chunk, self.prefill_per_step)
+        if min(counts) < 1 or self.prefill_per_step < self.prefill_chunk or self.max_queue < 0 \
+                or self.request_timeout_s <= 0 or (self.kv_budget is not None and self.kv_budget < 1):
             raise ValueError(f"invalid server limits: {self}")
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """Per-request decoding: greedy at temperature 0, else seeded top-p sampling."""
+
+    max_tokens: int = 16
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = field(default_factory=tuple)
+
+    def generator(self) -> torch.Generator:
+        return torch.Generator().manual_seed(self.seed if self.seed is not None else 0)
+
+    def pick(self, logits: torch.Tensor, gen: torch.Generator) -> int:
+        """The next token from one row of logits ``(vocab,)``."""
+        logits = logits.float().cpu()
+        if self.temperature <= 0:
+            return int(logits.argmax())
+        probs = torch.softmax(logits / self.temperature, dim=-1)
+        if self.top_p < 1.0:
+            sorted_p, order = probs.sort(descending=True)
+            keep = sorted_p.cumsum(0) - sorted_p < self.top_p
+            probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
+        return int(torch.multinomial(probs / probs.sum(), 1, generator=gen))
+
+
+def resolve_device(spec: str) -> torch.device:
+    """``cpu`` | ``cuda`` | ``auto`` (CUDA when this torch sees a GPU) -> a device, or a clear
+    refusal when CUDA is asked for and absent."""
+    spec = spec.strip().lower()
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec not in ("cpu", "cuda"):
+        raise ValueError(f"device {spec!r}: use cpu, cuda or auto")
+    if spec == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device cuda, but this torch ({torch.__version__}, CUDA build "
+                         f"{torch.version.cuda or 'none'}) sees no CUDA device; use --device cpu "
+                         f"or auto, or run the GPU image on a node with a GPU")
+    return torch.device(spec)
+
+
 class Engine:
-    def __init__(self, lm: models.LoadedModel, variant: Variant, plan: BitPlan | None):
+    """The model, switched to the variant's attention, and the caches it decodes with."""
+
+    def __init__(self, lm: models.LoadedModel, variant: Variant, plan: BitPlan | None,
+                 device: str | torch.device = "cpu"):
         if plan is not None:
             plan.check_compatible(lm.shape)
         if variant.needs_calibration and plan is None:
             raise ValueError(f"variant {variant.name} needs a bit plan (--plan)")
+        self.device = resolve_device(device) if isinstance(device, str) else device
         self.lm, self.variant, self.plan = lm, variant, plan
+        self.lm.model.to(self.device)
+        self.dtype = next(lm.model.parameters()).dtype
         self.model_id = f"{lm.name}:{variant.name}"
         enable(lm.model, variant.math)
-        self.kv_bytes_in_use = 0
-        self._kv_lock = threading.Lock()
 
     @classmethod
-    def from_files(cls, model: str | None, variant: str, plan: str | None) -> Engine:
-        return cls(models.load(model), get_variant(variant), BitPlan.load(plan) if plan else None)
+    def from_files(cls, model: str | None, variant: str, plan: str | None,
+                   device: str = "cpu", dtype: str = "float32") -> Engine:
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+        dev = resolve_device(device)  # refuse before the weights load
+        return cls(models.load(model, dtype=dtype), get_variant(variant),
+                   BitPlan.load(plan) if plan else None, dev)
 
     @classmethod
-    def from_mlflow(cls, uri: str) -> Engine:
+    def from_mlflow(cls, uri: str, device: str = "cpu") -> Engine:
         import mlflow.pyfunc
 
         from turbo_core.tracking import runs as tracking
 
+        dev = resolve_device(device)
         tracking.configure()
         wrapped = mlflow.pyfunc.load_model(uri).unwrap_python_model()
-        return cls(wrapped.lm, wrapped.variant, wrapped.plan)
+        return cls(wrapped.lm, wrapped.variant, wrapped.plan, dev)
 
-    def encode(self, prompt: str) -> torch.Tensor:
-        return self.lm.tokenizer(prompt, return_tensors="pt")["input_ids"]
+    # -- text --------------------------------------------------------------------------------
+    @property
+    def eos_token_id(self) -> int | None:
+        return self.lm.tokenizer.eos_token_id
 
-    def _new_cache(self):
-        if not self.variant.quantized_cache:
-            from transformers import DynamicCache
+    def encode(self, prompt: str) -> list[int]:
+        return list(self.lm.tokenizer(prompt)["input_ids"])
 
-            return DynamicCache(config=self.lm.model.config)
-        return TurboCache(self.lm.shape, self.plan if self.plan is not None else
-                             self.variant.kv_bits, self.variant.kv)
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        """The tokenizer's chat template with the assistant's turn opened."""
+        tok = self.lm.tokenizer
+        if not getattr(tok, "chat_template", None):
+            raise ValueError(f"the tokenizer of {self.lm.name} has no chat template; "
+                             f"use /v1/completions")
+        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return list(tok(text, add_special_tokens=False)["input_ids"])
+
+    def decode(self, ids: list[int]) -> str:
+        return self.lm.tokenizer.decode(ids, skip_special_tokens=True)
+
+    # -- caches and forward passes -----------------------------------------------------------
+    def new_cache(self) -> TurboCache:
+        """One cache for every sequence the server runs: packed for quantized variants, float
+        (model dtype) in the same slotted layout otherwise."""
+        bits = (self.plan if self.plan is not None else self.variant.kv_bits) \
+            if self.variant.quantized_cache else None
+        return TurboCache(self.lm.shape, bits, self.variant.kv, dtype=self.dtype)
 
     @torch.no_grad()
+    def forward(self, cache: TurboCache, seqs: list[int], ids: list[list[int]],
+                starts: list[int]) -> torch.Tensor:
+        """New tokens ``ids[i]`` (all of one length) for sequence ``seqs[i]``, whose cache holds
+        ``starts[i]`` tokens; returns the last position's logits ``(N, vocab)``."""
+        cache.select(seqs)
+        t = len(ids[0])
+        pos = torch.tensor(starts, device=self.device)[:, None] + torch.arange(t, device=self.device)
+        out = self.lm.model(input_ids=torch.tensor(ids, device=self.device), position_ids=pos,
+                            cache=cache, use_cache=True, logits_to_keep=1)
+        cache.flush(seqs)  # at rest between steps: < one chunk of rows per sequence buffered
+        return out.logits[:, -1]
+
     def self_test(self, tokens: int = 2) -> bool:
-        """Readiness: a real prefill of ``tokens`` and one decode step through the variant's
-        cache. :meth:`warm_up` runs it long enough to fill a page, which compiles every CPU
-        kernel path once (~15 s, cached on disk) before the first request."""
-        ids = self.encode("ready " * tokens)[:, :tokens]
-        cache = self._new_cache()
-        out = self.lm.model(ids, cache=cache, use_cache=True)
-        logits = self.lm.model(out.logits[:, -1:].argmax(-1), cache=cache, use_cache=True).logits
+        """A real prefill of ``tokens`` and one decode step through the variant's cache.
+        :meth:`warm_up` runs it long enough to fill a page, which compiles every CPU kernel
+        path once (~15 s, cached on disk) before the first request."""
+        ids = (self.encode("ready " * tokens) * tokens)[:tokens]
+        cache = self.new_cache()
+        seq = cache.add_sequence()
+        logits = self.forward(cache, [seq], [ids], [0])
+        logits = self.forward(cache, [seq], [[int(logits[0].argmax())]], [len(ids)])
         return bool(torch.isfinite(logits).all())
 
     def warm_up(self) -> bool:
         return self.self_test(tokens=self.variant.kv.chunk + 2)
 
-    @torch.no_grad()
-    def stream(self, ids: torch.Tensor, max_new: int, temperature: float = 0.0, top_p: float = 1.0,
-               seed: int | None = None, stop: list[str] | None = None,
-               cancel: threading.Event | None = None,
-               deadline: float | None = None) -> Iterator[tuple[str, str | None]]:
-        """Yield ``(text_delta, finish_reason)``; the last item carries ``stop``, ``length``
-        or ``timeout``. Greedy at temperature 0, else seeded top-p sampling."""
-        tok = self.lm.tokenizer
-        gen = torch.Generator().manual_seed(seed if seed is not None else 0)
-        cache = self._new_cache()
-        out = self.lm.model(ids, cache=cache, use_cache=True)
-        produced: list[int] = []
-        text = ""
-        try:
-            for _ in range(max_new):
-                logits = out.logits[0, -1].float()
-                if temperature > 0:
-                    probs = torch.softmax(logits / temperature, dim=-1)
-                    if top_p < 1.0:
-                        sorted_p, order = probs.sort(descending=True)
-                        keep = sorted_p.cumsum(0) - sorted_p < top_p
-                        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
-                    nxt = int(torch.multinomial(probs / probs.sum(), 1, generator=gen))
-                else:
-                    nxt = int(logits.argmax())
-                if nxt == tok.eos_token_id:
-                    yield "", "stop"
-                    return
-                produced.append(nxt)
-                full = tok.decode(produced, skip_special_tokens=True)
-                delta, text = full[len(text):], full
-                self._account(cache)
-                hit = next((s for s in (stop or []) if s in text), None)
-                if hit is not None:
-                    yield delta[: max(0, len(delta) - (len(text) - text.index(hit)))], "stop"
-                    return
-                yield delta, None
-                if cancel is not None and cancel.is_set():
-                    return
-                if deadline is not None and time.monotonic() > deadline:
-                    yield "", "timeout"
-                    return
-                out = self.lm.model(torch.tensor([[nxt]]), cache=cache, use_cache=True)
-            yield "", "length"
-        finally:
-            self._account(None)
-
-    def _account(self, cache) -> None:
-        with self._kv_lock:
-            if cache is None:
-                self.kv_bytes_in_use = 0
-            elif isinstance(cache, TurboCache):
-                self.kv_bytes_in_use = cache.nbytes()
-            else:
-                self.kv_bytes_in_use = cache_bytes(cache)
+    def bytes_for(self, tokens: int) -> int:
+        """KV bytes one sequence of ``tokens`` tokens occupies at rest in this engine's cache."""
+        return self.new_cache().bytes_for(tokens)
