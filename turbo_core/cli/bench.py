@@ -106,6 +106,19 @@ def _bench_load(args: argparse.Namespace) -> int:
     return 0 if doc["errors"] == 0 else 1
 
 
+def _bench_serve(args: argparse.Namespace) -> int:
+    from turbo_core.bench import serve
+
+    doc = serve.run(quick=args.quick, model=args.model, plan=args.plan,
+                    peers=tuple(args.peer or ()), url=args.url)
+    print(serve.table(doc))
+    if args.json:
+        write_json(args.json, doc)
+    if args.markdown:
+        write_markdown(args.markdown, "Serving benchmark", serve.table(doc))
+    return 0 if all(r["errors"] == 0 for sc in doc["scenarios"] for r in sc["results"]) else 1
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     bench = sub.add_parser("bench", help="benchmarks (print a table, write JSON)")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
@@ -161,6 +174,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--json", metavar="PATH")
     b.add_argument("--markdown", metavar="PATH")
     b.set_defaults(func=_bench_model)
+
+    sb = bench_sub.add_parser(
+        "serve", help="concurrent streaming clients against our server per variant (and vLLM)",
+        description="Starts each server itself (or uses --url); steady-state decode tokens/s, "
+                    "TTFT and inter-token latency, peak concurrency and KV bytes.")
+    sb.add_argument("--quick", action="store_true",
+                    help="8 clients x 2048-token prompts x 32 new tokens: fp16 and turbo-int4")
+    sb.add_argument("--model", default="smollm2")
+    sb.add_argument("--plan", help="turbo-mix bit plan (the full run includes turbo-mix)")
+    sb.add_argument("--peer", action="append", choices=["vllm"],
+                    help="also run vLLM's CPU build (own venv via scripts/vllm_peer.sh)")
+    sb.add_argument("--url", help="measure a running server instead of starting contenders")
+    sb.add_argument("--json", metavar="PATH")
+    sb.add_argument("--markdown", metavar="PATH")
+    sb.set_defaults(func=_bench_serve)
 
     ld = bench_sub.add_parser("load", help="concurrent clients against a running server")
     ld.add_argument("--url", default="http://127.0.0.1:8000")

@@ -153,10 +153,13 @@ def build_image(prep: dict, chosen: dict) -> dict | Skip:
 
         subprocess.run([str(image.ROOT / "docker" / "base" / "make_base.sh"), image.LOCAL_BASE],
                        check=True)
+    # the local base gets the lock's CPU torch wheel; a CUDA PyTorch base brings its own torch
+    with_torch = prep["base_image"] == image.LOCAL_BASE
     lock = (Path(image.ROOT) / "requirements.lock").read_bytes()
-    wheels = data_dir() / "wheelhouse" / hashlib.sha256(lock).hexdigest()[:12]
+    key = hashlib.sha256(lock).hexdigest()[:12] + ("" if with_torch else "-no-torch")
+    wheels = data_dir() / "wheelhouse" / key
     if not (wheels / "requirements.txt").is_file():
-        image.build_wheelhouse(wheels)
+        image.build_wheelhouse(wheels, include_torch=with_torch)
     built = image.build(model_dir=Path(prep["model_dir"]), plan_path=Path(chosen["plan"]),
                         model_name=prep["model_name"], variant=chosen["variant"],
                         repository=prep["image_repository"], wheelhouse=wheels,

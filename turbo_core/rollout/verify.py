@@ -8,6 +8,7 @@ the docker target, the API server's Service proxy for Kubernetes.
 from __future__ import annotations
 
 import json
+import os
 import time
 import urllib.error
 import urllib.request
@@ -32,11 +33,19 @@ class VerifyConfig:
     metric: str = "turbo_requests_total"  # must appear in /metrics
 
 
+API_KEY_ENV = "TURBO_API_KEY"  # the server's key, sent when set (as `turbo serve` reads it)
+
+
+def auth_headers() -> dict[str, str]:
+    key = os.environ.get(API_KEY_ENV)
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
 def http_request(base_url: str, timeout_s: float = 60.0) -> Request:
     def request(method: str, path: str, body: dict | None) -> tuple[int, bytes]:
         data = json.dumps(body).encode() if body is not None else None
         req = urllib.request.Request(base_url.rstrip("/") + path, data=data, method=method,
-                                     headers={"Content-Type": "application/json"})
+                                     headers={"Content-Type": "application/json", **auth_headers()})
         try:
             with urllib.request.urlopen(req, timeout=timeout_s) as resp:
                 return resp.status, resp.read()

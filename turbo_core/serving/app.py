@@ -127,7 +127,7 @@ def create_app(engine: Engine, limits: Limits | None = None, api_key: str | None
         if len(ids) > limits.max_prompt_tokens:
             return _error(400, f"prompt has {len(ids)} tokens, the limit is {limits.max_prompt_tokens}")
         sampling = Sampling(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
-                            seed=req.seed, stop=tuple(req.stops()))
+                            seed=req.seed, stop=tuple(req.stops()), ignore_eos=req.ignore_eos)
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
         try:
             handle = holder["s"].submit(ids, sampling,

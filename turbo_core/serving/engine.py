@@ -71,6 +71,7 @@ class Sampling:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = field(default_factory=tuple)
+    ignore_eos: bool = False
 
     def generator(self) -> torch.Generator:
         return torch.Generator().manual_seed(self.seed if self.seed is not None else 0)

@@ -28,6 +28,7 @@ class GenerationRequest(BaseModel):
     stream_options: StreamOptions | None = None
     seed: int | None = None
     stop: str | list[str] | None = None
+    ignore_eos: bool = False  # vLLM's extension: generate max_tokens whatever the model says
 
     @field_validator("stop")
     @classmethod

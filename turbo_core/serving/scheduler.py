@@ -200,7 +200,7 @@ class Scheduler:
         if req.last_token_at is not None:
             self.hooks.itl(now - req.last_token_at)
         req.last_token_at = now
-        if token == self.engine.eos_token_id:
+        if token == self.engine.eos_token_id and not req.sampling.ignore_eos:
             return self._finish(req, "stop")
         req.produced.append(token)
         full = self.engine.decode(req.produced)
