@@ -37,8 +37,9 @@ log = logging.getLogger(__name__)
 
 BACKEND_ENV = "TURBO_ATTENTION_BACKEND"
 _BACKENDS = ("auto", "triton", "cpu", "reference")
-# New tokens at once that the CPU kernel takes over a packed cache; a longer prompt chunk
-# runs the reference's GEMMs (the kernel's loops lose to BLAS at prefill sizes).
+# New tokens at once that the fused CPU decode kernel takes over a packed cache; a longer prompt
+# chunk runs turbo_kernels.cpu_prefill (BLAS products + one fused softmax pass: the kernel's
+# loops lose to BLAS at prefill sizes).
 CPU_MAX_NEW_TOKENS = 128
 TRITON_MAX_ROWS = 256  # turbo_kernels.decode.MAX_ROWS (not imported: triton stays lazy)
 _logged: set[tuple[str, str]] = set()
@@ -75,9 +76,8 @@ def _cache_blocker(q: torch.Tensor, store: QuantizedKVLayer, opts: AttentionOpti
     rows = q.shape[1] // store.num_heads * lq  # query rows per KV head
     if backend == "triton" and rows > TRITON_MAX_ROWS:
         return f"{rows} query rows per KV head over a quantized cache (> {TRITON_MAX_ROWS})"
-    if backend == "cpu" and (q.is_cuda or lq > CPU_MAX_NEW_TOKENS):
-        return (f"{q.device.type} tensors" if q.is_cuda else
-                f"{lq} new tokens at once over a quantized cache (> {CPU_MAX_NEW_TOKENS})")
+    if backend == "cpu" and q.is_cuda:
+        return f"{q.device.type} tensors"
     return _common_blocker(opts)
 
 
@@ -208,6 +208,12 @@ def _over_float(q: torch.Tensor, store: FloatKVLayer, seqs: Sequence[int] | None
 def _over_cache(q: torch.Tensor, store: QuantizedKVLayer, seqs: Sequence[int] | None,
                 backend: str, opts: AttentionOptions) -> AttentionResult:
     math_cfg, scale = opts.get("math_cfg", EXACT), opts.get("scale")
+    if backend == "cpu" and q.shape[2] > CPU_MAX_NEW_TOKENS:
+        from turbo_kernels.cpu_prefill import prefill_attention_cpu
+
+        out, dropped, candidates = prefill_attention_cpu(q, store.view(seqs), math_cfg=math_cfg,
+                                                         scale=scale)
+        return AttentionResult(out=out, probs=None, sas_dropped=dropped, candidates=candidates)
     if backend == "cpu":
         from turbo_kernels.cpu_decode import decode_attention_cpu
 

@@ -55,7 +55,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     sv.add_argument("--max-queue", type=int, default=64, help="waiting requests before 429")
     sv.add_argument("--max-prompt-tokens", type=int, default=2048)
     sv.add_argument("--max-new-tokens", type=int, default=512)
-    sv.add_argument("--prefill-chunk", type=int, default=128, help="prompt tokens per forward")
+    sv.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per forward")
     sv.add_argument("--prefill-per-step", type=int, default=2048,
                     help="prompt tokens between two decode steps")
     sv.add_argument("--request-timeout", type=float, default=300.0, help="seconds")

@@ -1,0 +1,106 @@
+"""Prompt chunks over the packed cache on CPU: BLAS for the two products, one fused numba
+pass for the softmax.
+
+A prompt chunk has hundreds of query rows per KV head — GEMM sizes, where BLAS beats the decode
+kernel's loops. Per sequence the history is decompressed to INT8 rows (integer only, as the
+reference does), ``Q·Kᵀ`` runs on the INT8 codes held in float (exact: the sums stay below
+2^24), then :func:`_softmax_rows` applies the causal limit, the row max, SAS (LUT ·
+polynomial, zero past the LUT) or ``exp``, and the normalisation in one parallel pass, and
+``P·V`` is a second GEMM. The same math as the reference, in fewer passes over the scores.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+import torch
+from numba import njit, prange
+
+from turbo_core.attention.config import AttentionMath
+from turbo_core.attention.packed import PackedKV, check_query, int8_rows
+from turbo_core.attention.quant import quantize_int8_blockwise
+from turbo_core.attention.sas import kernel_args
+
+_FAST = {"nsz", "arcp", "contract", "afn", "reassoc"}
+
+
+@njit(parallel=True, fastmath=_FAST, cache=True, nogil=True)
+def _softmax_rows(s, lq, use_sas, lut, c0, c1, c2, c3, lut_max, counts):
+    """``s (R, L_k)`` scores in place -> normalised weights. Row ``r`` is new token
+    ``r % lq``: it sees keys ``<= L_k - lq + r % lq`` (causal, bottom-right)."""
+    rows, lk = s.shape
+    for r in prange(rows):
+        hi = lk - lq + r % lq + 1
+        mx = np.float32(-3.0e38)
+        for t in range(hi):
+            mx = max(mx, s[r, t])
+        total = np.float32(0.0)
+        zeros = 0
+        if use_sas:
+            cut = np.float32(lut_max + 1.0)
+            for t in range(hi):
+                neg = min(mx - s[r, t], cut)
+                n = np.floor(neg)
+                f = neg - n
+                w = lut[np.int32(n)] * (((c3 * f + c2) * f + c1) * f + c0)
+                s[r, t] = w
+                total += w
+                zeros += n > lut_max
+        else:
+            for t in range(hi):
+                w = np.float32(math.exp(s[r, t] - mx))
+                s[r, t] = w
+                total += w
+        inv = np.float32(1.0) / total
+        for t in range(hi):
+            s[r, t] *= inv
+        for t in range(hi, lk):
+            s[r, t] = 0.0
+        counts[r, 0] = zeros
+        counts[r, 1] = hi
+
+
+def prefill_attention_cpu(q: torch.Tensor, cache: PackedKV, *, math_cfg: AttentionMath,
+                          scale: float | None = None) -> tuple[torch.Tensor, int, int]:
+    """Attention of the ``L_q`` newest tokens of each sequence (causal among themselves) over
+    ``cache``, which holds them. ``q (B, H_q, L_q, D)`` float CPU. Returns the output and the
+    weights SAS zeroed and the valid positions (as the reference counts them)."""
+    check_query(q, cache, math_cfg)
+    if math_cfg.pv_int8:
+        raise ValueError("prefill_attention_cpu does not implement INT8 P·V; use the reference")
+    b, hq, lq, d = q.shape
+    hkv = cache.num_heads
+    g = hq // hkv
+    sm_scale = 1.0 / math.sqrt(d) if scale is None else scale
+    sas = math_cfg.sas
+    if sas is not None:
+        coeffs, lut = kernel_args(sas, torch.device("cpu"))
+        lut_np = np.append(lut.numpy(), np.float32(0.0))
+    else:
+        coeffs, lut_np = [0.0] * 4, np.zeros(1, np.float32)
+    c0, c1, c2, c3 = (np.float32(c) for c in coeffs)
+    threads = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
+    if numba.get_num_threads() != threads:
+        numba.set_num_threads(threads)
+    outs, dropped, total = [], 0, 0
+    for i in range(b):
+        k8, v8 = int8_rows(cache, i)  # (H_kv, L, D) int8 codes, (H_kv, L) scales
+        qi = q[i: i + 1]
+        if math_cfg.qk_int8:
+            qq = quantize_int8_blockwise(qi, math_cfg.block_size)
+            qv = qq.values.float().reshape(hkv, g * lq, d)
+            s = torch.bmm(qv, k8.values.float().transpose(1, 2))  # exact integer sums
+            s = s * qq.scale.reshape(hkv, g * lq, 1) * k8.scale.unsqueeze(1)
+        else:
+            kf = k8.dequantize()
+            s = torch.bmm(qi.float().reshape(hkv, g * lq, d), kf.transpose(1, 2))
+        s = (s * sm_scale).reshape(hkv * g * lq, -1).contiguous()
+        counts = np.zeros((s.shape[0], 2), np.int64)
+        _softmax_rows(s.numpy(), lq, sas is not None, lut_np, c0, c1, c2, c3,
+                      float(sas.lut_max) if sas else 0.0, counts)
+        out = torch.bmm(s.reshape(hkv, g * lq, -1), v8.dequantize())
+        outs.append(out.reshape(1, hq, lq, d))
+        dropped, total = dropped + int(counts[:, 0].sum()), total + int(counts[:, 1].sum())
+    return torch.cat(outs).to(q.dtype), dropped, total
