@@ -19,7 +19,7 @@ from turbo_core.serving.engine import Engine, Limits
 @pytest.fixture(scope="module")
 def server(tiny_dir):
     engine = Engine.from_files(str(tiny_dir), "turbo-int4", None)
-    app = create_app(engine, Limits(max_prompt_tokens=1024, max_new_tokens=64, max_batch=6,
+    app = create_app(engine, Limits(max_prompt_tokens=1024, max_new_tokens=4000, max_batch=6,
                                     max_queue=4, prefill_chunk=32))
     port = free_port()
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
@@ -89,7 +89,8 @@ def test_soak_disconnect_and_no_leaked_bytes(server):
 
     async def disconnect():
         async with httpx.AsyncClient(base_url=url, timeout=60) as c:
-            body = {"prompt": "The attention " * 30, "max_tokens": 64, "stream": True}
+            body = {"prompt": "The attention " * 30, "max_tokens": 4000, "stream": True,
+                    "ignore_eos": True}  # far longer than the test: only a cancel ends it
             async with c.stream("POST", "/v1/completions", json=body) as s:
                 async for line in s.aiter_lines():
                     if line.startswith("data: {"):
@@ -106,6 +107,7 @@ def test_soak_disconnect_and_no_leaked_bytes(server):
     assert _metric(text, "turbo_sequences_running") == 0
     assert _metric(text, "turbo_sequences_waiting") == 0
     assert _metric(text, "turbo_kv_cache_bytes") == 0 and scheduler.cache.nbytes() == 0
+    assert 'turbo_requests_finished_total{reason="cancelled"} 1.0' in text
     assert _metric(text, "turbo_kv_cache_bytes_peak") > 0
     assert _metric(text, "turbo_decode_batch_size_count") > 0
     assert _metric(text, "turbo_time_to_first_token_seconds_count") >= 33

@@ -59,10 +59,12 @@ def prompts(tokenizer, n: int, tokens: int) -> list[str]:
     from turbo_core.hf.data import load_split
 
     ids = tokenizer(load_split().evaluation)["input_ids"]
-    stride = tokens + 101
-    if n * stride > len(ids):
-        raise ValueError(f"held-out text has {len(ids)} tokens; {n} prompts of {tokens} need "
-                         f"{n * stride}")
+    # distinct start offsets (no two prompts share a prefix); windows overlap when the text is
+    # shorter than n whole prompts
+    stride = min(tokens + 101, (len(ids) - tokens) // max(1, n - 1) if n > 1 else tokens)
+    if stride < 1:
+        raise ValueError(f"held-out text has {len(ids)} tokens; {n} distinct prompts of "
+                         f"{tokens} tokens do not fit")
     return [tokenizer.decode(ids[i * stride: i * stride + tokens]) for i in range(n)]
 
 
@@ -219,6 +221,7 @@ def run(*, quick: bool, model: str = "smollm2", plan: str | None = None,
                          "(from `turbo calibrate --variant turbo-mix`), or use --quick")
     lm = models.load(model)
     texts = prompts(lm.tokenizer, clients, prompt_tokens)
+    many = [] if quick else prompts(lm.tokenizer, 5 * clients, prompt_tokens)  # fail fast
     model_arg = str(lm.path)
     scenarios = []
     base = {"scenario": f"{clients}x{prompt_tokens}+{max_tokens}", "clients": clients,
@@ -244,7 +247,6 @@ def run(*, quick: bool, model: str = "smollm2", plan: str | None = None,
     if not quick:
         float_seq = TurboCache(lm.shape, None, dtype=torch.float32).bytes_for(prompt_tokens + max_tokens)
         budget = 8 * float_seq
-        many = prompts(lm.tokenizer, 5 * clients, prompt_tokens)
         extra = ["--kv-budget", str(budget), "--max-batch", str(5 * clients),
                  "--max-queue", str(5 * clients)]
         sat = []

@@ -42,6 +42,8 @@ class ServerMetrics:
                                registry=r, buckets=_BATCH)
         self.ttft = Histogram("turbo_time_to_first_token_seconds", "submit to first token",
                               registry=r, buckets=_LATENCY)
+        self.finish = Counter("turbo_requests_finished_total", "requests by finish reason",
+                              ["reason"], registry=r)
         self.itl = Histogram("turbo_inter_token_latency_seconds", "time between tokens",
                              registry=r, buckets=_STEP)
 
@@ -52,7 +54,8 @@ class ServerMetrics:
         self.waiting.set_function(lambda: scheduler.waiting)
 
     def hooks(self) -> Hooks:
-        return Hooks(batch=self.batch.observe, ttft=self.ttft.observe, itl=self.itl.observe)
+        return Hooks(batch=self.batch.observe, ttft=self.ttft.observe, itl=self.itl.observe,
+                     finished=lambda reason: self.finish.labels(reason).inc())
 
     def count(self, path: str, status: int) -> None:
         self.requests.labels(path, str(status)).inc()

@@ -39,11 +39,12 @@ class TooLarge(ValueError):
 @dataclass(frozen=True)
 class Hooks:
     """Optional observers (the app's Prometheus metrics): batch size per decode step, time to
-    first token, time between tokens."""
+    first token, time between tokens, each request's finish reason."""
 
     batch: Callable[[int], None] = lambda n: None
     ttft: Callable[[float], None] = lambda s: None
     itl: Callable[[float], None] = lambda s: None
+    finished: Callable[[str], None] = lambda reason: None
 
 
 @dataclass(eq=False)
@@ -226,6 +227,7 @@ class Scheduler:
                 self.cache.release(req.slot)
                 self._reserved -= req.need_bytes
                 req.slot = None
+        self.hooks.finished(reason.split(":")[0])
         req.sink(("", reason))
 
     def _account(self) -> None:
