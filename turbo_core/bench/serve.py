@@ -42,7 +42,8 @@ class Contender:
 
 def ours(variant: str, model: str, plan: str | None, extra: list[str]) -> Contender:
     cmd = [sys.executable, "-m", "turbo_core.cli", "serve", "--model", model, "--variant", variant,
-           "--port", "{port}", "--max-new-tokens", "4096", "--max-prompt-tokens", "8192", *extra]
+           "--port", "{port}", "--max-new-tokens", "4096", "--max-prompt-tokens", "8192",
+           "--request-timeout", "7200", *extra]  # a benchmark waits; timeouts are not its subject
     return Contender(variant, cmd + (["--plan", plan] if plan else []))
 
 
@@ -209,7 +210,8 @@ def run(*, quick: bool, model: str = "smollm2", plan: str | None = None,
         peers: tuple[str, ...] = (), url: str | None = None, clients: int = 8,
         prompt_tokens: int = 2048, max_tokens: int = 32, log_dir: Path = Path("runs/bench-serve")) -> dict:
     """The scenarios: 8 clients x 2048-token prompts x 32 new tokens (fp16, turbo-int4, peers);
-    the full run adds turbo-mix and a KV budget sized for 8 float sequences with 5x the clients."""
+    the full run adds turbo-mix, and a saturation scenario — 40 clients x 1024-token prompts x
+    128 new tokens under a KV budget sized for 8 float sequences (fp16 and turbo-mix)."""
     import torch
 
     from turbo_core.bench.common import describe_device
@@ -221,7 +223,10 @@ def run(*, quick: bool, model: str = "smollm2", plan: str | None = None,
                          "(from `turbo calibrate --variant turbo-mix`), or use --quick")
     lm = models.load(model)
     texts = prompts(lm.tokenizer, clients, prompt_tokens)
-    many = [] if quick else prompts(lm.tokenizer, 5 * clients, prompt_tokens)  # fail fast
+    # saturation: 5x the clients, half the prompt, 4x the new tokens (decode, not prefill,
+    # should decide throughput there), a budget that holds 8 float sequences
+    sat_prompt, sat_new = prompt_tokens // 2, 4 * max_tokens
+    many = [] if quick else prompts(lm.tokenizer, 5 * clients, sat_prompt)  # fail fast
     model_arg = str(lm.path)
     scenarios = []
     base = {"scenario": f"{clients}x{prompt_tokens}+{max_tokens}", "clients": clients,
@@ -245,17 +250,17 @@ def run(*, quick: bool, model: str = "smollm2", plan: str | None = None,
         results.append(run_contender(c, texts, max_tokens, log_dir))
     scenarios.append(base | {"results": results})
     if not quick:
-        float_seq = TurboCache(lm.shape, None, dtype=torch.float32).bytes_for(prompt_tokens + max_tokens)
+        float_seq = TurboCache(lm.shape, None, dtype=torch.float32).bytes_for(sat_prompt + sat_new)
         budget = 8 * float_seq
         extra = ["--kv-budget", str(budget), "--max-batch", str(5 * clients),
                  "--max-queue", str(5 * clients)]
         sat = []
         for c in (ours("fp16", model_arg, None, extra), ours("turbo-mix", model_arg, plan, extra)):
             print(f"[budget {budget / 2**20:.0f} MiB] {c.name}", file=sys.stderr, flush=True)
-            sat.append(run_contender(c, many, max_tokens, log_dir))
-        scenarios.append(base | {"scenario": f"budget-8-float-seqs:{5 * clients}x{prompt_tokens}"
-                                 f"+{max_tokens}", "clients": 5 * clients, "kv_budget": budget,
-                                 "results": sat})
+            sat.append(run_contender(c, many, sat_new, log_dir))
+        scenarios.append({"scenario": f"budget-8-float-seqs:{5 * clients}x{sat_prompt}+{sat_new}",
+                          "clients": 5 * clients, "prompt_tokens": sat_prompt,
+                          "max_tokens": sat_new, "kv_budget": budget, "results": sat})
     versions = {"torch": torch.__version__, "python": sys.version.split()[0]}
     return {"benchmark": "serve", "device": describe_device(torch.device("cpu")),
             "versions": versions, "model": lm.name, "scenarios": scenarios}
