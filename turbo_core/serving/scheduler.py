@@ -152,7 +152,9 @@ class Scheduler:
 
     def _step(self) -> None:
         now = time.monotonic()
-        for req in [*self._waiting, *self._prefilling, *self._decoding]:
+        with self._cv:  # submit() appends from other threads
+            pending = [*self._waiting]
+        for req in [*pending, *self._prefilling, *self._decoding]:
             if req.cancelled:
                 self._finish(req, "cancelled")
             elif now > req.deadline:
