@@ -32,9 +32,8 @@ from turbo_core.attention.config import AttentionMath
 from turbo_core.attention.packed import PackedKV, check_query
 from turbo_core.attention.quant import quantize_int8_blockwise
 from turbo_core.attention.sas import kernel_args
+from turbo_kernels.cpu_rows import _FAST, NEG, row_weights
 
-NEG = -3.0e38  # a finite "minus infinity": no inf arithmetic under fastmath
-_FAST = {"nsz", "arcp", "contract", "afn", "reassoc"}  # no nnan/ninf: masks stay exact
 _IN_ORDER = _FAST - {"reassoc"}
 PAGES_PER_SPLIT = 8  # context split = 8 pages (512 tokens at chunk 64), whatever the batch
 
@@ -54,24 +53,7 @@ def _softmax_pv(s, nt, valid_to, m, l_, acc, v_tile, use_sas, lut, c0, c1, c2, c
             mx = max(mx, s[r, t])
         m_new = max(m[r], mx)
         alpha = np.float32(math.exp(m[r] - m_new))
-        total = np.float32(0.0)
-        zeros = 0
-        if use_sas:  # e^x = LUT[n]·P(f), -x = n + f; lut[T + 1] = 0 cuts without a branch
-            cut = np.float32(lut_max + 1.0)
-            a0, a1, a2, a3 = np.float32(c0), np.float32(c1), np.float32(c2), np.float32(c3)
-            for t in range(hi):
-                neg = min(m_new - s[r, t], cut)
-                n = np.floor(neg)
-                f = neg - n
-                w = lut[np.int32(n)] * (((a3 * f + a2) * f + a1) * f + a0)
-                s[r, t] = w
-                total += w
-                zeros += n > lut_max
-        else:
-            for t in range(hi):
-                w = np.float32(math.exp(s[r, t] - m_new))
-                s[r, t] = w
-                total += w
+        total, zeros = row_weights(s, r, hi, m_new, use_sas, lut, c0, c1, c2, c3, lut_max)
         l_[r] = l_[r] * alpha + total
         counts[job, 0] += zeros
         counts[job, 1] += hi

@@ -22,8 +22,7 @@ from turbo_core.attention.config import AttentionMath
 from turbo_core.attention.packed import PackedKV, check_query, int8_rows
 from turbo_core.attention.quant import quantize_int8_blockwise
 from turbo_core.attention.sas import kernel_args
-
-_FAST = {"nsz", "arcp", "contract", "afn", "reassoc"}
+from turbo_kernels.cpu_rows import _FAST, NEG, row_weights
 
 
 @njit(parallel=True, fastmath=_FAST, cache=True, nogil=True)
@@ -33,26 +32,10 @@ def _softmax_rows(s, lq, use_sas, lut, c0, c1, c2, c3, lut_max, counts):
     rows, lk = s.shape
     for r in prange(rows):
         hi = lk - lq + r % lq + 1
-        mx = np.float32(-3.0e38)
+        mx = np.float32(NEG)
         for t in range(hi):
             mx = max(mx, s[r, t])
-        total = np.float32(0.0)
-        zeros = 0
-        if use_sas:
-            cut = np.float32(lut_max + 1.0)
-            for t in range(hi):
-                neg = min(mx - s[r, t], cut)
-                n = np.floor(neg)
-                f = neg - n
-                w = lut[np.int32(n)] * (((c3 * f + c2) * f + c1) * f + c0)
-                s[r, t] = w
-                total += w
-                zeros += n > lut_max
-        else:
-            for t in range(hi):
-                w = np.float32(math.exp(s[r, t] - mx))
-                s[r, t] = w
-                total += w
+        total, zeros = row_weights(s, r, hi, mx, use_sas, lut, c0, c1, c2, c3, lut_max)
         inv = np.float32(1.0) / total
         for t in range(hi):
             s[r, t] *= inv
