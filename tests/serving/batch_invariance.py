@@ -10,6 +10,21 @@ from turbo_core.serving.engine import Engine, Limits, Sampling
 from turbo_core.serving.scheduler import Scheduler
 
 
+def run_together(scheduler: Scheduler, jobs: list) -> list:
+    """``scheduler.generate(*job)`` for every job at once, one thread each; results in order."""
+    out = [None] * len(jobs)
+
+    def run(i: int) -> None:
+        out[i] = scheduler.generate(*jobs[i])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    return out
+
+
 def main(model_dir: str, variant: str) -> None:
     engine = Engine.from_files(model_dir, variant, None)
     # lengths around the 64-token chunk: some sequences hold pages and buffer rows, some not
@@ -26,16 +41,7 @@ def main(model_dir: str, variant: str) -> None:
         alone.append(s.generate(*job))
         s.close()
     s = Scheduler(engine, Limits(max_batch=8, **chunks))
-    together = [None] * len(jobs)
-
-    def run(i: int) -> None:
-        together[i] = s.generate(*jobs[i])
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=300)
+    together = run_together(s, jobs)
     s.close()
     print(json.dumps({"alone": alone, "together": together, "max_running": s.max_running,
                       "kv_bytes_after": s.kv_bytes}))

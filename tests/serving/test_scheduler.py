@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from serving.batch_invariance import run_together
 
 from turbo_core.serving.engine import Engine, Limits, Sampling, parse_bytes
 from turbo_core.serving.scheduler import QueueFull, Scheduler, TooLarge
@@ -33,20 +34,6 @@ def _alone(engine, prompt, sampling, **limits):
         return s.generate(prompt, sampling)
     finally:
         s.close()
-
-
-def _concurrently(scheduler, jobs):
-    out = [None] * len(jobs)
-
-    def run(i):
-        out[i] = scheduler.generate(*jobs[i])
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=300)
-    return out
 
 
 def test_batched_tokens_equal_one_at_a_time(engine, tiny_dir):
@@ -77,7 +64,7 @@ def test_requests_join_and_leave_mid_run(engine):
         s.submit(long, Sampling(max_tokens=60), events.put)
         for _ in range(5):  # the long one is decoding
             assert events.get(timeout=60)[1] is None
-        shorts = _concurrently(s, [(short, Sampling(max_tokens=3))] * 3)
+        shorts = run_together(s, [(short, Sampling(max_tokens=3))] * 3)
         assert shorts == [want_short] * 3
         rest = []
         while True:  # the long request was still running when the short ones left
@@ -108,7 +95,7 @@ def test_kv_budget_queues_and_refuses(engine):
 
         w = threading.Thread(target=watch)
         w.start()
-        got = _concurrently(s, [(p, sampling) for p in prompts])
+        got = run_together(s, [(p, sampling) for p in prompts])
         seen.set()
         w.join()
         assert all(g[1] in ("length", "stop") for g in got)
