@@ -139,11 +139,16 @@ def docker_services(tmp_path_factory, local_registry):
 
     client = ping()
     root = tmp_path_factory.mktemp("docker-services")
+    data_root = None
     if client is None:
         if not shutil.which("dockerd") or os.geteuid() != 0:
             pytest.skip("no Docker engine reachable and dockerd cannot be started here "
                         "(needs the docker.io package and root)")
-        proc = subprocess.Popen(["dockerd"], stdout=(root / "dockerd.log").open("w"),
+        # Our own engine keeps its images in a folder of this run's, removed at the end: a
+        # session builds ~7 GB of images, and a disk that keeps them fills within a day.
+        data_root = root / "data-root"
+        proc = subprocess.Popen(["dockerd", "--data-root", str(data_root)],
+                                stdout=(root / "dockerd.log").open("w"),
                                 stderr=subprocess.STDOUT, start_new_session=True)
         started.append(proc)
         for _ in range(60):
@@ -153,15 +158,27 @@ def docker_services(tmp_path_factory, local_registry):
             time.sleep(1)
         else:
             pytest.skip("dockerd did not come up: " + (root / "dockerd.log").read_text()[-500:])
+    before = {image.id for image in client.images.list(all=True)}
     try:
         yield client, local_registry
     finally:
+        # A running engine is somebody's: take back only what this run built.
+        for image in client.images.list(all=True):
+            if image.id not in before:
+                try:
+                    client.images.remove(image.id, force=True)
+                except docker.errors.APIError:
+                    pass  # already gone with a parent, or still used by a container
+        client.api.prune_builds()
         for proc in reversed(started):
             os.killpg(proc.pid, signal.SIGTERM)
             try:
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        if data_root is not None:
+            shutil.rmtree(data_root, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
