@@ -120,6 +120,7 @@ def docker_services(tmp_path_factory, local_registry):
     """A Docker engine (the running one, or a dockerd started here) and a local registry on
     127.0.0.1 (Debian's docker-registry), both stopped at the end if started here. Skips with
     the reason when no engine can run on this machine."""
+    import contextlib
     import os
     import shutil
     import signal
@@ -165,10 +166,9 @@ def docker_services(tmp_path_factory, local_registry):
         # A running engine is somebody's: take back only what this run built.
         for image in client.images.list(all=True):
             if image.id not in before:
-                try:
+                # already gone with a parent, or still used by a container: left alone
+                with contextlib.suppress(docker.errors.APIError):
                     client.images.remove(image.id, force=True)
-                except docker.errors.APIError:
-                    pass  # already gone with a parent, or still used by a container
         client.api.prune_builds()
         for proc in reversed(started):
             os.killpg(proc.pid, signal.SIGTERM)

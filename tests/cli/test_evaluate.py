@@ -3,13 +3,14 @@
 import json
 
 import pytest
+import small
 
 from turbo_core.attention.plan import BitPlan
 from turbo_core.attention.variants import get_variant
 from turbo_core.cli import main
 from turbo_core.hf import calibrate, data, evaluate, models
 
-SMALL = evaluate.EvalSettings(max_tokens=256, window=128, decode_prompt=16, decode_tokens=4)
+SMALL = small.EVAL
 
 
 @pytest.fixture(scope="module")
@@ -58,12 +59,12 @@ def test_cli_calibrate_then_evaluate(tmp_path, tiny_dir, capsys):
                  "--out", str(plan_path), "--max-tokens", "256"]) == 0
     BitPlan.load(plan_path)
     assert main(["evaluate", "--model", str(tiny_dir), "--variant", "turbo-mix", "--plan",
-                 str(plan_path), "--max-tokens", "256", "--window", "128", "--json", str(out)]) == 0
+                 str(plan_path), *small.EVAL_ARGS, "--json", str(out)]) == 0
     doc = json.loads(out.read_text())
     assert doc["variant"] == "turbo-mix" and doc["int2_heads"] == 1
     assert "turbo-mix" in capsys.readouterr().out
     assert main(["evaluate", "--model", str(tiny_dir), "--variant", "turbo-mix", "--int2-scope",
-                 "random", "--max-tokens", "256", "--window", "128", "--json", str(out)]) == 0
+                 "random", *small.EVAL_ARGS, "--json", str(out)]) == 0
     assert json.loads(out.read_text())["int2_scope"] == "random"
 
 

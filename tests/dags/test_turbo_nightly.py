@@ -89,7 +89,10 @@ def _pipeline(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess, 
     return res, json.loads(out.read_text()) if out.is_file() else None
 
 
-SMALL = {"eval_tokens": 256, "eval_window": 128, "calib_tokens": 256}
+# small sizes for the tiny random model; its speed and drift are not what these runs test
+SMALL = {"eval_tokens": 256, "eval_window": 128, "calib_tokens": 256, "speed_context": 64,
+         "speed_batch": 2, "retrieval_lengths": [384], "retrieval_samples": 1,
+         "max_kl": 10.0, "min_decode_speedup": 0.0}
 
 
 def _states(run: dict) -> dict:
@@ -161,6 +164,55 @@ def test_failed_deploy_step_runs_rollback_and_fails_the_run(tmp_path, tiny_dir):
     assert "PROBLEM: a deploy step failed" in res.stdout
     logs = res.stdout + res.stderr
     assert "turbo_nightly task failed: task build_image" in logs and "no Docker engine reachable" in logs
+
+
+def _gate_failed(run: dict, variant: str) -> list[str]:
+    (row,) = [v for v in run["summary"]["variants"] if v["variant"] == variant]
+    assert row["passed"] is False
+    return row["reasons"]
+
+
+def test_slow_variant_fails_the_latency_gate_and_nothing_ships(tmp_path, tiny_dir):
+    """The reference backend forced: the packed cache is decompressed in Python every step,
+    slower than the float engine; the default decode gate (not slower) refuses it."""
+    conf = {k: v for k, v in SMALL.items() if k != "min_decode_speedup"}
+    env = {"TURBO_ATTENTION_BACKEND": "reference",
+           "DOCKER_HOST": f"unix://{tmp_path / 'no-docker.sock'}"}  # nothing could be deployed
+    out = tmp_path / "run.json"
+    res = subprocess.run([sys.executable, "-m", "turbo_core.cli", "pipeline", "run", "--model",
+                          str(tiny_dir), "--variants", "turbo-int4", "--deploy-target", "docker",
+                          "--conf", json.dumps(conf), "--json", str(out)],
+                         env=_env(tmp_path) | env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    run = json.loads(out.read_text())
+    reasons = _gate_failed(run, "turbo-int4")
+    assert len(reasons) == 1 and reasons[0].startswith("decode_speedup = 0."), reasons
+    assert "needs >= 1 (misses by 0." in reasons[0]
+    st = _states(run)
+    for skipped in ("build_image", "push_image", "roll_out", "verify", "promote", "rollback"):
+        assert st[(skipped, -1)] == "skipped", (skipped, st)
+    assert run["summary"]["chosen"] is None and run["summary"]["image"] == {}
+    assert "gate failed: decode_speedup = 0." in res.stdout
+
+
+@pytest.mark.slow
+def test_variant_that_forgets_fails_the_retrieval_gate(tmp_path):
+    """SmolLM2 recalls a pass key and a keyed number at 512 tokens; turbo-int2 does not. The
+    other gates are opened so that recall alone decides."""
+    conf = {"eval_tokens": 256, "eval_window": 128, "calib_tokens": 256, "speed_context": 64,
+            "speed_batch": 2, "retrieval_lengths": [512], "retrieval_samples": 2,
+            "max_ppl_delta_pct": 1000.0, "min_top1_agreement": 0.0, "max_kl": 100.0,
+            "min_decode_speedup": 0.0}
+    res, run = _pipeline(tmp_path, "--model", "smollm2", "--variants", "turbo-int2",
+                         "--deploy-target", "none", "--conf", json.dumps(conf))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    (row,) = run["summary"]["variants"]
+    m = row["metrics"]
+    assert m["retrieval_accuracy_baseline"] >= 0.5 and m["retrieval_kept"] < 1.0, m
+    reasons = _gate_failed(run, "turbo-int2")
+    assert reasons == [f"retrieval_kept = {m['retrieval_kept']:.6g}, needs >= 1 "
+                       f"(misses by {1 - m['retrieval_kept']:.3g})"], reasons
+    assert run["summary"]["chosen"] is None and "gate failed: retrieval_kept" in res.stdout
 
 
 @pytest.mark.parametrize("args, words", [

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from turbo_core.tracking.gates import DEFAULT_GATES, Gate, GateSet
+from turbo_core.tracking.gates import Gate, GateSet, default_gates
 
 
 def test_absolute_bounds_in_both_directions():
@@ -14,11 +14,12 @@ def test_absolute_bounds_in_both_directions():
     assert ok.passed and ok.reasons == ()
     bad = gates.evaluate({"ppl_delta_pct": 2.5, "kv_compression": 3.2})
     assert not bad.passed
-    assert bad.reasons == ("ppl_delta_pct = 2.5, needs <= 2", "kv_compression = 3.2, needs >= 3.5")
+    assert bad.reasons == ("ppl_delta_pct = 2.5, needs <= 2 (misses by 0.5)",
+                           "kv_compression = 3.2, needs >= 3.5 (misses by 0.3)")
 
 
 def test_missing_or_nan_metric_fails():
-    d = DEFAULT_GATES.evaluate({"ppl_delta_pct": math.nan, "kv_compression": 4.0})
+    d = default_gates().evaluate({"ppl_delta_pct": math.nan, "kv_compression": 4.0})
     assert not d.passed
     assert any("ppl_delta_pct: missing or not a finite number" in r for r in d.reasons)
     assert any("top1_agreement: missing" in r for r in d.reasons)
@@ -39,10 +40,23 @@ def test_relative_to_champion():
 
 
 def test_markdown_report_and_bad_gates():
-    d = DEFAULT_GATES.evaluate({"ppl_delta_pct": 9.0, "top1_agreement": 0.9, "kv_compression": 4})
+    d = default_gates().evaluate({"ppl_delta_pct": 9.0, "top1_agreement": 0.9, "kv_compression": 4})
     md = d.markdown("turbo-mix", {"ppl_delta_pct": 9.0, "top1_agreement": 0.9})
     assert md.startswith("# Gate report: turbo-mix — FAILED") and "| ppl_delta_pct | 9 | <= 8.0 |" in md
     with pytest.raises(ValueError, match="bounds nothing"):
         Gate("x")
     with pytest.raises(ValueError, match="finite"):
         Gate("x", threshold=math.inf)
+
+
+def test_default_gates_state_the_promise():
+    """Not slower than the float baseline, nothing it recalls forgotten, little drift."""
+    good = {"ppl_delta_pct": 1.9, "top1_agreement": 0.93, "kv_compression": 3.8, "kl_mean": 0.02,
+            "decode_speedup": 1.02, "prefill_speedup": 0.6, "retrieval_accuracy": 0.7,
+            "retrieval_kept": 1.0}
+    assert default_gates().evaluate(good).passed
+    slow = default_gates().evaluate(good | {"decode_speedup": 0.41})
+    assert slow.reasons == ("decode_speedup = 0.41, needs >= 1 (misses by 0.59)",)
+    forgets = default_gates().evaluate(good | {"retrieval_kept": 0.5, "kl_mean": 0.3})
+    assert forgets.reasons == ("kl_mean = 0.3, needs <= 0.05 (misses by 0.25)",
+                               "retrieval_kept = 0.5, needs >= 1 (misses by 0.5)")

@@ -4,6 +4,7 @@ import json
 
 import mlflow
 import pytest
+import small
 from mlflow import MlflowClient
 
 from turbo_core.attention.variants import get_variant
@@ -13,7 +14,7 @@ from turbo_core.tracking import model_registry as registry
 from turbo_core.tracking import runs as tracking
 from turbo_core.tracking.gates import Gate, GateSet
 
-SMALL = evaluate.EvalSettings(max_tokens=256, window=128, decode_prompt=16, decode_tokens=4)
+SMALL = small.EVAL
 
 
 @pytest.fixture

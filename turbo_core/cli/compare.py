@@ -18,6 +18,9 @@ def _compare(args: argparse.Namespace) -> int:
     if args.png:
         plots.accuracy_vs_bytes(rows, args.png, title="turbo compare: accuracy vs KV memory")
         print(f"wrote {args.png}", file=sys.stderr)
+    if args.speed_png:
+        plots.speed_vs_bytes(rows, args.speed_png, title="turbo compare: speed vs KV memory")
+        print(f"wrote {args.speed_png}", file=sys.stderr)
     if args.markdown:
         write_markdown(args.markdown, "turbo compare", compare.table(rows, "github"))
     return 0
@@ -32,5 +35,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                      help="every finished run, not only the newest per variant")
     cmp.add_argument("--json", metavar="PATH")
     cmp.add_argument("--png", metavar="PATH", help="accuracy vs KV bytes chart")
+    cmp.add_argument("--speed-png", metavar="PATH", help="speed-up vs KV bytes chart")
     cmp.add_argument("--markdown", metavar="PATH")
     cmp.set_defaults(func=_compare)

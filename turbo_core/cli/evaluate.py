@@ -27,10 +27,17 @@ def plan_for(args: argparse.Namespace, lm, variant):
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    from turbo_core.bench.speed import SpeedSettings
     from turbo_core.hf import data, evaluate, models
+    from turbo_core.hf.retrieval import RetrievalSettings
 
     variant = variant_for(args)
-    settings = evaluate.EvalSettings(max_tokens=args.max_tokens, window=args.window)
+    settings = evaluate.EvalSettings(
+        max_tokens=args.max_tokens, window=args.window,
+        speed=SpeedSettings(context=args.speed_context, batch=args.speed_batch,
+                            repeats=args.speed_repeats),
+        retrieval=None if args.no_retrieval else RetrievalSettings(
+            lengths=tuple(args.retrieval_lengths), samples=args.retrieval_samples))
     split = data.load_split(args.text)
     lm = models.load(args.model)
     plan = plan_for(args, lm, variant)
@@ -61,11 +68,17 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _print_result(result: dict) -> None:
     from tabulate import tabulate
 
-    keys = ["ppl_baseline", "ppl_variant", "ppl_delta_pct", "top1_agreement", "kv_bytes_per_token",
-            "kv_compression", "sas_zero_fraction", "prefill_tokens_per_s", "decode_tokens_per_s"]
+    keys = ["ppl_delta_pct", "top1_agreement", "kl_mean", "kl_p99", "kv_bytes_per_token",
+            "kv_compression", "prefill_speedup", "decode_speedup", "retrieval_accuracy",
+            "retrieval_accuracy_baseline", "retrieval_kept"]
     rows = [result] + ([result["peer"]] if "peer" in result else [])
-    print(tabulate([[r["variant"]] + [r[k] for k in keys] for r in rows],
+    print(tabulate([[r["variant"]] + [r.get(k, "") for k in keys] for r in rows],
                    headers=["variant", *keys], floatfmt=".4g"))
+    r = result
+    print(f"speed at {r['speed_context']} tokens of context, batch {r['speed_batch']}, median of "
+          f"{r['speed_repeats']} rounds: decode {r['decode_tokens_per_s']:.1f} vs baseline "
+          f"{r['decode_tokens_per_s_baseline']:.1f} tokens/s, prefill "
+          f"{r['prefill_tokens_per_s']:.0f} vs {r['prefill_tokens_per_s_baseline']:.0f} tokens/s")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -74,7 +87,27 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--plan", help="bit plan JSON from `turbo calibrate` (else calibrated here)")
     e.add_argument("--max-tokens", type=int, default=8192, help="held-out tokens (default 8192)")
     e.add_argument("--window", type=int, default=1024, help="tokens per window (default 1024)")
+    add_measure_args(e)
     e.add_argument("--peer", choices=["quanto", "hqq"],
                    help="also run transformers' quantized KV cache at the same bits")
     e.add_argument("--json", metavar="PATH", help="write the metrics as JSON")
     e.set_defaults(func=_evaluate)
+
+
+def add_measure_args(p: argparse.ArgumentParser) -> None:
+    """Sizes of the speed and retrieval measurements (defaults: the pipeline's)."""
+    from turbo_core.bench.speed import SpeedSettings
+    from turbo_core.hf.retrieval import RetrievalSettings
+
+    sp, rt = SpeedSettings(), RetrievalSettings()
+    p.add_argument("--speed-context", type=int, default=sp.context,
+                   help=f"speed: tokens of context per sequence (default {sp.context})")
+    p.add_argument("--speed-batch", type=int, default=sp.batch,
+                   help=f"speed: sequences decoded together (default {sp.batch})")
+    p.add_argument("--speed-repeats", type=int, default=sp.repeats,
+                   help=f"speed: rounds, medians reported (default {sp.repeats})")
+    p.add_argument("--retrieval-lengths", type=int, nargs="+", default=list(rt.lengths),
+                   help=f"retrieval prompt lengths in tokens (default {list(rt.lengths)})")
+    p.add_argument("--retrieval-samples", type=int, default=rt.samples,
+                   help=f"retrieval prompts per task and length (default {rt.samples})")
+    p.add_argument("--no-retrieval", action="store_true", help="skip the retrieval tasks")

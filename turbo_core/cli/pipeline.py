@@ -13,7 +13,8 @@ def _run(args: argparse.Namespace) -> int:
     conf = json.loads(args.conf) if args.conf else {}
     if not isinstance(conf, dict):
         raise ValueError("--conf must be a JSON object")
-    for key in ("model", "variants", "deploy_target", "image_repository", "serve_port"):
+    for key in ("model", "variants", "deploy_target", "image_repository", "serve_port",
+                *FIELD_PARAMS):
         value = getattr(args, key)
         if value is not None:
             conf[key] = value
@@ -26,6 +27,12 @@ def _run(args: argparse.Namespace) -> int:
     if args.json:
         write_atomic(args.json, json.dumps(result, indent=2, default=str))
     return 0 if result["state"].endswith("success") else 1
+
+
+FIELD_PARAMS = ("max_ppl_delta_pct", "min_top1_agreement", "min_kv_compression", "max_kl",
+                "min_decode_speedup", "min_prefill_speedup", "min_retrieval",
+                "min_retrieval_kept", "max_p95_latency_s", "speed_context", "speed_batch",
+                "speed_repeats", "retrieval_lengths", "retrieval_samples")
 
 
 def add_parser(sub) -> None:
@@ -41,6 +48,14 @@ def add_parser(sub) -> None:
                    choices=["auto", "kubernetes", "docker", "none"])
     r.add_argument("--image-repository", dest="image_repository")
     r.add_argument("--serve-port", dest="serve_port", type=int)
+    from turbo_core.pipeline.params import PARAMS
+
+    for key in FIELD_PARAMS:  # the gates and what they measure, as in the Airflow form
+        spec = PARAMS[key]
+        kind = {"number": float, "integer": int}[spec.get("items", spec)["type"]]
+        r.add_argument("--" + key.replace("_", "-"), dest=key, type=kind,
+                       nargs="+" if spec["type"] == "array" else None,
+                       help=f"{spec['title']} (default {spec['default']})".replace("%", "%%"))
     r.add_argument("--json", metavar="PATH", help="write run state, task states and summary")
     r.set_defaults(func=_run)
     add_step_parser(psub)

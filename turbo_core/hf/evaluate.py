@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import partial
 
 import torch
@@ -21,12 +20,16 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from turbo_core.attention.plan import BitPlan
-from turbo_core.attention.variants import Variant
+from turbo_core.attention.variants import Variant, get_variant
+from turbo_core.bench import speed
+from turbo_core.bench.contenders import EngineContender, HFCacheContender
+from turbo_core.bench.speed import SpeedSettings
 from turbo_core.hf.attention import ATTN_NAME, enable, sas_zero_fraction
 from turbo_core.hf.cache import TurboCache, cache_bytes
 from turbo_core.hf.calibrate import token_ids
 from turbo_core.hf.data import TextSplit
 from turbo_core.hf.models import LoadedModel
+from turbo_core.hf.retrieval import RetrievalSettings
 
 log = logging.getLogger(__name__)
 
@@ -35,19 +38,18 @@ FP16_BYTES = 2
 
 @dataclass(frozen=True)
 class EvalSettings:
-    """How much to evaluate. ``max_tokens`` of held-out text in windows of ``window``."""
+    """How much to evaluate: ``max_tokens`` of held-out text in windows of ``window`` (perplexity,
+    agreement, KL), the speed measurement, and the retrieval tasks (``None``: not run)."""
 
     max_tokens: int = 8192
     window: int = 1024
-    decode_prompt: int = 128
-    decode_tokens: int = 32
+    speed: SpeedSettings = field(default_factory=SpeedSettings)
+    retrieval: RetrievalSettings | None = field(default_factory=RetrievalSettings)
 
     def __post_init__(self) -> None:
         if self.window < 16 or self.max_tokens < self.window:
             raise ValueError(f"need window >= 16 and max_tokens >= window, got window={self.window}, "
                              f"max_tokens={self.max_tokens}")
-        if self.decode_tokens < 2 or self.decode_prompt < 1:
-            raise ValueError("decode_tokens must be >= 2 and decode_prompt >= 1")
 
 
 @dataclass
@@ -62,6 +64,13 @@ class WindowScores:
     @property
     def ppl(self) -> float:
         return math.exp(self.nll_sum / self.tokens)
+
+
+def token_kl(ref: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """KL(ref ‖ out) of each row's next-token distribution, in nats, from logits ``(T, vocab)``."""
+    logp = F.log_softmax(ref.double(), -1)
+    logq = F.log_softmax(out.double(), -1)
+    return (logp.exp() * (logp - logq)).sum(-1).clamp_min(0.0)
 
 
 def eval_windows(ids: torch.Tensor, settings: EvalSettings) -> list[torch.Tensor]:
@@ -100,32 +109,16 @@ class _Runner:
                  for s in range(0, ids.shape[1], self.chunk)]
         return torch.cat(parts), cache
 
-    @torch.no_grad()
-    def speed(self, lm: LoadedModel, prompt: torch.Tensor, n_new: int) -> tuple[float, float]:
-        """(prefill tokens/s, decode tokens/s), greedy ``generate`` with this cache."""
-        lm.model.set_attn_implementation(self.attn)
 
-        def run(max_new: int) -> float:
-            cache = self.new_cache() if self.new_cache is not None else None
-            t0 = time.perf_counter()
-            lm.model.generate(prompt.unsqueeze(0), max_new_tokens=max_new, min_new_tokens=max_new,
-                              do_sample=False, cache=cache,
-                              attention_mask=torch.ones(1, prompt.numel(), dtype=torch.long),
-                              pad_token_id=lm.tokenizer.eos_token_id)
-            return time.perf_counter() - t0
-
-        run(2)  # warm-up
-        t_first = run(1)  # prefill + first token
-        t_all = run(n_new)
-        return prompt.numel() / t_first, (n_new - 1) / max(t_all - t_first, 1e-9)
-
-
-def _measure(lm: LoadedModel, runner: _Runner, split: TextSplit, settings: EvalSettings,
-             progress: bool) -> dict[str, object]:
+def _measure(lm: LoadedModel, runner: _Runner, contender, split: TextSplit,
+             settings: EvalSettings, progress: bool) -> dict[str, object]:
+    """Windows (perplexity, agreement, KL) with ``runner``, then speed and retrieval of
+    ``contender`` against the float engine."""
     ids = token_ids(lm.tokenizer, split.evaluation)
     windows = eval_windows(ids, settings)
     base, var = WindowScores(), WindowScores()
     agree = 0
+    kl = []
     held = None
     try:
         for w in tqdm(windows, desc=f"evaluate {runner.name}", unit="window", disable=not progress):
@@ -136,12 +129,14 @@ def _measure(lm: LoadedModel, runner: _Runner, split: TextSplit, settings: EvalS
             base.add(ref[:-1], w[1:])
             var.add(out[:-1], w[1:])
             agree += int((ref[:-1].argmax(-1) == out[:-1].argmax(-1)).sum())
+            kl.append(token_kl(ref[:-1], out[:-1]))
             if cache is not None:
                 held = cache_bytes(cache)
         sas_zero = sas_zero_fraction(lm.model) if runner.attn == ATTN_NAME else 0.0
-        prefill_tps, decode_tps = runner.speed(lm, ids[:settings.decode_prompt], settings.decode_tokens)
+        extra = _speed_and_recall(lm, contender(), ids, split, settings, progress)
     finally:
         lm.model.set_attn_implementation("sdpa")
+    kl_all = torch.cat(kl)
     fp16 = _float_cache_bytes(lm, settings.window)
     kv_bytes = held if held is not None else fp16
     return {
@@ -158,10 +153,50 @@ def _measure(lm: LoadedModel, runner: _Runner, split: TextSplit, settings: EvalS
         "kv_context_tokens": settings.window,
         "kv_bytes_per_token": kv_bytes / settings.window,
         "kv_compression": fp16 / kv_bytes,
+        "kl_mean": float(kl_all.mean()),
+        "kl_p99": float(torch.quantile(kl_all, 0.99)),
         "sas_zero_fraction": sas_zero,
-        "prefill_tokens_per_s": prefill_tps,
-        "decode_tokens_per_s": decode_tps,
+        **extra,
         "settings": asdict(settings),
+    }
+
+
+BASELINE = "fp16"  # what a variant replaces: the float cache in our engine
+_BASELINE_RECALL: dict[tuple, dict] = {}
+
+
+def _speed_and_recall(lm: LoadedModel, contender, ids: torch.Tensor, split: TextSplit,
+                      settings: EvalSettings, progress: bool) -> dict[str, object]:
+    """Speed-ups over the float engine and retrieval accuracy of both (same prompts)."""
+    from turbo_core.hf import retrieval
+
+    def say(msg: str) -> None:
+        if progress:
+            tqdm.write(msg)
+
+    baseline = EngineContender(lm, get_variant(BASELINE), None)
+    out = speed.measure(baseline, contender, speed.prompts_from(ids, settings.speed),
+                        settings.speed, log=say)
+    if settings.retrieval is None:
+        return out
+    limit = getattr(lm.model.config, "max_position_embeddings", None)
+    samples = retrieval.make_samples(lm.tokenizer, split.evaluation, settings.retrieval, limit)
+    key = (id(lm.model), lm.weights_sha256, split.sha256, settings.retrieval)
+    if key not in _BASELINE_RECALL:  # the same prompts answer the same: once per process
+        _BASELINE_RECALL[key] = retrieval.run(baseline, lm.tokenizer, samples,
+                                              settings.retrieval, progress)
+    base = _BASELINE_RECALL[key]
+    mine = retrieval.run(contender, lm.tokenizer, samples, settings.retrieval, progress)
+    known = [b["correct"] for b in base["samples"]]
+    kept = sum(b and m["correct"] for b, m in zip(known, mine["samples"], strict=True))
+    return out | {
+        "retrieval_accuracy": mine["accuracy"],
+        "retrieval_accuracy_baseline": base["accuracy"],
+        # the share of what the baseline recalls that the variant recalls too (1 if nothing)
+        "retrieval_kept": kept / sum(known) if any(known) else 1.0,
+        "retrieval_passkey": mine["by_task"]["passkey"],
+        "retrieval_multikey": mine["by_task"]["multikey"],
+        "retrieval": {"variant": mine, "baseline": base},
     }
 
 
@@ -188,8 +223,8 @@ def evaluate(
     else:
         new_cache = None
     enable(lm.model, variant.math)
-    result = _measure(lm, _Runner(variant.name, ATTN_NAME, new_cache, variant.kv.chunk), split,
-                      settings, progress)
+    result = _measure(lm, _Runner(variant.name, ATTN_NAME, new_cache, variant.kv.chunk),
+                      partial(EngineContender, lm, variant, plan), split, settings, progress)
     result["int2_heads"] = plan.selection.int2_heads if plan is not None else 0
     result["int2_scope"] = plan.selection.scope if plan is not None else None
     return result
@@ -221,7 +256,8 @@ def evaluate_peer(
     new_cache = partial(QuantizedCache, backend=backend, config=lm.model.config, nbits=nbits,
                         residual_length=residual, q_group_size=group)
     name = f"hf-{backend}-int{nbits}"
-    result = _measure(lm, _Runner(name, "sdpa", new_cache, residual), split, settings, progress)
+    result = _measure(lm, _Runner(name, "sdpa", new_cache, residual),
+                      partial(HFCacheContender, lm, name, new_cache), split, settings, progress)
     result["int2_heads"] = 0
     result["int2_scope"] = None
     return result

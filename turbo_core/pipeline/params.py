@@ -23,6 +23,36 @@ PARAMS: dict[str, dict] = {
                            "title": "Gate: min top-1 agreement with FP16"},
     "min_kv_compression": {"type": "number", "minimum": 1, "default": 1.0,
                            "title": "Gate: min KV-cache compression vs FP16"},
+    "max_kl": {"type": "number", "minimum": 0, "default": 0.05,
+               "title": "Gate: max mean KL(baseline ‖ variant) per token (nats)"},
+    "min_decode_speedup": {"type": "number", "minimum": 0, "default": 1.0,
+                           "title": "Gate: min decode speed-up vs the float baseline",
+                           "description": "variant decode tokens/s ÷ the float engine's, same "
+                                          "process, median of the rounds; 1 = not slower"},
+    "min_prefill_speedup": {"type": "number", "minimum": 0, "default": 0.0,
+                            "title": "Gate: min prefill speed-up vs the float baseline (0: off)"},
+    "min_retrieval": {"type": "number", "minimum": 0, "maximum": 1, "default": 0.0,
+                      "title": "Gate: min retrieval accuracy (passkey + multi-key needle)"},
+    "min_retrieval_kept": {"type": "number", "minimum": 0, "maximum": 1, "default": 1.0,
+                           "title": "Gate: min share of the baseline's correct retrievals kept",
+                           "description": "1 = the variant must recall everything the float "
+                                          "baseline recalls"},
+    "max_p95_latency_s": {"type": "number", "exclusiveMinimum": 0, "default": 60.0,
+                          "title": "Verify: max p95 request latency under the bounded load (s)",
+                          "description": "after deployment: 8 completions of 16 tokens from 4 "
+                                         "concurrent clients; above it, the run rolls back"},
+    "speed_context": {"type": "integer", "minimum": 16, "default": 1024,
+                      "title": "Speed: context tokens per sequence"},
+    "speed_batch": {"type": "integer", "minimum": 1, "default": 4,
+                    "title": "Speed: sequences decoded together"},
+    "speed_repeats": {"type": "integer", "minimum": 5, "default": 5,
+                      "title": "Speed: rounds (the median is gated)"},
+    "retrieval_lengths": {"type": "array", "minItems": 1,
+                          "items": {"type": "integer", "minimum": 128},
+                          "default": [1024, 2048, 4096, 8192],
+                          "title": "Retrieval: prompt lengths (tokens; capped at the model's limit)"},
+    "retrieval_samples": {"type": "integer", "minimum": 1, "default": 2,
+                          "title": "Retrieval: prompts per task and length"},
     "eval_tokens": {"type": "integer", "minimum": 16, "default": 8192,
                     "title": "Held-out tokens per evaluation"},
     "eval_window": {"type": "integer", "minimum": 16, "default": 1024,
@@ -71,9 +101,21 @@ def validate(conf: dict | None) -> dict:
 
 
 def gates(params: dict) -> GateSet:
-    """The run's gates from its (validated) parameters."""
+    """The run's gates from its (validated) parameters; a floor of 0 on a speed-up or an
+    accuracy is no gate at all (left out)."""
+    optional = [Gate("prefill_speedup", threshold=params["min_prefill_speedup"]),
+                Gate("retrieval_accuracy", threshold=params["min_retrieval"])]
     return GateSet((
         Gate("ppl_delta_pct", threshold=params["max_ppl_delta_pct"], greater_is_better=False),
         Gate("top1_agreement", threshold=params["min_top1_agreement"]),
         Gate("kv_compression", threshold=params["min_kv_compression"]),
+        Gate("kl_mean", threshold=params["max_kl"], greater_is_better=False),
+        Gate("decode_speedup", threshold=params["min_decode_speedup"]),
+        Gate("retrieval_kept", threshold=params["min_retrieval_kept"]),
+        *[g for g in optional if g.threshold],
     ))
+
+
+GATE_PARAMS = ("max_ppl_delta_pct", "min_top1_agreement", "min_kv_compression", "max_kl",
+               "min_decode_speedup", "min_prefill_speedup", "min_retrieval", "min_retrieval_kept",
+               "max_p95_latency_s")

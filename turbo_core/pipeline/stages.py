@@ -14,7 +14,7 @@ from turbo_core.hf import data, evaluate, models
 from turbo_core.tracking import model_registry as registry
 from turbo_core.tracking import plots
 from turbo_core.tracking import runs as tracking
-from turbo_core.tracking.gates import DEFAULT_GATES, GateDecision, GateSet
+from turbo_core.tracking.gates import GateDecision, GateSet, default_gates
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ def calibrate_variant(lm: models.LoadedModel, variant: Variant, out: str | Path,
 
 def evaluate_variant(lm: models.LoadedModel, variant: Variant, *, plan: BitPlan | None,
                      base_model: str, settings: evaluate.EvalSettings | None = None,
-                     text: str | None = None, gates: GateSet = DEFAULT_GATES,
+                     text: str | None = None, gates: GateSet | None = None,
                      register: bool = True, ctx: tracking.RunContext | None = None) -> EvalOutcome:
     """Evaluate, gate (absolute and vs the champion) and, when passing, register a version."""
     import mlflow
@@ -60,7 +60,7 @@ def evaluate_variant(lm: models.LoadedModel, variant: Variant, *, plan: BitPlan 
         result = evaluate.evaluate(lm, variant, split, plan=plan, settings=settings)
         metrics = tracking.numeric_metrics(result)
         mlflow.log_metrics(metrics)
-        decision = gates.evaluate(result, registry.champion_metrics(lm.name))
+        decision = (gates or default_gates()).evaluate(result, registry.champion_metrics(lm.name))
         mlflow.set_tag("turbo.gate", "passed" if decision.passed else "failed")
         mlflow.set_tag("turbo.gate_reasons", "; ".join(decision.reasons)[:4000] or "none")
         tracking.log_json_artifact(decision.to_dict(), "gate_report.json")
@@ -69,6 +69,7 @@ def evaluate_variant(lm: models.LoadedModel, variant: Variant, *, plan: BitPlan 
         row = result | {"gate_passed": decision.passed}
         tracking.log_png(plots.accuracy_vs_bytes, [row], name="accuracy_vs_kv_bytes.png")
         tracking.log_png(plots.latency, [row], name="latency.png")
+        tracking.log_png(plots.speed_vs_bytes, [row], name="speed_vs_kv_bytes.png")
         version = None
         with tempfile.TemporaryDirectory() as tmp:
             plan_path = Path(tmp) / "plan.json"

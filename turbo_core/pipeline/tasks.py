@@ -83,23 +83,36 @@ def fetch_plan(calibrated: dict, dest: str | Path) -> str:
                                                dst_path=str(dest))
 
 
-KEY_METRICS = ("ppl_delta_pct", "top1_agreement", "kv_compression", "kv_bytes_per_token",
-               "decode_tokens_per_s", "prefill_tokens_per_s")
+KEY_METRICS = ("ppl_delta_pct", "top1_agreement", "kl_mean", "kl_p99", "kv_compression",
+               "kv_bytes_per_token", "decode_speedup", "prefill_speedup", "decode_tokens_per_s",
+               "decode_tokens_per_s_baseline", "prefill_tokens_per_s", "retrieval_accuracy",
+               "retrieval_accuracy_baseline", "retrieval_kept")
+
+
+def eval_settings(prep: dict):
+    """The evaluation's sizes from the run's parameters."""
+    from turbo_core.bench.speed import SpeedSettings
+    from turbo_core.hf import evaluate as ev
+    from turbo_core.hf.retrieval import RetrievalSettings
+
+    return ev.EvalSettings(
+        max_tokens=prep["eval_tokens"], window=min(prep["eval_window"], prep["eval_tokens"]),
+        speed=SpeedSettings(context=prep["speed_context"], batch=prep["speed_batch"],
+                            repeats=prep["speed_repeats"]),
+        retrieval=RetrievalSettings(lengths=tuple(prep["retrieval_lengths"]),
+                                    samples=prep["retrieval_samples"]))
 
 
 def evaluate(prep: dict, calibrated: dict) -> dict:
     from turbo_core.attention.plan import BitPlan
     from turbo_core.attention.variants import get_variant
-    from turbo_core.hf import evaluate as ev
     from turbo_core.hf import models
     from turbo_core.pipeline import stages
 
     lm = models.load(prep["model_dir"])
     variant = get_variant(calibrated["variant"])
-    settings = ev.EvalSettings(max_tokens=prep["eval_tokens"],
-                               window=min(prep["eval_window"], prep["eval_tokens"]))
     outcome = stages.evaluate_variant(lm, variant, plan=BitPlan.load(calibrated["plan"]),
-                                      base_model=prep["model"], settings=settings,
+                                      base_model=prep["model"], settings=eval_settings(prep),
                                       gates=gates(prep), ctx=_ctx(prep))
     metrics = {k: outcome.result[k] for k in KEY_METRICS if k in outcome.result}
     log.info("%s: gates %s %s", variant.name, "PASSED" if outcome.decision.passed else "FAILED",
@@ -217,7 +230,8 @@ def verify(prep: dict, chosen: dict, rolled: dict) -> dict | Skip:
     target = prep["deploy_target"]
     if target == "none":
         return Skip("deploy target is 'none': nothing runs to verify")
-    cfg = vf.VerifyConfig(expected_model=vf.served_model_id(prep["model_name"], chosen["variant"]))
+    cfg = vf.VerifyConfig(expected_model=vf.served_model_id(prep["model_name"], chosen["variant"]),
+                          max_p95_latency_s=prep["max_p95_latency_s"])
     if target == "docker":
         report = vf.verify(vf.http_request(f"http://127.0.0.1:{prep['serve_port']}"), cfg)
     else:
@@ -292,14 +306,18 @@ def finish(prep: dict, results: list[dict] | None, pulled: dict) -> dict:
 
 def render(doc: dict) -> str:
     """The summary as text: a table of variants, the decision, the deployment."""
+    nan = float("nan")
     lines = [f"turbo_nightly on {doc['model']} (deploy target {doc['deploy_target']})", "",
-             f"{'variant':<12} {'gate':<6} {'Δppl %':>8} {'top-1':>6} {'KV x':>6}  reasons"]
+             f"{'variant':<12} {'gate':<6} {'Δppl %':>8} {'top-1':>6} {'KL':>7} {'KV x':>6} "
+             f"{'decode x':>8} {'recall':>6} {'kept':>5}"]
     for r in doc["variants"]:
         m = r["metrics"]
         lines.append(f"{r['variant']:<12} {'PASS' if r['passed'] else 'FAIL':<6} "
-                     f"{m.get('ppl_delta_pct', float('nan')):>+8.2f} "
-                     f"{m.get('top1_agreement', float('nan')):>6.3f} "
-                     f"{m.get('kv_compression', float('nan')):>6.2f}  {'; '.join(r['reasons'])}")
+                     f"{m.get('ppl_delta_pct', nan):>+8.2f} {m.get('top1_agreement', nan):>6.3f} "
+                     f"{m.get('kl_mean', nan):>7.4f} {m.get('kv_compression', nan):>6.2f} "
+                     f"{m.get('decode_speedup', nan):>8.2f} {m.get('retrieval_accuracy', nan):>6.2f} "
+                     f"{m.get('retrieval_kept', nan):>5.2f}")
+        lines += [f"    gate failed: {reason}" for reason in r["reasons"]]
     lines.append("")
     if doc["chosen"]:
         lines.append(f"chosen: {doc['chosen']} (MLflow version {doc['chosen_version']})")

@@ -31,6 +31,14 @@ class VerifyConfig:
     max_tokens: int = 8
     max_latency_s: float = 30.0
     metric: str = "turbo_requests_total"  # must appear in /metrics
+    # the bounded load: `load_requests` completions from `load_clients` concurrent clients,
+    # `load_max_tokens` each; gated on the p95 request latency (None: no load step)
+    max_p95_latency_s: float | None = None
+    load_clients: int = 4
+    load_requests: int = 8
+    load_max_tokens: int = 16
+    load_prompt: str = ("Summarize the following in one sentence: the nightly pipeline "
+                        "calibrates, evaluates, gates, builds, rolls out and verifies.")
 
 
 API_KEY_ENV = "TURBO_API_KEY"  # the server's key, sent when set (as `turbo serve` reads it)
@@ -104,9 +112,54 @@ def verify(request: Request, cfg: VerifyConfig = VerifyConfig()) -> dict:
         assert cfg.metric.encode() in body, f"/metrics lacks {cfg.metric}"
         return f"{len(body)} bytes"
 
-    for name, fn in (("ready", ready), ("models", models), ("completion", completion),
-                     ("metrics", metrics)):
+    def load() -> str:
+        report = bounded_load(request, cfg)
+        out["load"] = report
+        assert report["errors"] == 0, f"{report['errors']} of {report['requests']} requests " \
+            f"failed under load: {report['first_error']}"
+        assert report["p95_latency_s"] <= cfg.max_p95_latency_s, (
+            f"p95 latency {report['p95_latency_s']:.2f} s > bound {cfg.max_p95_latency_s:g} s "
+            f"({report['requests']} requests, {cfg.load_clients} concurrent, "
+            f"{cfg.load_max_tokens} tokens each)")
+        return f"p95 {report['p95_latency_s']:.2f} s, p50 {report['p50_latency_s']:.2f} s"
+
+    steps = [("ready", ready), ("models", models), ("completion", completion),
+             ("metrics", metrics)]
+    if cfg.max_p95_latency_s is not None:
+        steps.append(("load", load))
+    for name, fn in steps:
         check(name, fn)
     out["ok"] = all(c["ok"] for c in checks)
     out["failed"] = [f"{c['name']}: {c['detail']}" for c in checks if not c["ok"]]
     return out
+
+
+def bounded_load(request: Request, cfg: VerifyConfig) -> dict:
+    """``cfg.load_requests`` greedy completions of ``cfg.load_max_tokens`` tokens (EOS ignored)
+    from ``cfg.load_clients`` threads through ``request``; latency percentiles as
+    ``turbo bench serve`` computes them."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from turbo_core.bench.serve import _pct
+
+    body = {"prompt": cfg.load_prompt, "max_tokens": cfg.load_max_tokens, "temperature": 0,
+            "ignore_eos": True}
+
+    def one(i: int) -> tuple[float, int, bytes]:
+        start = time.monotonic()
+        try:
+            status, reply = request("POST", "/v1/completions", body | {"seed": i})
+        except OSError as exc:
+            status, reply = 0, str(exc).encode()
+        return time.monotonic() - start, status, reply
+
+    t0 = time.monotonic()
+    with ThreadPoolExecutor(cfg.load_clients) as pool:
+        results = list(pool.map(one, range(cfg.load_requests)))
+    wall = time.monotonic() - t0
+    lat = [t for t, status, _ in results if status == 200]
+    bad = [(status, reply[:200]) for _, status, reply in results if status != 200]
+    return {"requests": len(results), "clients": cfg.load_clients, "errors": len(bad),
+            "first_error": f"{bad[0][0]}: {bad[0][1]!r}" if bad else None,
+            "p50_latency_s": _pct(lat, 0.5), "p95_latency_s": _pct(lat, 0.95) if lat else float("inf"),
+            "tokens_per_s": len(lat) * cfg.load_max_tokens / wall if wall > 0 else 0.0}

@@ -6,8 +6,10 @@ from tabulate import tabulate
 
 from turbo_core.tracking import runs as tracking
 
-KEY_METRICS = ("ppl_delta_pct", "top1_agreement", "kv_compression", "kv_bytes_per_token",
-               "sas_zero_fraction", "decode_tokens_per_s")
+KEY_METRICS = ("ppl_delta_pct", "top1_agreement", "kl_mean", "kl_p99", "kv_compression",
+               "kv_bytes_per_token", "sas_zero_fraction", "prefill_speedup", "decode_speedup",
+               "decode_tokens_per_s", "retrieval_accuracy", "retrieval_accuracy_baseline",
+               "retrieval_kept")
 SKIP_PARAMS = {"variant", "code_version"}
 
 

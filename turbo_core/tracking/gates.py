@@ -49,7 +49,8 @@ class Gate:
         word = ">=" if self.greater_is_better else "<="
         reasons = []
         if self.threshold is not None and sign * (value - self.threshold) < 0:
-            reasons.append(f"{self.metric} = {value:.6g}, needs {word} {self.threshold:.6g}")
+            reasons.append(f"{self.metric} = {value:.6g}, needs {word} {self.threshold:.6g} "
+                           f"(misses by {abs(value - self.threshold):.3g})")
         relative = self.min_absolute_change is not None or self.min_relative_change is not None
         if relative and baseline is not None:
             base = baseline.get(self.metric)
@@ -108,9 +109,8 @@ class GateDecision:
         return "\n".join(lines) + "\n"
 
 
-# The default gates of the nightly pipeline (the issue's goals for SmolLM2).
-DEFAULT_GATES = GateSet((
-    Gate("ppl_delta_pct", threshold=8.0, greater_is_better=False),
-    Gate("top1_agreement", threshold=0.8),
-    Gate("kv_compression", threshold=1.0),
-))
+def default_gates() -> GateSet:
+    """The nightly pipeline's gates at its parameters' defaults."""
+    from turbo_core.pipeline.params import defaults, gates
+
+    return gates(defaults())

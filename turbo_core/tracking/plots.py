@@ -56,14 +56,48 @@ def accuracy_vs_bytes(rows: list[dict], path: str | Path, title: str = "") -> Pa
 
 
 def latency(rows: list[dict], path: str | Path) -> Path:
-    """Prefill and decode throughput per variant."""
+    """Prefill and decode throughput per variant, the float baseline of the same run beside."""
     plt = _plt()
     names = [r["variant"] for r in rows]
-    fig, axes = plt.subplots(1, 2, figsize=(8, 3.2))
+    at = list(range(len(rows)))
+    fig, axes = plt.subplots(1, 2, figsize=(8, 1.8 + 0.5 * len(rows)))
     for ax, key, label in ((axes[0], "prefill_tokens_per_s", "prefill tokens/s"),
                            (axes[1], "decode_tokens_per_s", "decode tokens/s")):
-        ax.barh(names, [r.get(key) or 0.0 for r in rows], color="tab:blue")
+        ax.barh([y + 0.2 for y in at], [r.get(key) or 0.0 for r in rows], height=0.4,
+                color="tab:blue", label="variant")
+        ax.barh([y - 0.2 for y in at], [r.get(key + "_baseline") or 0.0 for r in rows],
+                height=0.4, color="tab:gray", label="float baseline (same run)")
+        ax.set_yticks(at, names)
         ax.set_xlabel(label)
+    axes[1].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def speed_vs_bytes(rows: list[dict], path: str | Path, title: str = "") -> Path:
+    """Decode (and prefill) speed-up over the float baseline against KV bytes per token."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for r in rows:
+        x = r.get("kv_bytes_per_token")
+        if x is None:
+            continue
+        for key, marker in (("decode_speedup", "o"), ("prefill_speedup", "^")):
+            y = r.get(key)
+            if y is None:
+                continue
+            ax.scatter(x, y, s=40, marker=marker,
+                       color="tab:green" if r.get("gate_passed") else "tab:red")
+            if key == "decode_speedup":
+                ax.annotate(r["variant"], (x, y), textcoords="offset points", xytext=(5, 4),
+                            fontsize=8)
+    ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+    ax.set_xlabel("KV bytes per token (measured)")
+    ax.set_ylabel("speed-up vs float baseline (● decode, ▲ prefill)")
+    ax.set_title(title or "speed vs KV memory (green = gates passed; dashed = baseline)")
+    ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -1,0 +1,12 @@
+"""Small measurement sizes for tests on the tiny model (the defaults take minutes)."""
+
+from turbo_core.bench.speed import SpeedSettings
+from turbo_core.hf.evaluate import EvalSettings
+from turbo_core.hf.retrieval import RetrievalSettings
+
+SPEED = SpeedSettings(context=64, batch=2, new_tokens=4, repeats=5)
+RECALL = RetrievalSettings(lengths=(384,), samples=1, needles=2, max_new_tokens=4)
+EVAL = EvalSettings(max_tokens=256, window=128, speed=SPEED, retrieval=RECALL)
+# the same for `turbo evaluate`
+EVAL_ARGS = ["--max-tokens", "256", "--window", "128", "--speed-context", "64", "--speed-batch", "2",
+             "--retrieval-lengths", "384", "--retrieval-samples", "1"]
