@@ -36,6 +36,12 @@ def test_baseline_variant_reproduces_the_baseline(lm):
     r = evaluate.evaluate(lm, get_variant("fp16"), data.load_split(), settings=SMALL, progress=False)
     assert abs(r["ppl_delta_pct"]) < 1e-3 and r["top1_agreement"] == 1.0
     assert r["kv_compression"] == 1.0 and r["eval_tokens"] == 254
+    # the float engine against itself: no drift, the same answers to every retrieval prompt
+    assert r["kl_mean"] < 1e-9 and r["kl_p99"] < 1e-9
+    mine, base = (r["retrieval"][k]["samples"] for k in ("variant", "baseline"))
+    assert [x["output"] for x in mine] == [x["output"] for x in base] and r["retrieval_kept"] == 1.0
+    assert len(mine) == 2 and {x["task"] for x in mine} == {"passkey", "multikey"}
+    assert r["speed_context"] == 64 and r["speed_batch"] == 2 and r["decode_speedup"] > 0
 
 
 def test_quantized_variant_metrics(lm):
@@ -43,14 +49,18 @@ def test_quantized_variant_metrics(lm):
     v = get_variant("turbo-mix")
     plan = calibrate.calibrate(lm, v, max_tokens=256, progress=False)
     r = evaluate.evaluate(lm, v, split, plan=plan, settings=SMALL, progress=False)
-    for key in ("ppl_baseline", "ppl_variant", "ppl_delta_pct", "top1_agreement",
-                "kv_bytes_per_token", "kv_compression", "sas_zero_fraction",
-                "prefill_tokens_per_s", "decode_tokens_per_s", "model", "variant", "data_sha256"):
+    for key in ("ppl_baseline", "ppl_variant", "ppl_delta_pct", "top1_agreement", "kl_mean",
+                "kv_bytes_per_token", "kv_compression", "sas_zero_fraction", "prefill_speedup",
+                "prefill_tokens_per_s", "decode_tokens_per_s", "decode_speedup", "model", "variant",
+                "data_sha256", "retrieval_accuracy", "retrieval_accuracy_baseline"):
         assert key in r
     assert r["kv_compression"] > 3.5 and 0.0 <= r["top1_agreement"] <= 1.0
     assert r["int2_heads"] == plan.selection.int2_heads and r["prefill_tokens_per_s"] > 0
-    peer = evaluate.evaluate_peer(lm, "quanto", 4, split, settings=SMALL, progress=False)
-    assert peer["variant"] == "hf-quanto-int4" and peer["kv_compression"] > 1.5
+    assert 0 < r["kl_mean"] <= r["kl_p99"] and r["decode_tokens_per_s_baseline"] > 0
+    for backend in ("quanto", "hqq"):
+        peer = evaluate.evaluate_peer(lm, backend, 4, split, settings=SMALL, progress=False)
+        assert peer["variant"] == f"hf-{backend}-int4" and peer["kv_compression"] > 1.5
+        assert peer["kl_mean"] > 0 and peer["decode_speedup"] > 0 and "retrieval_kept" in peer
 
 
 def test_cli_calibrate_then_evaluate(tmp_path, tiny_dir, capsys):

@@ -115,3 +115,30 @@ def test_soak_disconnect_and_no_leaked_bytes(server):
     pools = [p for layer in scheduler.cache.layers for p in layer.store._pools.values()]
     free = [len(layer.store._free_pages) for layer in scheduler.cache.layers]
     assert free == [pools[0].capacity] * len(free)  # every page is back on the free list
+
+
+def test_verify_load_gates_on_p95_latency(server, monkeypatch):
+    """The pipeline's verify step after deployment: a bounded load through the same transport,
+    p95 request latency against the bound; a bound the server cannot meet fails the task
+    (which the DAG answers with its rollback)."""
+    from turbo_core.pipeline import tasks
+    from turbo_core.rollout import verify as vf
+
+    url, app = server
+    model = app.state.engine.model_id
+    ok = vf.verify(vf.http_request(url), vf.VerifyConfig(expected_model=model, max_p95_latency_s=120))
+    assert ok["ok"], ok["failed"]
+    load = ok["load"]
+    assert (load["requests"], load["clients"], load["errors"]) == (8, 4, 0)
+    assert 0 < load["p50_latency_s"] <= load["p95_latency_s"] <= 120 and load["tokens_per_s"] > 0
+    tight = vf.verify(vf.http_request(url), vf.VerifyConfig(max_p95_latency_s=1e-4))
+    assert not tight["ok"] and len(tight["failed"]) == 1
+    assert re.fullmatch(r"load: AssertionError: p95 latency \d+\.\d\d s > bound 0\.0001 s "
+                        r"\(8 requests, 4 concurrent, 16 tokens each\)", tight["failed"][0])
+    port = int(url.rsplit(":", 1)[1])
+    name, variant = model.split(":")
+    prep = {"deploy_target": "docker", "serve_port": port, "model_name": name,
+            "max_p95_latency_s": 1e-4}
+    with pytest.raises(RuntimeError, match=r"verification failed: load: .*p95 latency"):
+        tasks.verify(prep, {"variant": variant}, {})
+    assert tasks.verify(prep | {"max_p95_latency_s": 120.0}, {"variant": variant}, {})["ok"]

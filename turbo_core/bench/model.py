@@ -19,9 +19,14 @@ COLUMNS = [
     ("top1_agreement", "top-1 agree", "{:.3f}"),
     ("kv_bytes_per_token", "KV B/token", "{:.0f}"),
     ("kv_compression", "KV vs fp16", "{:.2f}x"),
+    ("kl_mean", "KL mean", "{:.4f}"),
+    ("kl_p99", "KL p99", "{:.3f}"),
     ("sas_zero_fraction", "SAS zeros", "{:.1%}"),
-    ("prefill_tokens_per_s", "prefill tok/s", "{:.0f}"),
+    ("prefill_speedup", "prefill x", "{:.2f}"),
+    ("decode_speedup", "decode x", "{:.2f}"),
     ("decode_tokens_per_s", "decode tok/s", "{:.1f}"),
+    ("retrieval_accuracy", "recall", "{:.2f}"),
+    ("retrieval_kept", "recall kept", "{:.2f}"),
 ]
 
 
@@ -81,5 +86,15 @@ def table(doc: dict, fmt: str = "simple") -> str:
     head = (f"{doc['model']} on {doc['data_source']} ({s.get('max_tokens')} held-out tokens, "
             f"windows of {s.get('window')}; KV bytes at {s.get('window')} tokens of context), "
             f"baseline ppl {doc['results'][0]['ppl_baseline']:.3f}, device {doc['device']['type']}")
+    sp, rt = s.get("speed") or {}, s.get("retrieval")
+    head += (f"\n\nSpeed-ups: over the float engine in the same process, {sp.get('context')} "
+             f"tokens of context, decode batch {sp.get('batch')}, median of {sp.get('repeats')} "
+             "alternating rounds.")
+    if rt:
+        base = doc["results"][0].get("retrieval_accuracy_baseline")
+        head += (f" Recall: passkey + multi-key needle at {', '.join(map(str, rt['lengths']))} "
+                 f"tokens, {rt['samples']} prompts per task and length, greedy exact match; the "
+                 f"float baseline recalls {base:.2f}; 'kept' = share of its correct answers the "
+                 "contender also gets.")
     return head + "\n\n" + tabulate(body, headers=[h for _, h, _ in COLUMNS], tablefmt=fmt,
                                     disable_numparse=True)

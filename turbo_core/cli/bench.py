@@ -7,6 +7,7 @@ import argparse
 import sys
 
 from turbo_core.cli.common import write_json, write_markdown
+from turbo_core.cli.evaluate import add_measure_args
 
 
 def _emit(args: argparse.Namespace, doc: dict, title: str, table) -> None:
@@ -83,9 +84,9 @@ def _bench_decode(args: argparse.Namespace) -> int:
 
 def _bench_model(args: argparse.Namespace) -> int:
     from turbo_core.bench import model
-    from turbo_core.hf import evaluate
+    from turbo_core.cli.evaluate import settings_from
 
-    settings = evaluate.EvalSettings(max_tokens=args.max_tokens, window=args.window)
+    settings = settings_from(args)
     variants = args.variants.split(",") if args.variants else None
     doc = model.run(args.model, variants, args.peer, args.random_seeds, settings, args.text)
     _emit(args, doc, "Model benchmark", model.table)
@@ -171,6 +172,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--text", help="UTF-8 text file (default: the stdlib's pydoc topics)")
     b.add_argument("--max-tokens", type=int, default=8192)
     b.add_argument("--window", type=int, default=1024)
+    add_measure_args(b)
     b.add_argument("--json", metavar="PATH")
     b.add_argument("--markdown", metavar="PATH")
     b.set_defaults(func=_bench_model)

@@ -27,17 +27,10 @@ def plan_for(args: argparse.Namespace, lm, variant):
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from turbo_core.bench.speed import SpeedSettings
     from turbo_core.hf import data, evaluate, models
-    from turbo_core.hf.retrieval import RetrievalSettings
 
     variant = variant_for(args)
-    settings = evaluate.EvalSettings(
-        max_tokens=args.max_tokens, window=args.window,
-        speed=SpeedSettings(context=args.speed_context, batch=args.speed_batch,
-                            repeats=args.speed_repeats),
-        retrieval=None if args.no_retrieval else RetrievalSettings(
-            lengths=tuple(args.retrieval_lengths), samples=args.retrieval_samples))
+    settings = settings_from(args)
     split = data.load_split(args.text)
     lm = models.load(args.model)
     plan = plan_for(args, lm, variant)
@@ -92,6 +85,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="also run transformers' quantized KV cache at the same bits")
     e.add_argument("--json", metavar="PATH", help="write the metrics as JSON")
     e.set_defaults(func=_evaluate)
+
+
+def settings_from(args: argparse.Namespace):
+    """EvalSettings from the arguments :func:`add_measure_args` (and --max-tokens/--window) add."""
+    from turbo_core.bench.speed import SpeedSettings
+    from turbo_core.hf import evaluate
+    from turbo_core.hf.retrieval import RetrievalSettings
+
+    return evaluate.EvalSettings(
+        max_tokens=args.max_tokens, window=args.window,
+        speed=SpeedSettings(context=args.speed_context, batch=args.speed_batch,
+                            repeats=args.speed_repeats),
+        retrieval=None if args.no_retrieval else RetrievalSettings(
+            lengths=tuple(args.retrieval_lengths), samples=args.retrieval_samples))
 
 
 def add_measure_args(p: argparse.ArgumentParser) -> None:

@@ -180,7 +180,11 @@ def cache_bytes(cache: object) -> int:
     total = 0
     for layer in cache.layers:
         for name in ("keys", "values", "_quantized_keys", "_quantized_values"):
-            t = getattr(layer, name, None)
-            if isinstance(t, torch.Tensor):
-                total += tensor_bytes(t)
+            held = getattr(layer, name, None)
+            if isinstance(held, tuple):  # HQQ: (packed codes, meta with scale and zero)
+                codes, meta = held
+                parts = [codes, *(v for v in meta.values() if isinstance(v, torch.Tensor))]
+            else:
+                parts = [held]
+            total += sum(tensor_bytes(t) for t in parts if isinstance(t, torch.Tensor))
     return total

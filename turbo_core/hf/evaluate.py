@@ -181,7 +181,7 @@ def _speed_and_recall(lm: LoadedModel, contender, ids: torch.Tensor, split: Text
         return out
     limit = getattr(lm.model.config, "max_position_embeddings", None)
     samples = retrieval.make_samples(lm.tokenizer, split.evaluation, settings.retrieval, limit)
-    key = (id(lm.model), lm.weights_sha256, split.sha256, settings.retrieval)
+    key = (lm.weights_sha256, str(lm.model.dtype), split.sha256, settings.retrieval)
     if key not in _BASELINE_RECALL:  # the same prompts answer the same: once per process
         _BASELINE_RECALL[key] = retrieval.run(baseline, lm.tokenizer, samples,
                                               settings.retrieval, progress)

@@ -3,7 +3,7 @@
 Two tasks, each at several context lengths:
 
 * **passkey** (Mohtashami & Jaggi, 2023): "The pass key is {N}. Remember it. {N} is the pass
-  key." hidden at an evenly spaced depth in repeated filler sentences, then "What is the pass
+  key." hidden in repeated filler sentences, then "What is the pass
   key? The pass key is";
 * **multikey** (RULER's multi-key needle-in-a-haystack): ``needles`` sentences "One of the
   special magic numbers for {key} is: {value}." at evenly spaced depths in held-out text, one of
@@ -36,11 +36,11 @@ TASKS = ("passkey", "multikey")
 @dataclass(frozen=True)
 class RetrievalSettings:
     """``lengths``: prompt lengths in tokens (capped at the model's limit); ``samples``: per
-    task and length, the needle's depth evenly spaced over them; ``needles``: in the
-    multi-key task, the asked one included."""
+    task and length (the needle's depths evenly spaced over all of a task's prompts);
+    ``needles``: in the multi-key task, the asked one included."""
 
     lengths: tuple[int, ...] = (1024, 2048, 4096, 8192)
-    samples: int = 2
+    samples: int = 1
     needles: int = 4
     max_new_tokens: int = 10
     seed: int = 0
@@ -156,8 +156,12 @@ def make_samples(tokenizer, haystack_text: str, settings: RetrievalSettings,
     lengths = sorted({min(n, max_length) if max_length else n for n in settings.lengths})
     hay = _Haystack(tokenizer, haystack_text)
     out = []
-    for length in lengths:
-        for depth in _depths(settings.samples):
+    spread = len(lengths) * settings.samples
+    for i, length in enumerate(lengths):
+        # depths evenly spaced over all of a task's prompts, interleaved across the lengths
+        # (one sample per length still puts needles early, midway and late)
+        for j in range(settings.samples):
+            depth = (j * len(lengths) + i + 0.5) / spread
             out.append(_passkey(tokenizer, length, depth, rng))
             out.append(_multikey(tokenizer, hay, length, depth, settings.needles, rng))
     return out

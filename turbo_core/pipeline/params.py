@@ -51,7 +51,7 @@ PARAMS: dict[str, dict] = {
                           "items": {"type": "integer", "minimum": 128},
                           "default": [1024, 2048, 4096, 8192],
                           "title": "Retrieval: prompt lengths (tokens; capped at the model's limit)"},
-    "retrieval_samples": {"type": "integer", "minimum": 1, "default": 2,
+    "retrieval_samples": {"type": "integer", "minimum": 1, "default": 1,
                           "title": "Retrieval: prompts per task and length"},
     "eval_tokens": {"type": "integer", "minimum": 16, "default": 8192,
                     "title": "Held-out tokens per evaluation"},
