@@ -1,8 +1,8 @@
 """Small measurement sizes for tests on the tiny model (the defaults take minutes)."""
 
-from turbo_core.bench.speed import SpeedSettings
 from turbo_core.hf.evaluate import EvalSettings
 from turbo_core.hf.retrieval import RetrievalSettings
+from turbo_core.hf.speed import SpeedSettings
 
 SPEED = SpeedSettings(context=64, batch=2, new_tokens=4, repeats=5)
 RECALL = RetrievalSettings(lengths=(384,), samples=1, needles=2, max_new_tokens=4)

@@ -10,7 +10,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 # lowest first: a module may import its own layer and the layers before it
 LAYERS = ["utilities", "attention", "hf", "tracking", "serving", "rollout", "pipeline", "bench", "cli"]
-UTILITIES = {"turbo_core", "turbo_core.fileio", "turbo_core.http", "turbo_core.testing"}
+UTILITIES = {"turbo_core", "turbo_core.fileio", "turbo_core.http", "turbo_core.stats",
+             "turbo_core.testing"}
 MAX_LINES = 400
 
 

@@ -7,8 +7,7 @@ import random
 import pytest
 import torch
 
-from turbo_core.bench import speed
-from turbo_core.hf import data, evaluate, models, retrieval
+from turbo_core.hf import data, evaluate, models, retrieval, speed
 
 
 def test_token_kl_matches_the_definition():
@@ -121,5 +120,7 @@ def test_speed_harness_reports_medians_and_ratios(monkeypatch):
     assert 0.8 * 3 / 0.1 < got["decode_tokens_per_s_baseline"] < 1.25 * 3 / 0.1
     assert 2.5 * 0.8 < got["decode_speedup"] < 2.5 * 1.25 and 2 * 0.8 < got["prefill_speedup"] < 2.5
     assert (got["speed_context"], got["speed_batch"], got["speed_repeats"]) == (32, 3, 5)
+    same = speed.measure(base, _Fake("base", clock, prefill_s=0.002, step_s=0.05), prompts, st)
+    assert same["decode_speedup"] == pytest.approx(2.0, rel=0.3)  # one name, two contenders
     with pytest.raises(ValueError, match="speed context"):
         speed.prompts_from(torch.arange(10), st)

@@ -4,7 +4,8 @@ import math
 
 import pytest
 
-from turbo_core.tracking.gates import Gate, GateSet, default_gates
+from turbo_core.pipeline.params import default_gates
+from turbo_core.tracking.gates import Gate, GateSet
 
 
 def test_absolute_bounds_in_both_directions():

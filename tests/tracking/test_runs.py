@@ -8,7 +8,7 @@ import small
 from mlflow import MlflowClient
 
 from turbo_core.attention.variants import get_variant
-from turbo_core.hf import evaluate, models
+from turbo_core.hf import data, evaluate, models
 from turbo_core.pipeline import stages
 from turbo_core.tracking import model_registry as registry
 from turbo_core.tracking import runs as tracking
@@ -113,17 +113,23 @@ def test_compare_three_variants(server, lm, tiny_dir, tmp_path, capsys):
     for name in ("int8", "turbo-int4", "turbo-int2"):
         stages.evaluate_variant(lm, get_variant(name), plan=None, base_model=str(tiny_dir),
                                 settings=SMALL, register=False)
-    out, png = tmp_path / "cmp.json", tmp_path / "cmp.png"
+    peer = evaluate.evaluate_peer(lm, "quanto", 4, data.load_split(), settings=SMALL, progress=False)
+    stages.log_peer(lm, peer)
+    out, png, speed = tmp_path / "cmp.json", tmp_path / "cmp.png", tmp_path / "speed.png"
     assert main(["compare", "--experiment", "turbo-attention/tiny-llama", "--json", str(out),
-                 "--png", str(png)]) == 0
+                 "--png", str(png), "--speed-png", str(speed)]) == 0
     doc = json.loads(out.read_text())
     variants = [r["variant"] for r in doc["rows"]]
-    assert {"int8", "turbo-int4", "turbo-int2"} <= set(variants)
+    assert {"int8", "turbo-int4", "turbo-int2", "hf-quanto-int4"} <= set(variants)
     assert len(variants) == len(set(variants))  # newest run per variant
     assert "kv_bits" in doc["differing_params"] and "model" not in doc["differing_params"]
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = {r["variant"]: r for r in doc["rows"]}
+    assert rows["hf-quanto-int4"]["kl_mean"] == pytest.approx(peer["kl_mean"])
+    for r in rows.values():  # the gates' metrics for every contender, ours and the peer
+        assert all(r[k] is not None for k in ("kl_mean", "decode_speedup", "retrieval_kept")), r
+    assert png.read_bytes()[:8] == speed.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     printed = capsys.readouterr().out
-    assert "turbo-int2" in printed and "kv_compression" in printed
+    assert "turbo-int2" in printed and "kv_compression" in printed and "decode_speedup" in printed
     with pytest.raises(SystemExit):
         main(["compare", "--experiment", "turbo-attention/nope"])
     assert "no MLflow experiment named" in capsys.readouterr().err

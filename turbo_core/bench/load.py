@@ -9,6 +9,8 @@ import time
 
 import httpx
 
+from turbo_core.stats import percentile
+
 
 async def _client(url: str, queue: asyncio.Queue, body: dict, out: list, timeout: float) -> None:
     async with httpx.AsyncClient(timeout=timeout) as http:
@@ -27,11 +29,6 @@ async def _client(url: str, queue: asyncio.Queue, body: dict, out: list, timeout
             except httpx.HTTPError as exc:
                 out.append({"latency_s": time.perf_counter() - t0, "status": 0, "tokens": 0,
                             "error": f"{type(exc).__name__}: {exc}"})
-
-
-def _pct(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, max(0, round(q * (len(xs) - 1))))]
 
 
 def run(url: str, *, clients: int = 4, requests: int = 32, max_tokens: int = 16,
@@ -58,7 +55,7 @@ def run(url: str, *, clients: int = 4, requests: int = 32, max_tokens: int = 16,
         "max_tokens": max_tokens, "wall_s": wall, "ok": len(ok), "errors": len(results) - len(ok),
         "status_counts": {str(s): sum(r["status"] == s for r in results)
                           for s in sorted({r["status"] for r in results})},
-        "p50_s": _pct(lat, 0.5), "p95_s": _pct(lat, 0.95), "mean_s": statistics.fmean(lat),
+        "p50_s": percentile(lat, 0.5), "p95_s": percentile(lat, 0.95), "mean_s": statistics.fmean(lat),
         "tokens": sum(r["tokens"] for r in ok),
         "tokens_per_s": sum(r["tokens"] for r in ok) / wall,
     }

@@ -26,6 +26,7 @@ from pathlib import Path
 import httpx
 
 from turbo_core.http import free_port
+from turbo_core.stats import percentile
 
 ROOT = Path(__file__).resolve().parents[2]
 STARTUP_S = 420.0  # vLLM compiles for ~2-3 min here; our warm-up ~15 s (cached after)
@@ -121,13 +122,6 @@ async def _load(url: str, model: str, texts: list[str], max_tokens: int, c: Cont
     return {"requests": results, "max_running": int(peak["running"]), "kv_bytes_peak": kv}
 
 
-def _pct(xs: list[float], q: float) -> float | None:
-    if not xs:
-        return None
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, max(0, round(q * (len(xs) - 1))))]
-
-
 def summarize(name: str, load: dict) -> dict:
     ok = [r for r in load["requests"] if r["status"] == 200 and r["times"]]
     first = [r["times"][0] for r in ok]
@@ -142,9 +136,9 @@ def summarize(name: str, load: dict) -> dict:
         "aggregate_tokens_per_s": tokens / (max(last) - start) if ok else 0.0,
         "decode_tokens_per_s": steady / (hi - lo) if hi > lo and steady else None,
         "steady_span_s": max(0.0, hi - lo),
-        "ttft_p50_s": _pct([f - r["t0"] for f, r in zip(first, ok, strict=True)], 0.5),
-        "ttft_p95_s": _pct([f - r["t0"] for f, r in zip(first, ok, strict=True)], 0.95),
-        "itl_p50_s": _pct(gaps, 0.5), "itl_p95_s": _pct(gaps, 0.95),
+        "ttft_p50_s": percentile([f - r["t0"] for f, r in zip(first, ok, strict=True)], 0.5),
+        "ttft_p95_s": percentile([f - r["t0"] for f, r in zip(first, ok, strict=True)], 0.95),
+        "itl_p50_s": percentile(gaps, 0.5), "itl_p95_s": percentile(gaps, 0.95),
         "max_running": load["max_running"], "kv_bytes_peak": load["kv_bytes_peak"],
         "generated_tokens": tokens,
         "prompt_tokens_mean": (sum(r["usage"]["prompt_tokens"] for r in ok if r.get("usage"))

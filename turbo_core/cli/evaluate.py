@@ -52,6 +52,11 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.peer:
         bits = variant.kv_bits if variant.kv_bits in (2, 4) else 4
         result["peer"] = evaluate.evaluate_peer(lm, args.peer, bits, split, settings=settings)
+        if not args.no_track:
+            from turbo_core.pipeline import stages
+
+            result["peer"]["mlflow_run_id"] = stages.log_peer(lm, result["peer"],
+                                                             ctx=run_context(args))
     _print_result(result)
     if args.json:
         write_json(args.json, result)
@@ -89,9 +94,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def settings_from(args: argparse.Namespace):
     """EvalSettings from the arguments :func:`add_measure_args` (and --max-tokens/--window) add."""
-    from turbo_core.bench.speed import SpeedSettings
     from turbo_core.hf import evaluate
     from turbo_core.hf.retrieval import RetrievalSettings
+    from turbo_core.hf.speed import SpeedSettings
 
     return evaluate.EvalSettings(
         max_tokens=args.max_tokens, window=args.window,
@@ -103,8 +108,8 @@ def settings_from(args: argparse.Namespace):
 
 def add_measure_args(p: argparse.ArgumentParser) -> None:
     """Sizes of the speed and retrieval measurements (defaults: the pipeline's)."""
-    from turbo_core.bench.speed import SpeedSettings
     from turbo_core.hf.retrieval import RetrievalSettings
+    from turbo_core.hf.speed import SpeedSettings
 
     sp, rt = SpeedSettings(), RetrievalSettings()
     p.add_argument("--speed-context", type=int, default=sp.context,

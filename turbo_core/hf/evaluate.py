@@ -21,15 +21,15 @@ from tqdm import tqdm
 
 from turbo_core.attention.plan import BitPlan
 from turbo_core.attention.variants import Variant, get_variant
-from turbo_core.bench import speed
-from turbo_core.bench.contenders import EngineContender, HFCacheContender
-from turbo_core.bench.speed import SpeedSettings
+from turbo_core.hf import speed
 from turbo_core.hf.attention import ATTN_NAME, enable, sas_zero_fraction
 from turbo_core.hf.cache import TurboCache, cache_bytes
 from turbo_core.hf.calibrate import token_ids
+from turbo_core.hf.contenders import EngineContender, HFCacheContender
 from turbo_core.hf.data import TextSplit
 from turbo_core.hf.models import LoadedModel
 from turbo_core.hf.retrieval import RetrievalSettings
+from turbo_core.hf.speed import SpeedSettings
 
 log = logging.getLogger(__name__)
 

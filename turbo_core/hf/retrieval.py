@@ -175,9 +175,9 @@ def answered(text: str, answer: str) -> bool:
 
 def run(contender, tokenizer, samples: list[Sample], settings: RetrievalSettings,
         progress: bool = True) -> dict[str, object]:
-    """Accuracy of one contender (``turbo_core.bench.contenders``) on ``samples``: overall, per
+    """Accuracy of one contender (``turbo_core.hf.contenders``) on ``samples``: overall, per
     task, per length, and each sample's outcome."""
-    from turbo_core.bench.contenders import greedy
+    from turbo_core.hf.contenders import greedy
 
     rows = []
     for s in tqdm(samples, desc=f"retrieval {contender.name}", unit="prompt", disable=not progress):

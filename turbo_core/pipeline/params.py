@@ -116,6 +116,7 @@ def gates(params: dict) -> GateSet:
     ))
 
 
-GATE_PARAMS = ("max_ppl_delta_pct", "min_top1_agreement", "min_kv_compression", "max_kl",
-               "min_decode_speedup", "min_prefill_speedup", "min_retrieval", "min_retrieval_kept",
-               "max_p95_latency_s")
+def default_gates() -> GateSet:
+    """The gates at the parameters' defaults (what ``turbo evaluate`` applies)."""
+    return gates(defaults())
+

@@ -11,10 +11,11 @@ from turbo_core.attention.plan import BitPlan
 from turbo_core.attention.variants import Variant
 from turbo_core.hf import calibrate as calib
 from turbo_core.hf import data, evaluate, models
+from turbo_core.pipeline.params import default_gates
 from turbo_core.tracking import model_registry as registry
 from turbo_core.tracking import plots
 from turbo_core.tracking import runs as tracking
-from turbo_core.tracking.gates import GateDecision, GateSet, default_gates
+from turbo_core.tracking.gates import GateDecision, GateSet
 
 
 @dataclass(frozen=True)
@@ -82,3 +83,19 @@ def evaluate_variant(lm: models.LoadedModel, variant: Variant, *, plan: BitPlan 
                 mlflow.set_tag("turbo.model_version", version)
         return EvalOutcome(run_id=run.info.run_id, result=result, decision=decision,
                            version=version)
+
+
+def log_peer(lm: models.LoadedModel, result: dict, *, gates: GateSet | None = None,
+             ctx: tracking.RunContext | None = None) -> str:
+    """A peer's evaluation (transformers' quantized cache) as its own ``evaluate`` run, gated
+    like a variant but never registered: ``turbo compare`` lists it beside ours."""
+    import mlflow
+
+    with tracking.variant_run(lm.name, result["variant"], "evaluate", ctx) as run:
+        tracking.log_params(_model_params(lm) | {"peer": True, "data_sha256": result["data_sha256"]})
+        mlflow.log_metrics(tracking.numeric_metrics(result))
+        decision = (gates or default_gates()).evaluate(result)
+        mlflow.set_tag("turbo.gate", "passed" if decision.passed else "failed")
+        mlflow.set_tag("turbo.gate_reasons", "; ".join(decision.reasons)[:4000] or "none")
+        tracking.log_json_artifact(result, "evaluation.json")
+        return run.info.run_id

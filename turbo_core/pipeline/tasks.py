@@ -91,9 +91,9 @@ KEY_METRICS = ("ppl_delta_pct", "top1_agreement", "kl_mean", "kl_p99", "kv_compr
 
 def eval_settings(prep: dict):
     """The evaluation's sizes from the run's parameters."""
-    from turbo_core.bench.speed import SpeedSettings
     from turbo_core.hf import evaluate as ev
     from turbo_core.hf.retrieval import RetrievalSettings
+    from turbo_core.hf.speed import SpeedSettings
 
     return ev.EvalSettings(
         max_tokens=prep["eval_tokens"], window=min(prep["eval_window"], prep["eval_tokens"]),

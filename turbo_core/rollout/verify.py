@@ -15,6 +15,8 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from turbo_core.stats import percentile
+
 Request = Callable[[str, str, dict | None], tuple[int, bytes]]
 
 
@@ -137,10 +139,8 @@ def verify(request: Request, cfg: VerifyConfig = VerifyConfig()) -> dict:
 def bounded_load(request: Request, cfg: VerifyConfig) -> dict:
     """``cfg.load_requests`` greedy completions of ``cfg.load_max_tokens`` tokens (EOS ignored)
     from ``cfg.load_clients`` threads through ``request``; latency percentiles as
-    ``turbo bench serve`` computes them."""
+    ``turbo bench serve`` computes them (:func:`turbo_core.stats.percentile`)."""
     from concurrent.futures import ThreadPoolExecutor
-
-    from turbo_core.bench.serve import _pct
 
     body = {"prompt": cfg.load_prompt, "max_tokens": cfg.load_max_tokens, "temperature": 0,
             "ignore_eos": True}
@@ -161,5 +161,6 @@ def bounded_load(request: Request, cfg: VerifyConfig) -> dict:
     bad = [(status, reply[:200]) for _, status, reply in results if status != 200]
     return {"requests": len(results), "clients": cfg.load_clients, "errors": len(bad),
             "first_error": f"{bad[0][0]}: {bad[0][1]!r}" if bad else None,
-            "p50_latency_s": _pct(lat, 0.5), "p95_latency_s": _pct(lat, 0.95) if lat else float("inf"),
+            "p50_latency_s": percentile(lat, 0.5),
+            "p95_latency_s": percentile(lat, 0.95) if lat else float("inf"),
             "tokens_per_s": len(lat) * cfg.load_max_tokens / wall if wall > 0 else 0.0}

@@ -14,8 +14,7 @@ import torch
 from turbo_core.attention.plan import BitPlan
 from turbo_core.attention.variants import Variant, get_variant
 from turbo_core.hf import models
-from turbo_core.hf.attention import enable
-from turbo_core.hf.cache import TurboCache
+from turbo_core.hf.runner import CacheRunner
 
 DTYPES = ("float32", "float16", "bfloat16")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
@@ -105,21 +104,15 @@ def resolve_device(spec: str) -> torch.device:
     return torch.device(spec)
 
 
-class Engine:
-    """The model, switched to the variant's attention, and the caches it decodes with."""
+class Engine(CacheRunner):
+    """The model, switched to the variant's attention, the caches it decodes with (both from
+    :class:`~turbo_core.hf.runner.CacheRunner`), and its text side."""
 
     def __init__(self, lm: models.LoadedModel, variant: Variant, plan: BitPlan | None,
                  device: str | torch.device = "cpu"):
-        if plan is not None:
-            plan.check_compatible(lm.shape)
-        if variant.needs_calibration and plan is None:
-            raise ValueError(f"variant {variant.name} needs a bit plan (--plan)")
-        self.device = resolve_device(device) if isinstance(device, str) else device
-        self.lm, self.variant, self.plan = lm, variant, plan
-        self.lm.model.to(self.device)
-        self.dtype = next(lm.model.parameters()).dtype
+        super().__init__(lm, variant, plan,
+                         resolve_device(device) if isinstance(device, str) else device)
         self.model_id = f"{lm.name}:{variant.name}"
-        enable(lm.model, variant.math)
 
     @classmethod
     def from_files(cls, model: str | None, variant: str, plan: str | None,
@@ -161,27 +154,7 @@ class Engine:
     def decode(self, ids: list[int]) -> str:
         return self.lm.tokenizer.decode(ids, skip_special_tokens=True)
 
-    # -- caches and forward passes -----------------------------------------------------------
-    def new_cache(self) -> TurboCache:
-        """One cache for every sequence the server runs: packed for quantized variants, float
-        (model dtype) in the same slotted layout otherwise."""
-        bits = (self.plan if self.plan is not None else self.variant.kv_bits) \
-            if self.variant.quantized_cache else None
-        return TurboCache(self.lm.shape, bits, self.variant.kv, dtype=self.dtype)
-
-    @torch.no_grad()
-    def forward(self, cache: TurboCache, seqs: list[int], ids: list[list[int]],
-                starts: list[int]) -> torch.Tensor:
-        """New tokens ``ids[i]`` (all of one length) for sequence ``seqs[i]``, whose cache holds
-        ``starts[i]`` tokens; returns the last position's logits ``(N, vocab)``."""
-        cache.select(seqs)
-        t = len(ids[0])
-        pos = torch.tensor(starts, device=self.device)[:, None] + torch.arange(t, device=self.device)
-        out = self.lm.model(input_ids=torch.tensor(ids, device=self.device), position_ids=pos,
-                            cache=cache, use_cache=True, logits_to_keep=1)
-        cache.flush(seqs)  # at rest between steps: < one chunk of rows per sequence buffered
-        return out.logits[:, -1]
-
+    # -- forward passes ----------------------------------------------------------------------
     def self_test(self, tokens: int = 2) -> bool:
         """A real prefill of ``tokens`` and one decode step through the variant's cache.
         :meth:`warm_up` runs it long enough to fill a page, which compiles every CPU kernel
@@ -195,7 +168,3 @@ class Engine:
 
     def warm_up(self) -> bool:
         return self.self_test(tokens=self.variant.kv.chunk + 2)
-
-    def bytes_for(self, tokens: int) -> int:
-        """KV bytes one sequence of ``tokens`` tokens occupies at rest in this engine's cache."""
-        return self.new_cache().bytes_for(tokens)

@@ -108,9 +108,3 @@ class GateDecision:
         lines += [f"- {r}" for r in self.reasons]
         return "\n".join(lines) + "\n"
 
-
-def default_gates() -> GateSet:
-    """The nightly pipeline's gates at its parameters' defaults."""
-    from turbo_core.pipeline.params import defaults, gates
-
-    return gates(defaults())

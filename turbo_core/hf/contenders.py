@@ -1,6 +1,6 @@
 """Contenders that generate token by token, for the speed and retrieval measurements of
-``turbo evaluate``: our engine (the way ``turbo serve`` runs a variant, packed or float
-cache) and transformers' own caches (the quantized-cache peers) behind one small interface.
+``turbo evaluate``: our runner (what ``turbo serve``'s engine drives, packed or float cache)
+and transformers' own caches (the quantized-cache peers) behind one small interface.
 
 ``start(prompts)`` prefills a batch and returns its state and the last position's logits
 ``(B, vocab)``; ``step(state, tokens)`` feeds one token per sequence and returns the next
@@ -17,8 +17,8 @@ import torch
 
 from turbo_core.attention.plan import BitPlan
 from turbo_core.attention.variants import Variant
-from turbo_core.hf.attention import enable
 from turbo_core.hf.models import LoadedModel
+from turbo_core.hf.runner import CacheRunner
 
 PREFILL_CHUNK = 512  # what `turbo serve` prefills at once by default (Limits.prefill_chunk)
 
@@ -31,31 +31,25 @@ class State:
 
 
 class EngineContender:
-    """A variant in our serving engine: one slotted cache, each prompt prefilled on its own in
+    """A variant as our serving engine runs it: one slotted cache, each prompt prefilled on its own in
     chunks of ``PREFILL_CHUNK``, all sequences decoded together in one forward per step."""
 
     def __init__(self, lm: LoadedModel, variant: Variant, plan: BitPlan | None,
                  name: str | None = None):
-        from turbo_core.serving.engine import Engine
-
-        self.engine = Engine(lm, variant, plan, lm.model.device)
+        self.runner = CacheRunner(lm, variant, plan, lm.model.device)
         self.name = name or variant.name
-        self.variant = variant
-
-    def _activate(self) -> None:
-        enable(self.engine.lm.model, self.variant.math)
 
     def new_state(self) -> State:
-        return State(self.engine.new_cache())
+        return State(self.runner.new_cache())
 
     @torch.no_grad()
     def add(self, state: State, prompt: list[int]) -> torch.Tensor:
         """Prefill one more sequence into ``state``; its last logits ``(vocab,)``."""
-        self._activate()
+        self.runner.activate()
         seq = state.cache.add_sequence()
         logits = None
         for s in range(0, len(prompt), PREFILL_CHUNK):
-            logits = self.engine.forward(state.cache, [seq], [prompt[s:s + PREFILL_CHUNK]], [s])
+            logits = self.runner.forward(state.cache, [seq], [prompt[s:s + PREFILL_CHUNK]], [s])
         state.seqs.append(seq)
         state.lengths.append(len(prompt))
         return logits[0]
@@ -66,8 +60,8 @@ class EngineContender:
 
     @torch.no_grad()
     def step(self, state: State, tokens: list[int]) -> torch.Tensor:
-        self._activate()
-        logits = self.engine.forward(state.cache, state.seqs, [[t] for t in tokens], state.lengths)
+        self.runner.activate()
+        logits = self.runner.forward(state.cache, state.seqs, [[t] for t in tokens], state.lengths)
         state.lengths = [n + 1 for n in state.lengths]
         return logits
 

@@ -62,35 +62,38 @@ def _decode_seconds(contender, state, logits: torch.Tensor, steps: int) -> tuple
 def measure(baseline, contender, prompts: list[list[int]], settings: SpeedSettings,
             log=None) -> dict[str, float | int]:
     """Tokens/s of both and the speed-ups (see the module's docstring)."""
-    pair = (baseline, contender)
+    pair = (baseline, contender)  # indices 0 and 1: the two may carry the same name
     _prefill_seconds(baseline, prompts[0][:64])  # warm-up: first-call costs out of the timing
     _prefill_seconds(contender, prompts[0][:64])
-    prefill = {c.name: [] for c in pair}
+
+    def turns(r: int) -> tuple[int, ...]:
+        return (0, 1) if r % 2 == 0 else (1, 0)
+
+    prefill: tuple[list[float], list[float]] = ([], [])
     for r in range(settings.repeats):
-        for c in pair if r % 2 == 0 else pair[::-1]:
-            prefill[c.name].append(settings.context / _prefill_seconds(c, prompts[r]))
+        for i in turns(r):
+            prefill[i].append(settings.context / _prefill_seconds(pair[i], prompts[r]))
     batch = prompts[settings.repeats:settings.repeats + settings.batch]
-    states = {c.name: c.start(batch) for c in pair}
-    decode = {c.name: [] for c in pair}
+    states = [c.start(batch) for c in pair]
+    decode: tuple[list[float], list[float]] = ([], [])
     for r in range(settings.repeats):
-        for c in pair if r % 2 == 0 else pair[::-1]:
-            state, logits = states[c.name]
-            seconds, logits = _decode_seconds(c, state, logits, settings.new_tokens)
-            states[c.name] = (state, logits)
-            decode[c.name].append(settings.batch * settings.new_tokens / seconds)
+        for i in turns(r):
+            state, logits = states[i]
+            seconds, logits = _decode_seconds(pair[i], state, logits, settings.new_tokens)
+            states[i] = (state, logits)
+            decode[i].append(settings.batch * settings.new_tokens / seconds)
         if log:
             log(f"speed round {r + 1}/{settings.repeats}: decode {contender.name} "
-                f"{decode[contender.name][-1]:.1f} vs {baseline.name} {decode[baseline.name][-1]:.1f} tok/s")
+                f"{decode[1][-1]:.1f} vs baseline {baseline.name} {decode[0][-1]:.1f} tok/s")
 
-    def ratio(d: dict[str, list[float]]) -> float:
-        return statistics.median(a / b for a, b in zip(d[contender.name], d[baseline.name],
-                                                       strict=True))
+    def ratio(d: tuple[list[float], list[float]]) -> float:
+        return statistics.median(a / b for a, b in zip(d[1], d[0], strict=True))
 
-    return {"prefill_tokens_per_s": statistics.median(prefill[contender.name]),
-            "prefill_tokens_per_s_baseline": statistics.median(prefill[baseline.name]),
+    return {"prefill_tokens_per_s": statistics.median(prefill[1]),
+            "prefill_tokens_per_s_baseline": statistics.median(prefill[0]),
             "prefill_speedup": ratio(prefill),
-            "decode_tokens_per_s": statistics.median(decode[contender.name]),
-            "decode_tokens_per_s_baseline": statistics.median(decode[baseline.name]),
+            "decode_tokens_per_s": statistics.median(decode[1]),
+            "decode_tokens_per_s_baseline": statistics.median(decode[0]),
             "decode_speedup": ratio(decode),
             "speed_context": settings.context, "speed_batch": settings.batch,
             "speed_repeats": settings.repeats}
