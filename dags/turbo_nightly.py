@@ -23,8 +23,8 @@ compression, decode speed-up over the float engine (default: not slower), and lo
 recall (passkey and multi-key needle; default: everything the baseline recalls) — picks the
 best passing variant against the MLflow champion, builds and pushes the serving image, rolls
 it out (kubernetes / docker / none), verifies it under a bounded load (p95 latency gate) and
-promotes the MLflow `champion` alias. A failed deploy step triggers `rollback`; `summary` always runs and tells
-what happened. Trigger by hand with *Trigger DAG w/ config* to change any parameter.
+promotes the MLflow `champion` alias. A failed deploy step triggers `rollback`; `summary`
+always runs and tells what happened. Trigger by hand with *Trigger DAG w/ config* to change any parameter.
 """
 
 

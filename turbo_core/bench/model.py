@@ -4,6 +4,7 @@ and the head-priority control (random INT2 heads), as one JSON + Markdown report
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from tabulate import tabulate
 
@@ -98,3 +99,22 @@ def table(doc: dict, fmt: str = "simple") -> str:
                  "contender also gets.")
     return head + "\n\n" + tabulate(body, headers=[h for _, h, _ in COLUMNS], tablefmt=fmt,
                                     disable_numparse=True)
+
+
+def plots(doc: dict, out_dir: str | Path) -> list[Path]:
+    """Accuracy and speed against KV bytes per token, one point per contender (green when it
+    passes the pipeline's default gates)."""
+    from turbo_core.pipeline.params import default_gates
+    from turbo_core.tracking import plots as png
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    gates = default_gates()
+    rows = [r | {"variant": r["variant"] + (f" ({r['int2_scope']})" if r.get("int2_scope") not in
+                                            (None, "global") else ""),
+                 "gate_passed": gates.evaluate(r).passed} for r in doc["results"]]
+    name = doc["model"].lower()
+    return [png.accuracy_vs_bytes(rows, out / f"model-{name}-accuracy.png",
+                                  title=f"{doc['model']}: perplexity vs KV memory"),
+            png.speed_vs_bytes(rows, out / f"model-{name}-speed.png",
+                               title=f"{doc['model']}: speed vs KV memory")]

@@ -86,10 +86,19 @@ def _bench_model(args: argparse.Namespace) -> int:
     from turbo_core.bench import model
     from turbo_core.cli.evaluate import settings_from
 
-    settings = settings_from(args)
-    variants = args.variants.split(",") if args.variants else None
-    doc = model.run(args.model, variants, args.peer, args.random_seeds, settings, args.text)
+    if args.replot:  # re-render a measured report (tables, plots); measures nothing
+        import json
+        from pathlib import Path
+
+        doc = json.loads(Path(args.replot).read_text())
+    else:
+        settings = settings_from(args)
+        variants = args.variants.split(",") if args.variants else None
+        doc = model.run(args.model, variants, args.peer, args.random_seeds, settings, args.text)
     _emit(args, doc, "Model benchmark", model.table)
+    if args.plots:
+        for path in model.plots(doc, args.plots):
+            print(f"wrote {path}", file=sys.stderr)
     return 0
 
 
@@ -173,6 +182,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--max-tokens", type=int, default=8192)
     b.add_argument("--window", type=int, default=1024)
     add_measure_args(b)
+    b.add_argument("--plots", metavar="DIR",
+                   help="write accuracy- and speed-vs-KV-bytes PNGs (green: passes the default gates)")
+    b.add_argument("--replot", metavar="JSON", help="render an earlier report's JSON; no measuring")
     b.add_argument("--json", metavar="PATH")
     b.add_argument("--markdown", metavar="PATH")
     b.set_defaults(func=_bench_model)
