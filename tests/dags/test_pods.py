@@ -9,6 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import small
+
+from turbo_core.pipeline import params
+
 ROOT = Path(__file__).resolve().parents[2]
 IMAGE = "registry.example:5000/turbo@sha256:" + "c" * 64
 
@@ -95,11 +99,10 @@ def test_the_pod_step_runs_for_real_with_the_plan_through_mlflow(tmp_path, tiny_
     env = os.environ | {"TURBO_HOME": str(tmp_path / "turbo"),
                         "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
                         "TURBO_MODEL_DIR": str(tiny_dir)}
-    prep = {"model": "elsewhere", "model_name": tiny_dir.name, "model_dir": "/not/here",
-            "trigger": "manual", "dag_id": "turbo_nightly", "run_id": "pod-run",
-            "work_dir": "/not/writable", "calib_tokens": 256, "eval_tokens": 256,
-            "eval_window": 128, "max_ppl_delta_pct": 8.0, "min_top1_agreement": 0.8,
-            "min_kv_compression": 1.0}
+    prep = params.validate(small.PIPELINE_CONF) | {
+        "model": "elsewhere", "model_name": tiny_dir.name, "model_dir": "/not/here",
+        "trigger": "manual", "dag_id": "turbo_nightly", "run_id": "pod-run",
+        "work_dir": "/not/writable"}
 
     def step(*args):
         xcom = tmp_path / f"{args[0]}.json"

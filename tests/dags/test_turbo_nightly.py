@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import small
 
 ROOT = Path(__file__).resolve().parents[2]
 HEAVY = ("torch", "transformers", "mlflow", "docker", "kubernetes", "turbo_core.hf.models")
@@ -89,10 +90,7 @@ def _pipeline(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess, 
     return res, json.loads(out.read_text()) if out.is_file() else None
 
 
-# small sizes for the tiny random model; its speed and drift are not what these runs test
-SMALL = {"eval_tokens": 256, "eval_window": 128, "calib_tokens": 256, "speed_context": 64,
-         "speed_batch": 2, "retrieval_lengths": [384], "retrieval_samples": 1,
-         "max_kl": 10.0, "min_decode_speedup": 0.0}
+SMALL = small.PIPELINE_CONF
 
 
 def _states(run: dict) -> dict:
