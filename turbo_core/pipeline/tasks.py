@@ -252,9 +252,12 @@ def rollback(prep: dict, rolled: dict | None) -> dict:
         rolled = json.loads(report.read_text())
     if rolled and rolled.get("rolled_back"):
         return {"action": "none", "reason": "the rollout already rolled back", "rollout": rolled}
-    previous = (rolled or {}).get("details", {}).get("previous_image")
-    if not previous:
+    if not rolled:
         return {"action": "none", "reason": "nothing was deployed by this run"}
+    previous = rolled.get("details", {}).get("previous_image")
+    if not previous:
+        return {"action": "none", "reason": "no earlier release to go back to: the new "
+                                            f"deployment ({rolled.get('image')}) stays up"}
     result = run.run(prep["deploy_target"], previous, overlay=prep["overlay"],
                      kube=run.KubeOptions(namespace=prep["namespace"]),
                      docker=docker_options(prep), check_image=False)
