@@ -23,7 +23,7 @@ PARAMS: dict[str, dict] = {
                            "title": "Gate: min top-1 agreement with FP16"},
     "min_kv_compression": {"type": "number", "minimum": 1, "default": 1.0,
                            "title": "Gate: min KV-cache compression vs FP16"},
-    "max_kl": {"type": "number", "minimum": 0, "default": 0.05,
+    "max_kl": {"type": "number", "minimum": 0, "default": 0.1,
                "title": "Gate: max mean KL(baseline ‖ variant) per token (nats)"},
     "min_decode_speedup": {"type": "number", "minimum": 0, "default": 1.0,
                            "title": "Gate: min decode speed-up vs the float baseline",
