@@ -45,6 +45,9 @@ def accuracy_vs_bytes(rows: list[dict], path: str | Path, title: str = "") -> Pa
             continue
         ax.scatter(x, y, s=40, color="tab:green" if r.get("gate_passed") else "tab:red")
         ax.annotate(r["variant"], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ys = [r.get("ppl_delta_pct") for r in rows if r.get("ppl_delta_pct") is not None]
+    if ys and max(ys) > 100:  # collapsed contenders: keep the usable ones readable
+        ax.set_yscale("symlog", linthresh=10)
     ax.set_xlabel("KV bytes per token (measured)")
     ax.set_ylabel("perplexity change vs baseline (%)")
     ax.set_title(title or "accuracy vs KV memory (green = gates passed)")
