@@ -51,3 +51,14 @@ def test_default_base_image_is_the_local_base():
     from turbo_core.rollout import image
 
     assert params.PARAMS["base_image"]["default"] == image.LOCAL_BASE
+
+
+def test_measurement_defaults_match_the_settings_they_build():
+    """params.py is torch-free, so it states the sizes again: they must be the settings' own."""
+    from turbo_core.hf.retrieval import RetrievalSettings
+    from turbo_core.hf.speed import SpeedSettings
+
+    d, sp, rt = params.defaults(), SpeedSettings(), RetrievalSettings()
+    assert (d["speed_context"], d["speed_batch"], d["speed_repeats"]) == (sp.context, sp.batch,
+                                                                          sp.repeats)
+    assert (tuple(d["retrieval_lengths"]), d["retrieval_samples"]) == (rt.lengths, rt.samples)

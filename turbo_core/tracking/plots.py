@@ -29,33 +29,47 @@ def priority_heatmap(plan, path: str | Path) -> Path:
     ax.set_ylabel("layer")
     ax.set_title(f"{plan.model.name}: head priority (× = INT2, {plan.selection.int2_heads} heads)")
     fig.colorbar(im, ax=ax, label="priority (gap · std of channel ranges)")
+    return _save(fig, path)
+
+
+def _save(fig, path: str | Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _plt().close(fig)
     return Path(path)
+
+
+def _vs_bytes(rows: list[dict], series: tuple[tuple[str, str], ...], ylabel: str, title: str):
+    """One point per row and metric in ``series`` ((key, marker); the first one labelled)
+    against measured KV bytes per token; green where the row passed its gates."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for r in rows:
+        x = r.get("kv_bytes_per_token")
+        for n, (key, marker) in enumerate(series):
+            y = r.get(key)
+            if x is None or y is None:
+                continue
+            ax.scatter(x, y, s=40, marker=marker,
+                       color="tab:green" if r.get("gate_passed") else "tab:red")
+            if n == 0:
+                ax.annotate(r["variant"], (x, y), textcoords="offset points", xytext=(5, 4),
+                            fontsize=8)
+    ax.set_xlabel("KV bytes per token (measured)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    return fig, ax
 
 
 def accuracy_vs_bytes(rows: list[dict], path: str | Path, title: str = "") -> Path:
     """Perplexity change against KV bytes per token, one labelled point per variant."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for r in rows:
-        x, y = r.get("kv_bytes_per_token"), r.get("ppl_delta_pct")
-        if x is None or y is None:
-            continue
-        ax.scatter(x, y, s=40, color="tab:green" if r.get("gate_passed") else "tab:red")
-        ax.annotate(r["variant"], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    fig, ax = _vs_bytes(rows, (("ppl_delta_pct", "o"),), "perplexity change vs baseline (%)",
+                        title or "accuracy vs KV memory (green = gates passed)")
     ys = [r.get("ppl_delta_pct") for r in rows if r.get("ppl_delta_pct") is not None]
     if ys and max(ys) > 100:  # collapsed contenders: keep the usable ones readable
         ax.set_yscale("symlog", linthresh=10)
-    ax.set_xlabel("KV bytes per token (measured)")
-    ax.set_ylabel("perplexity change vs baseline (%)")
-    ax.set_title(title or "accuracy vs KV memory (green = gates passed)")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)
 
 
 def latency(rows: list[dict], path: str | Path) -> Path:
@@ -73,35 +87,13 @@ def latency(rows: list[dict], path: str | Path) -> Path:
         ax.set_yticks(at, names)
         ax.set_xlabel(label)
     axes[1].legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)
 
 
 def speed_vs_bytes(rows: list[dict], path: str | Path, title: str = "") -> Path:
     """Decode (and prefill) speed-up over the float baseline against KV bytes per token."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for r in rows:
-        x = r.get("kv_bytes_per_token")
-        if x is None:
-            continue
-        for key, marker in (("decode_speedup", "o"), ("prefill_speedup", "^")):
-            y = r.get(key)
-            if y is None:
-                continue
-            ax.scatter(x, y, s=40, marker=marker,
-                       color="tab:green" if r.get("gate_passed") else "tab:red")
-            if key == "decode_speedup":
-                ax.annotate(r["variant"], (x, y), textcoords="offset points", xytext=(5, 4),
-                            fontsize=8)
+    fig, ax = _vs_bytes(rows, (("decode_speedup", "o"), ("prefill_speedup", "^")),
+                        "speed-up vs float baseline (● decode, ▲ prefill)",
+                        title or "speed vs KV memory (green = gates passed; dashed = baseline)")
     ax.axhline(1.0, color="grey", lw=0.8, ls="--")
-    ax.set_xlabel("KV bytes per token (measured)")
-    ax.set_ylabel("speed-up vs float baseline (● decode, ▲ prefill)")
-    ax.set_title(title or "speed vs KV memory (green = gates passed; dashed = baseline)")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)
