@@ -88,3 +88,21 @@ def test_bad_input_is_refused_by_name():
         decode_attention_cpu(torch.randn(1, 2, 7, 64), view, math_cfg=EXACT)
     with pytest.raises(ValueError, match="no top-k"):
         decode_attention_cpu(torch.randn(1, 2, 1, 64), view, math_cfg=AttentionMath(sparse_ratio=0.5))
+
+
+LEVERS = KVQuantConfig(sinks=16, int2_k_group=32, int2_v_group=16)  # INT2 groups of their own
+
+
+@pytest.mark.parametrize("lengths", [[10, 300], [80, 16, 17]])  # sinks only; sinks + pages + rows
+@pytest.mark.parametrize("new", [1, 7])
+@pytest.mark.parametrize("name", ["exact", "turbo"])
+def test_sinks_and_int2_groups_match_reference(lengths, new, name):
+    cache = ragged([2, 4, 2], lengths, new=min(new, min(lengths)), cfg=LEVERS)
+    view = cache.view()
+    assert {g.bits: (g.k_group, g.v_group) for g in view.groups} == {2: (32, 16), 4: (64, 64)}
+    # each sequence buffers its 16 first tokens (or all it has) besides the recent ones
+    assert view.buffer_len.tolist() == [min(n, 16) + max(0, n - 16) % 64 for n in lengths]
+    lq = min(new, min(lengths))
+    q = torch.randn(len(lengths), 6, lq, 64, generator=torch.Generator().manual_seed(6))
+    out = decode_attention_cpu(q, view, math_cfg=MATHS[name])
+    assert_close(decode_attention_reference(q, view, math_cfg=MATHS[name]).out, out, atol=ATOL[name])

@@ -41,3 +41,15 @@ def test_int8_pv_is_refused():
     with pytest.raises(ValueError, match="INT8 P·V"):
         prefill_attention_cpu(torch.randn(1, 1, 200, 64), cache.view(),
                               math_cfg=AttentionMath(pv_int8=True))
+
+
+def test_prompt_chunk_over_sinks_and_int2_groups_matches_reference():
+    from .test_cpu_decode import LEVERS
+
+    cache = ragged([2, 4, 2], [400, 150], new=140, cfg=LEVERS)
+    view = cache.view()
+    q = 4 * torch.randn(2, 6, 140, 64, generator=torch.Generator().manual_seed(7))
+    out, dropped, valid = prefill_attention_cpu(q, view, math_cfg=TURBO_DEFAULT)
+    ref = decode_attention_reference(q, view, math_cfg=TURBO_DEFAULT)
+    assert_close(ref.out, out, atol=ATOL)
+    assert (dropped, valid) == (ref.sas_dropped, ref.candidates)

@@ -109,3 +109,17 @@ def test_decode_bad_input():
     with pytest.raises(ValueError, match="no top-k"):
         decode_attention(torch.randn(1, 2, 1, 64, device=DEVICE), cache,
                          math_cfg=AttentionMath(sparse_ratio=0.5))
+
+
+@pytest.mark.parametrize("length", [12, 230])  # the sinks only; sinks + pages + recent rows
+def test_decode_over_sinks_and_int2_groups(length):
+    from turbo_kernels.decode import decode_attention
+
+    cfg = KVQuantConfig(sinks=16, int2_k_group=32, int2_v_group=16)
+    cache = filled([2, 4], length, cfg=cfg)
+    view = cache.view()
+    assert int(view.buffer_len[0]) == min(length, 16) + max(0, length - 16) % 64
+    q = torch.randn(1, 4, 1, 64, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    out = decode_attention(q, view, math_cfg=TURBO_DEFAULT)
+    assert_close(decode_attention_reference(q, view, math_cfg=TURBO_DEFAULT).out.cpu(), out.cpu(),
+                 atol=6e-3)

@@ -364,8 +364,8 @@ def decode_attention_cpu(q: torch.Tensor, cache: PackedKV, *, math_cfg: Attentio
         else:
             ksc, klo, vsc, vlo = (_np(t) for t in (g.k_scale, g.k_low, g.v_scale, g.v_low))
         _pages_pass(qn, qsn, group, _np(g.heads), table, n_chunks, splits, step, kp, ksc, klo,
-                    _np(g.k_first), vp, vsc, vlo, _np(g.v_first), g.bits, cache.k_group,
-                    cache.v_group, sm_scale, sas is not None, lut, *coeffs, lut_max, m, l_, acc,
+                    _np(g.k_first), vp, vsc, vlo, _np(g.v_first), g.bits, g.k_group,
+                    g.v_group, sm_scale, sas is not None, lut, *coeffs, lut_max, m, l_, acc,
                     counts)
     if int(buffer_len.max()):
         kb, vb = cache.buffer_k, cache.buffer_v

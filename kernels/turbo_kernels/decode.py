@@ -254,7 +254,7 @@ def decode_attention(
             *g.v_packed.stride(), *vs.stride(), *g.v_first.stride(),
             *out_strides,
             n_heads, group, d, chunks_per_split, scale, *coeffs,
-            BITS=g.bits, CHUNK=cache.chunk, K_GROUP=cache.k_group, V_GROUP=cache.v_group,
+            BITS=g.bits, CHUNK=cache.chunk, K_GROUP=g.k_group, V_GROUP=g.v_group,
             **common,
         )
     rows = int(cache.buffer_len.max())

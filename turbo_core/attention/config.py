@@ -103,7 +103,9 @@ EXACT = AttentionMath()
 
 @dataclass(frozen=True)
 class KVQuantConfig:
-    """Layout of the progressively quantized KV cache (DESIGN §1.2, stage 2).
+    """Layout of the progressively quantized KV cache (DESIGN §1.2, stage 2) and its accuracy
+    levers. The levers are all off by default: a config with only the sizes set is the layout
+    bit plans of version 1 were made for.
 
     Attributes:
         chunk: tokens compressed at once; also the capacity of the INT8 recent-token buffer
@@ -112,32 +114,75 @@ class KVQuantConfig:
         v_group: channels per V group (V is grouped per token, along channels); divides head_dim.
         protect: the first-level INT8 range ``±protect`` used before INT4/INT2 compression;
             119 keeps INT4→INT8 integer decompression inside int8 without saturation.
+        rotate: store K and V rotated by one orthogonal matrix per head (a Hadamard matrix
+            with fixed random signs, ``R``), queries rotated alike and outputs rotated back:
+            ``(qR)·(kR)ᵀ = q·kᵀ`` and ``P·(VR)·Rᵀ = P·V``, so it is exact without
+            quantization, and it spreads outlier channels over all channels before they are
+            quantized (QuaRot; llama.cpp's and vLLM's rotated KV caches). head_dim must be a
+            power of two.
+        sinks: the first ``sinks`` tokens of every sequence stay in the INT8 buffer and are
+            never compressed to INT4/INT2 (attention sinks; KVQuant, IntactKV).
+        int2_k_group / int2_v_group: group sizes of the heads stored in INT2 (``None``: the
+            same as ``k_group`` / ``v_group``); smaller groups cost bytes and buy accuracy.
+        range_search: per INT4/INT2 group, the integer scale and offset of least squared
+            error among clipped ranges instead of min–max (``quant.quantize_lowbit``); costs
+            compression time only, no bytes and nothing at decode.
     """
 
     chunk: int = 64
     k_group: int = 64
     v_group: int = 64
     protect: int = 119
+    rotate: bool = False
+    sinks: int = 0
+    int2_k_group: int | None = None
+    int2_v_group: int | None = None
+    range_search: bool = False
 
     def __post_init__(self) -> None:
         if self.chunk < 4 or self.chunk % 4:
             raise ValueError(f"KVQuantConfig.chunk must be a multiple of 4, got {self.chunk}")
-        if self.k_group < 1 or self.chunk % self.k_group:
-            raise ValueError(
-                f"KVQuantConfig.k_group ({self.k_group}) must divide chunk ({self.chunk})"
-            )
-        if self.v_group < 1:
-            raise ValueError(f"KVQuantConfig.v_group must be positive, got {self.v_group}")
+        for name in ("k_group", "int2_k_group"):
+            group = getattr(self, name)
+            if group is not None and (group < 1 or self.chunk % group):
+                raise ValueError(f"KVQuantConfig.{name} ({group}) must divide chunk ({self.chunk})")
+        for name in ("v_group", "int2_v_group"):
+            group = getattr(self, name)
+            if group is not None and group < 1:
+                raise ValueError(f"KVQuantConfig.{name} must be positive, got {group}")
         if not 1 <= self.protect <= 127:
             raise ValueError(f"KVQuantConfig.protect must be in [1, 127], got {self.protect}")
+        for name in ("rotate", "range_search"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"KVQuantConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        if not isinstance(self.sinks, int) or not 0 <= self.sinks <= 4096:
+            raise ValueError(f"KVQuantConfig.sinks must be an int in [0, 4096], got {self.sinks!r}")
 
-    def v_group_for(self, head_dim: int) -> int:
-        group = min(self.v_group, head_dim)
+    def groups_for(self, bits: int, head_dim: int) -> tuple[int, int]:
+        """``(k_group, v_group)`` of the heads stored at ``bits``."""
+        k = self.int2_k_group if bits == 2 and self.int2_k_group else self.k_group
+        v_name = "int2_v_group" if bits == 2 and self.int2_v_group else "v_group"
+        return k, self._v_fit(v_name, head_dim)
+
+    def check_head_dim(self, head_dim: int) -> None:
+        """Refuse a head_dim this layout cannot hold (V groups, the rotation's size)."""
+        for bits in (2, 4):
+            self.groups_for(bits, head_dim)
+        if self.rotate and head_dim & (head_dim - 1):
+            raise ValueError(f"KVQuantConfig.rotate needs a power-of-two head_dim (a Hadamard "
+                             f"matrix), got {head_dim}")
+
+    def _v_fit(self, name: str, head_dim: int) -> int:
+        group = min(getattr(self, name), head_dim)
         if head_dim % group:
-            raise ValueError(
-                f"KVQuantConfig.v_group ({self.v_group}) must divide head_dim ({head_dim})"
-            )
+            raise ValueError(f"KVQuantConfig.{name} ({getattr(self, name)}) must divide head_dim "
+                             f"({head_dim})")
         return group
+
+    def levers(self) -> dict[str, object]:
+        """The accuracy levers, as bit plans and MLflow record them."""
+        return {"rotate": self.rotate, "sinks": self.sinks, "int2_k_group": self.int2_k_group,
+                "int2_v_group": self.int2_v_group, "range_search": self.range_search}
 
 
 def check_bits(bits: int) -> int:

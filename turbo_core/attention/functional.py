@@ -15,6 +15,7 @@ why) or ``reference``. Each distinct choice is logged once with its reason.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Sequence
@@ -32,6 +33,7 @@ from turbo_core.attention.reference import (
     attention_details,
     decode_attention_reference,
 )
+from turbo_core.attention.rotation import rotate, unrotate
 
 log = logging.getLogger(__name__)
 
@@ -207,6 +209,16 @@ def _over_float(q: torch.Tensor, store: FloatKVLayer, seqs: Sequence[int] | None
 
 def _over_cache(q: torch.Tensor, store: QuantizedKVLayer, seqs: Sequence[int] | None,
                 backend: str, opts: AttentionOptions) -> AttentionResult:
+    """Attention over the packed store; a rotated store (``cfg.rotate``) holds ``K R`` and
+    ``V R``, so queries go in as ``q R`` and the output comes back as ``out Rᵀ``."""
+    if not store.cfg.rotate:
+        return _over_packed(q, store, seqs, backend, opts)
+    res = _over_packed(rotate(q).to(q.dtype), store, seqs, backend, opts)
+    return dataclasses.replace(res, out=unrotate(res.out).to(res.out.dtype))
+
+
+def _over_packed(q: torch.Tensor, store: QuantizedKVLayer, seqs: Sequence[int] | None,
+                 backend: str, opts: AttentionOptions) -> AttentionResult:
     math_cfg, scale = opts.get("math_cfg", EXACT), opts.get("scale")
     if backend == "cpu" and q.shape[2] > CPU_MAX_NEW_TOKENS:
         from turbo_kernels.cpu_prefill import prefill_attention_cpu

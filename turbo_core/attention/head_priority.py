@@ -125,6 +125,7 @@ def make_plan(
     seed: int = 0,
     default_bits: int = 4,
     calibration: dict[str, str | int | float] | None = None,
+    layout: dict[str, object] | None = None,
 ) -> BitPlan:
     """Score every (layer, KV head) from calibration activations and build the bit plan.
 
@@ -134,6 +135,7 @@ def make_plan(
         scope: see :func:`select_int2`.
         source: score heads by ``key``, ``value`` or both (``kv``, :func:`combined_priority`).
         default_bits: bits of the heads not chosen for INT2 (16 = float cache).
+        layout: the cache levers (``KVQuantConfig.levers()``) the activations were taken for.
     """
     if len(keys) != shape.num_layers:
         raise ValueError(f"activations cover {len(keys)} layers, model {shape.describe()} "
@@ -152,5 +154,5 @@ def make_plan(
     return build_plan(
         shape, priority.tolist(), mask.tolist(), scope=Scope(scope).value, default_bits=default_bits,
         key_priority=kp.tolist(), value_priority=vp.tolist(), source=source,
-        seed=seed if Scope(scope) is Scope.RANDOM else None, calibration=calibration,
+        seed=seed if Scope(scope) is Scope.RANDOM else None, calibration=calibration, layout=layout,
     )

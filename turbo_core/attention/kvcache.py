@@ -26,6 +26,7 @@ import torch
 from turbo_core.attention.config import KVQuantConfig, check_bits
 from turbo_core.attention.packed import PackedHeads, PackedKV, int8_rows
 from turbo_core.attention.quant import Int8Rows, pack, quantize_int8_blockwise, quantize_lowbit
+from turbo_core.attention.rotation import rotate
 from turbo_core.attention.slots import SequenceSlots
 
 PAGE_BLOCK = 16  # the page pool grows by at least this many pages (1024 tokens at chunk 64)
@@ -35,15 +36,16 @@ class _Pool:
     """The pages of the KV heads stored at one bit width: tensors with a leading page axis."""
 
     def __init__(self, bits: int, heads: list[int], head_dim: int, cfg: KVQuantConfig,
-                 v_group: int, device: torch.device):
+                 device: torch.device):
         self.bits, self.heads = bits, torch.tensor(heads, device=device)
+        self.k_group, self.v_group = k_group, v_group = cfg.groups_for(bits, head_dim)
         n, d, c = len(heads), head_dim, cfg.chunk
         packed = (n, d, c * bits // 8)
         shapes = {"k_packed": (packed, torch.uint8), "v_packed": (packed, torch.uint8),
                   "k_first": ((n,), torch.float32), "v_first": ((n,), torch.float32)}
         if bits != 8:
-            shapes |= {"k_scale": ((n, d, c // cfg.k_group), torch.uint8),
-                       "k_low": ((n, d, c // cfg.k_group), torch.int8),
+            shapes |= {"k_scale": ((n, d, c // k_group), torch.uint8),
+                       "k_low": ((n, d, c // k_group), torch.int8),
                        "v_scale": ((n, d // v_group, c), torch.uint8),
                        "v_low": ((n, d // v_group, c), torch.int8)}
         self.t = {name: torch.empty(0, *shape, dtype=dt, device=device)
@@ -67,7 +69,8 @@ class _Pool:
         return sum(math.prod(t.shape[1:]) * t.element_size() for t in self.t.values())
 
     def heads_view(self) -> PackedHeads:
-        return PackedHeads(bits=self.bits, heads=self.heads, **{
+        return PackedHeads(bits=self.bits, heads=self.heads, k_group=self.k_group,
+                           v_group=self.v_group, **{
             name: self.t.get(name) for name in ("k_packed", "k_scale", "k_low", "k_first",
                                                 "v_packed", "v_scale", "v_low", "v_first")})
 
@@ -91,7 +94,7 @@ class QuantizedKVLayer(SequenceSlots):
         if not self.head_bits:
             raise ValueError("QuantizedKVLayer needs at least one KV head in head_bits")
         self.head_dim = head_dim
-        self.v_group = self.cfg.v_group_for(head_dim)
+        self.cfg.check_head_dim(head_dim)
         # heads grouped by bit width so each group packs into one dense tensor
         self.groups: dict[int, list[int]] = {}
         for h, b in enumerate(self.head_bits):
@@ -126,6 +129,13 @@ class QuantizedKVLayer(SequenceSlots):
     def seq_lens(self, seqs: Sequence[int] | None = None) -> list[int]:
         return [self._n_chunks[s] * self.cfg.chunk + self._buf_len[s] for s in self._pick(seqs)]
 
+    def _sinks(self, slot: int) -> int:
+        """Rows at the front of a sequence's buffer that are its first tokens, kept at INT8:
+        all buffered rows until ``sinks`` tokens were seen (nothing is compressed before)."""
+        if self._n_chunks[slot]:
+            return self.cfg.sinks
+        return min(self.cfg.sinks, self._buf_len[slot])
+
     @property
     def seq_len(self) -> int:
         """Tokens held per sequence (the longest, when lengths differ)."""
@@ -157,6 +167,8 @@ class QuantizedKVLayer(SequenceSlots):
         :meth:`compress_full_chunks` later (e.g. after the new tokens attended at INT8).
         """
         self._check(k, v)
+        if self.cfg.rotate:  # stored rotated; readers rotate queries alike (functional._over_cache)
+            k, v = rotate(k), rotate(v)
         seqs = self._rows_for(k.shape[0], seqs)
         self._ensure_storage(k.device)
         t = k.shape[2]
@@ -183,14 +195,16 @@ class QuantizedKVLayer(SequenceSlots):
     def compress_full_chunks(self, seqs: Sequence[int] | None = None) -> None:
         """Move every full ``chunk`` of buffered tokens into packed low-bit pages."""
         c = self.cfg.chunk
-        todo = [(s, self._buf_len[s] // c) for s in self._pick(seqs) if self._buf_len[s] >= c]
+        todo = [(s, (self._buf_len[s] - self._sinks(s)) // c) for s in self._pick(seqs)]
+        todo = [(s, n) for s, n in todo if n > 0]
         if not todo:
             return
         parts: dict[str, list[torch.Tensor]] = {"k": [], "v": []}
         for s, n_full in todo:
+            at = self._sinks(s)
             for name in ("k", "v"):
-                rows = Int8Rows(self._buf[f"{name}_values"][s, :, : n_full * c],
-                                self._buf[f"{name}_scale"][s, :, : n_full * c])
+                rows = Int8Rows(self._buf[f"{name}_values"][s, :, at: at + n_full * c],
+                                self._buf[f"{name}_scale"][s, :, at: at + n_full * c])
                 x = rows.dequantize()  # (H, n_full * c, D) float32
                 parts[name].append(x.reshape(self.num_heads, n_full, c, -1).transpose(0, 1))
         pages = self._take_pages(sum(n for _, n in todo))
@@ -203,10 +217,11 @@ class QuantizedKVLayer(SequenceSlots):
             self._table[s, self._n_chunks[s]: self._n_chunks[s] + n_full] = pages[at:at + n_full].cpu()
             at += n_full
             self._n_chunks[s] += n_full
-            rest = self._buf_len[s] - n_full * c
-            for t in self._buf.values():  # the tail (< chunk rows) moves to the front
-                t[s, :, :rest] = t[s, :, n_full * c: n_full * c + rest].clone()
-            self._buf_len[s] = rest
+            keep = self._sinks(s)  # the sinks stay at the front, the tail (< chunk) moves next
+            rest = self._buf_len[s] - keep - n_full * c
+            for t in self._buf.values():
+                t[s, :, keep: keep + rest] = t[s, :, keep + n_full * c: keep + n_full * c + rest].clone()
+            self._buf_len[s] = keep + rest
         self._shrink_rows()
 
     def _compress(self, k: torch.Tensor, v: torch.Tensor) -> dict[int, dict[str, torch.Tensor]]:
@@ -218,14 +233,14 @@ class QuantizedKVLayer(SequenceSlots):
         for bits, pool in self._pools.items():
             idx = pool.heads
             sides = {}
-            for name, q8, dim, group in (("k", k8, -1, self.cfg.k_group), ("v", v8, -2, self.v_group)):
+            for name, q8, dim, group in (("k", k8, -1, pool.k_group), ("v", v8, -2, pool.v_group)):
                 # (N, n, c, D) -> (N, n, D, c): channels-major so packing runs along tokens
                 codes = q8.values.index_select(1, idx).transpose(-1, -2)
                 sides[f"{name}_first"] = q8.scale.index_select(1, idx)[..., 0].contiguous()
                 if bits == 8:
                     sides[f"{name}_packed"] = codes.contiguous().view(torch.uint8)
                     continue
-                lb = quantize_lowbit(codes, bits, dim=dim, group=group)
+                lb = quantize_lowbit(codes, bits, dim=dim, group=group, search=self.cfg.range_search)
                 sides |= {f"{name}_packed": pack(lb.codes, bits), f"{name}_scale": lb.scale,
                           f"{name}_low": lb.low}
             out[bits] = sides
@@ -235,7 +250,7 @@ class QuantizedKVLayer(SequenceSlots):
     def _ensure_storage(self, device: torch.device) -> None:
         if self._device is None:
             self._device = device
-            self._pools = {b: _Pool(b, h, self.head_dim, self.cfg, self.v_group, device)
+            self._pools = {b: _Pool(b, h, self.head_dim, self.cfg, device)
                            for b, h in self.groups.items()}
             shape = (0, self.num_heads, 0)
             self._buf = {"k_values": torch.empty(*shape, self.head_dim, dtype=torch.int8, device=device),
@@ -311,8 +326,7 @@ class QuantizedKVLayer(SequenceSlots):
             buffer_k=Int8Rows(buf["k_values"], buf["k_scale"]),
             buffer_v=Int8Rows(buf["v_values"], buf["v_scale"]),
             buffer_len=_ints(self._buf_len, seqs, device),
-            num_heads=self.num_heads, head_dim=self.head_dim, chunk=self.cfg.chunk,
-            k_group=self.cfg.k_group, v_group=self.v_group)
+            num_heads=self.num_heads, head_dim=self.head_dim, chunk=self.cfg.chunk)
 
     def dequantize_int8(self) -> tuple[Int8Rows, Int8Rows]:
         """Integer-only decompression of every open sequence (equal lengths): K and V as INT8
@@ -335,16 +349,16 @@ class QuantizedKVLayer(SequenceSlots):
 
     def bytes_for(self, tokens: int) -> int:
         """The most bytes one sequence of ``tokens`` tokens occupies at rest between decode
-        steps (full chunks as pages, up to one chunk of INT8 rows in the buffer), from the
+        steps (full chunks as pages; the sinks and up to one chunk of INT8 rows in the buffer), from the
         tensors' shapes and element sizes — what admission by a KV budget reserves."""
         if tokens <= 0:
             return 0
         pools = self._pools.values() if self._pools else [
-            _Pool(b, h, self.head_dim, self.cfg, self.v_group, torch.device("meta"))
+            _Pool(b, h, self.head_dim, self.cfg, torch.device("meta"))
             for b, h in self.groups.items()]
         page = sum(p.page_nbytes() for p in pools)
         row = 2 * self.num_heads * (self.head_dim * torch.int8.itemsize + torch.float32.itemsize)
-        pages = (tokens - 1) // self.cfg.chunk
+        pages = max(0, tokens - self.cfg.sinks - 1) // self.cfg.chunk
         return pages * page + (tokens - pages * self.cfg.chunk) * row
 
     def nbytes(self) -> int:

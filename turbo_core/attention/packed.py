@@ -6,7 +6,7 @@ at one width, ``P`` = pages in the pool, ``c`` = tokens per page, i.e. the chunk
 
 * K codes ``k_packed`` uint8 ``(P, n, D, c·bits/8)``, packed along tokens (planar, see
   ``quant.pack``); second-level ``k_scale`` uint8 / ``k_low`` int8 ``(P, n, D, c/k_group)``
-  (K is grouped per channel along tokens);
+  (K is grouped per channel along tokens; each bit group has its own group sizes);
 * V codes ``v_packed`` uint8 ``(P, n, D, c·bits/8)``; ``v_scale`` / ``v_low``
   ``(P, n, D/v_group, c)`` (V is grouped per token along channels);
 * first-level INT8 scales ``k_first`` / ``v_first`` float32 ``(P, n)``;
@@ -33,6 +33,8 @@ class PackedHeads:
 
     bits: int
     heads: torch.Tensor  # int64 (n,): which KV heads of the layer these rows are
+    k_group: int  # tokens per K group (per channel)
+    v_group: int  # channels per V group (per token)
     k_packed: torch.Tensor
     k_scale: torch.Tensor | None
     k_low: torch.Tensor | None
@@ -56,8 +58,6 @@ class PackedKV:
     num_heads: int
     head_dim: int
     chunk: int
-    k_group: int
-    v_group: int
 
     @property
     def batch(self) -> int:
@@ -107,7 +107,7 @@ def int8_rows(view: PackedKV, b: int) -> tuple[Int8Rows, Int8Rows]:
             if g.bits == 8:
                 q8 = codes.view(torch.int8)
             else:
-                dim, group = (-1, view.k_group) if side == "k" else (-2, view.v_group)
+                dim, group = (-1, g.k_group) if side == "k" else (-2, g.v_group)
                 lb = LowBit(codes, getattr(g, f"{side}_scale").index_select(0, pages),
                             getattr(g, f"{side}_low").index_select(0, pages), g.bits, group, dim % 4)
                 q8 = dequantize_lowbit(lb)

@@ -16,7 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from turbo_core.fileio import write_atomic
 
 PLAN_SCHEMA = "turbo-attention/bit-plan"
-PLAN_VERSION = 1
+PLAN_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # version 1 predates the layout record; it loads as every lever off
 
 
 class _Frozen(BaseModel):
@@ -66,13 +67,29 @@ class Selection(_Frozen):
     seed: int | None = None
 
 
+class Layout(_Frozen):
+    """The cache levers a plan was calibrated for (``KVQuantConfig.levers``): rotation changes
+    what the head scores see, so a plan only serves a cache with the same levers."""
+
+    rotate: bool = False
+    sinks: int = Field(0, ge=0)
+    int2_k_group: int | None = None
+    int2_v_group: int | None = None
+    range_search: bool = False
+
+    def differences(self, levers: dict[str, object]) -> list[str]:
+        mine = self.model_dump()
+        return [f"{k}={mine[k]!r} (cache: {levers[k]!r})" for k in mine if mine[k] != levers.get(k)]
+
+
 class BitPlan(_Frozen):
     """Per (layer, KV head) bits and scores. Validated on construction and on load."""
 
     schema_: Literal["turbo-attention/bit-plan"] = Field(PLAN_SCHEMA, alias="schema")
-    version: Literal[1] = PLAN_VERSION
+    version: Literal[2] = PLAN_VERSION
     model: ModelShape
     selection: Selection
+    layout: Layout = Field(default_factory=Layout)
     calibration: dict[str, str | int | float] = Field(default_factory=dict)
     layers: list[LayerEntry]
 
@@ -106,6 +123,13 @@ class BitPlan(_Frozen):
     def int2_fraction(self) -> float:
         return self.selection.int2_heads / (self.model.num_layers * self.model.num_kv_heads)
 
+    def check_layout(self, levers: dict[str, object]) -> None:
+        """Raise ``ValueError`` unless this plan was made for a cache with these levers."""
+        diff = self.layout.differences(levers)
+        if diff:
+            raise ValueError(f"bit plan was calibrated for a different cache layout: "
+                             f"{'; '.join(diff)}; calibrate a plan for this variant")
+
     def check_compatible(self, shape: ModelShape) -> None:
         """Raise ``ValueError`` unless this plan was made for a model of ``shape``."""
         mine = self.model
@@ -138,9 +162,13 @@ class BitPlan(_Frozen):
         if isinstance(raw, dict) and raw.get("schema") not in (None, PLAN_SCHEMA):
             raise ValueError(f"{origin} is not a bit plan (schema {raw.get('schema')!r}, "
                              f"expected {PLAN_SCHEMA!r})")
-        if isinstance(raw, dict) and raw.get("version") not in (None, PLAN_VERSION):
+        if isinstance(raw, dict) and raw.get("version") not in (None, *READABLE_VERSIONS):
             raise ValueError(f"{origin}: unsupported bit plan version {raw.get('version')!r}; "
-                             f"this code reads version {PLAN_VERSION}")
+                             f"this code reads versions {', '.join(map(str, READABLE_VERSIONS))}")
+        if isinstance(raw, dict) and raw.get("version") == 1:
+            if "layout" in raw:
+                raise ValueError(f"{origin}: a version 1 bit plan has no 'layout' (added in version 2)")
+            raw = {**raw, "version": PLAN_VERSION}  # version 1 = every lever off, the default layout
         try:
             return cls.model_validate(raw)
         except ValidationError as exc:
@@ -159,6 +187,7 @@ def build_plan(
     source: str = "kv",
     seed: int | None = None,
     calibration: dict[str, str | int | float] | None = None,
+    layout: dict[str, object] | None = None,
 ) -> BitPlan:
     """Assemble and validate a plan from per-(layer, head) scores and the INT2 choice."""
     layers = []
@@ -180,6 +209,7 @@ def build_plan(
         selection=Selection(scope=scope, int2_heads=n2, default_bits=default_bits,
                             source=source, seed=seed),
         calibration=calibration or {},
+        layout=Layout(**(layout or {})),
         layers=layers,
     )
 

@@ -83,6 +83,7 @@ class Variant:
             "kv_chunk": self.kv.chunk,
             "kv_k_group": self.kv.k_group,
             "kv_v_group": self.kv.v_group,
+            **{f"kv_{k}": v for k, v in self.kv.levers().items()},
         }
 
     def with_overrides(self, **changes: object) -> Variant:

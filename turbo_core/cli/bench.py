@@ -94,7 +94,17 @@ def _bench_model(args: argparse.Namespace) -> int:
     else:
         settings = settings_from(args)
         variants = args.variants.split(",") if args.variants else None
-        doc = model.run(args.model, variants, args.peer, args.random_seeds, settings, args.text)
+        if args.ablation:
+            from turbo_core.bench import ablation
+
+            doc = ablation.run(args.model, variants, args.peer, settings, args.text)
+        else:
+            doc = model.run(args.model, variants, args.peer, args.random_seeds, settings, args.text)
+    if doc.get("benchmark") == "ablation":
+        from turbo_core.bench import ablation
+
+        _emit(args, doc, "Accuracy levers (ablation)", ablation.table)
+        return 0
     _emit(args, doc, "Model benchmark", model.table)
     if args.plots:
         for path in model.plots(doc, args.plots):
@@ -178,6 +188,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--peer", action="append", choices=["quanto", "hqq"], default=None,
                    help="transformers quantized-cache backend to compare (repeatable)")
     b.add_argument("--random-seeds", type=int, default=2, help="random INT2 controls per mix variant")
+    b.add_argument("--ablation", action="store_true",
+                   help="each cache accuracy lever on/off on top of --variants (default: "
+                        "turbo-int4,turbo-mix), all levers together, and the --peer caches")
     b.add_argument("--text", help="UTF-8 text file (default: the stdlib's pydoc topics)")
     b.add_argument("--max-tokens", type=int, default=8192)
     b.add_argument("--window", type=int, default=1024)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 
@@ -29,6 +30,14 @@ def add_variant_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--int2-scope", choices=["global", "per_layer", "random"],
                    help="override how INT2 heads are chosen (random = control)")
     p.add_argument("--int2-fraction", type=float, help="override the variant's INT2 share")
+    lever = p.add_argument_group("cache accuracy levers (override the variant's; see README)")
+    lever.add_argument("--rotate", action=argparse.BooleanOptionalAction, default=None,
+                       help="Hadamard rotation of K and V before quantization")
+    lever.add_argument("--sinks", type=int, help="first tokens of a sequence kept at INT8")
+    lever.add_argument("--int2-k-group", type=int, help="tokens per K group of INT2 heads")
+    lever.add_argument("--int2-v-group", type=int, help="channels per V group of INT2 heads")
+    lever.add_argument("--range-search", action=argparse.BooleanOptionalAction, default=None,
+                       help="least-squares integer ranges per INT4/INT2 group (not min-max)")
     p.add_argument("--no-track", action="store_true",
                    help="do not log an MLflow run (default: log to MLFLOW_TRACKING_URI or "
                         "the local sqlite store under $TURBO_HOME/mlflow)")
@@ -45,6 +54,14 @@ def variant_for(args: argparse.Namespace):
         variant = variant.with_overrides(scope=args.int2_scope)
     if getattr(args, "int2_fraction", None) is not None:
         variant = variant.with_overrides(int2_fraction=args.int2_fraction)
+    levers = {k: getattr(args, k) for k in ("rotate", "sinks", "int2_k_group", "int2_v_group",
+                                                   "range_search")
+              if getattr(args, k, None) is not None}
+    if levers:
+        if not variant.quantized_cache:
+            raise ValueError(f"variant {variant.name} keeps a float cache: the cache levers "
+                             f"({', '.join(levers)}) do not apply")
+        variant = variant.with_overrides(kv=dataclasses.replace(variant.kv, **levers))
     return variant
 
 

@@ -100,8 +100,8 @@ def settings_from(args: argparse.Namespace):
 
     return evaluate.EvalSettings(
         max_tokens=args.max_tokens, window=args.window,
-        speed=SpeedSettings(context=args.speed_context, batch=args.speed_batch,
-                            repeats=args.speed_repeats),
+        speed=None if getattr(args, "no_speed", False) else SpeedSettings(
+            context=args.speed_context, batch=args.speed_batch, repeats=args.speed_repeats),
         retrieval=None if args.no_retrieval else RetrievalSettings(
             lengths=tuple(args.retrieval_lengths), samples=args.retrieval_samples))
 
@@ -123,3 +123,4 @@ def add_measure_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--retrieval-samples", type=int, default=rt.samples,
                    help=f"retrieval prompts per task and length (default {rt.samples})")
     p.add_argument("--no-retrieval", action="store_true", help="skip the retrieval tasks")
+    p.add_argument("--no-speed", action="store_true", help="skip the speed measurement")

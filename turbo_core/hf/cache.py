@@ -112,6 +112,7 @@ class TurboCache(Cache):
         else:
             if isinstance(bits, BitPlan):
                 bits.check_compatible(shape)
+                bits.check_layout(cfg.levers())
                 grid = bits.bits_grid()
             else:
                 grid = [[bits] * shape.num_kv_heads for _ in range(shape.num_layers)]

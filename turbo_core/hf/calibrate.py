@@ -10,6 +10,7 @@ from tqdm import tqdm
 
 from turbo_core.attention.head_priority import make_plan
 from turbo_core.attention.plan import BitPlan
+from turbo_core.attention.rotation import rotate
 from turbo_core.attention.variants import Variant
 from turbo_core.hf.data import load_split
 from turbo_core.hf.models import LoadedModel
@@ -68,6 +69,8 @@ def calibrate(
         raise ValueError(f"calibration text from {split.source} has only {ids.numel()} tokens; "
                          f"need at least {min(max_tokens, 256)}")
     keys, values = collect_kv(lm, ids, window, progress=progress)
+    if variant.kv.rotate:  # score the heads as the cache will hold them
+        keys, values = [rotate(k) for k in keys], [rotate(v) for v in values]
     default_bits = variant.kv_bits if variant.kv_bits is not None else FLOAT_CACHE_BITS
     plan = make_plan(
         lm.shape, keys, values,
@@ -77,6 +80,7 @@ def calibrate(
         default_bits=default_bits,
         calibration={"source": split.source, "data_sha256": split.sha256, "tokens": int(ids.numel()),
                      "variant": variant.name, "model": lm.name},
+        layout=variant.kv.levers(),
     )
     log.info("plan for %s/%s: %d INT2 heads of %d", lm.name, variant.name,
              plan.selection.int2_heads, lm.shape.num_layers * lm.shape.num_kv_heads)
@@ -93,4 +97,5 @@ def uniform_plan(lm: LoadedModel, variant: Variant) -> BitPlan:
     bits = variant.kv_bits if variant.kv_bits is not None else FLOAT_CACHE_BITS
     return build_plan(lm.shape, [[0.0] * h for _ in range(n)], [[False] * h for _ in range(n)],
                       scope="uniform", default_bits=bits,
-                      calibration={"variant": variant.name, "model": lm.name})
+                      calibration={"variant": variant.name, "model": lm.name},
+                      layout=variant.kv.levers())

@@ -39,11 +39,11 @@ FP16_BYTES = 2
 @dataclass(frozen=True)
 class EvalSettings:
     """How much to evaluate: ``max_tokens`` of held-out text in windows of ``window`` (perplexity,
-    agreement, KL), the speed measurement, and the retrieval tasks (``None``: not run)."""
+    agreement, KL), the speed measurement and the retrieval tasks (either ``None``: not run)."""
 
     max_tokens: int = 8192
     window: int = 1024
-    speed: SpeedSettings = field(default_factory=SpeedSettings)
+    speed: SpeedSettings | None = field(default_factory=SpeedSettings)
     retrieval: RetrievalSettings | None = field(default_factory=RetrievalSettings)
 
     def __post_init__(self) -> None:
@@ -175,8 +175,8 @@ def _speed_and_recall(lm: LoadedModel, contender, ids: torch.Tensor, split: Text
             tqdm.write(msg)
 
     baseline = EngineContender(lm, get_variant(BASELINE), None)
-    out = speed.measure(baseline, contender, speed.prompts_from(ids, settings.speed),
-                        settings.speed, log=say)
+    out = {} if settings.speed is None else speed.measure(
+        baseline, contender, speed.prompts_from(ids, settings.speed), settings.speed, log=say)
     if settings.retrieval is None:
         return out
     limit = getattr(lm.model.config, "max_position_embeddings", None)

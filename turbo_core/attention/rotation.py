@@ -1,0 +1,45 @@
+"""The orthogonal rotation of K and V per head (``KVQuantConfig.rotate``).
+
+``R = diag(s) · H / sqrt(D)``: ``H`` the Sylvester Hadamard matrix of size ``D`` (a power of
+two), ``s`` fixed random signs (seed 0, so every process, plan and image rotates alike).
+``R`` is orthogonal, so ``(q R)(k R)ᵀ = q kᵀ`` and ``(P · V R) Rᵀ = P · V``: attention over a
+rotated cache equals attention over the plain one up to rounding. What it changes is what the
+quantizer sees: an outlier channel of K or V is spread over all ``D`` channels (each rotated
+channel is a ±1 mix of all of them), so one INT8 scale per (chunk, head) and the INT4/INT2
+groups resolve the other channels instead of spending their levels on the outlier (QuaRot).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+SIGN_SEED = 0
+
+
+@functools.lru_cache(maxsize=16)
+def _matrix(head_dim: int) -> torch.Tensor:
+    if head_dim < 1 or head_dim & (head_dim - 1):
+        raise ValueError(f"a Hadamard rotation needs a power-of-two head_dim, got {head_dim}")
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < head_dim:  # Sylvester: H_2n = [[H, H], [H, -H]]
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    gen = torch.Generator().manual_seed(SIGN_SEED)
+    signs = torch.randint(0, 2, (head_dim,), generator=gen, dtype=torch.float64) * 2 - 1
+    return (signs[:, None] * h / head_dim ** 0.5).float()
+
+
+def rotation(head_dim: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """``R`` float32 ``(D, D)``, orthogonal."""
+    return _matrix(head_dim).to(device)
+
+
+def rotate(x: torch.Tensor) -> torch.Tensor:
+    """``x R`` over the last axis (``(..., D)``), in float32 whatever ``x``'s dtype."""
+    return x.float() @ rotation(x.shape[-1], x.device)
+
+
+def unrotate(x: torch.Tensor) -> torch.Tensor:
+    """``x Rᵀ``: undoes :func:`rotate`."""
+    return x.float() @ rotation(x.shape[-1], x.device).t()

@@ -1,0 +1,114 @@
+"""``turbo bench model --ablation``: each accuracy lever of the packed cache on and off on top
+of the INT4 and mixed variants, all levers together, and transformers' quantized caches, in
+one table (perplexity, KL, top-1, recall, measured KV bytes per token).
+
+A lever is a change of :class:`~turbo_core.attention.config.KVQuantConfig`. Every row starts
+from its base variant with every lever off (the layout bit plans of version 1 were made for),
+so the rows of one base differ in the levers only; mixed rows calibrate their own plan (a
+rotated cache scores its heads rotated).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+
+from tabulate import tabulate
+
+from turbo_core.attention.config import KVQuantConfig
+from turbo_core.attention.variants import Variant, get_variant
+from turbo_core.bench.common import describe_device
+from turbo_core.hf import calibrate, data, evaluate, models
+
+# the levers, as the settings each turns on; one number per lever (DESIGN §5b: measure)
+LEVERS: dict[str, dict[str, object]] = {
+    "rotate": {"rotate": True},
+    "sinks": {"sinks": 16},
+    "int2-groups-32": {"int2_k_group": 32, "int2_v_group": 32},
+    "range-search": {"range_search": True},
+}
+BASES = ("turbo-int4", "turbo-mix")
+
+COLUMNS = [
+    ("variant", "base", "{}"),
+    ("levers", "levers", "{}"),
+    ("ppl_delta_pct", "Δppl %", "{:+.2f}"),
+    ("top1_agreement", "top-1 agree", "{:.3f}"),
+    ("kl_mean", "KL mean", "{:.4f}"),
+    ("kl_p99", "KL p99", "{:.3f}"),
+    ("kv_bytes_per_token", "KV B/token", "{:.0f}"),
+    ("kv_compression", "KV vs fp16", "{:.2f}x"),
+    ("retrieval_accuracy", "recall", "{:.2f}"),
+    ("retrieval_kept", "recall kept", "{:.2f}"),
+]
+
+
+def levers_off(variant: Variant) -> Variant:
+    """``variant`` with every lever off (its chunk and group sizes kept)."""
+    kv = variant.kv
+    return variant.with_overrides(kv=KVQuantConfig(chunk=kv.chunk, k_group=kv.k_group,
+                                                   v_group=kv.v_group, protect=kv.protect))
+
+
+def configurations(base: Variant) -> list[tuple[str, Variant]]:
+    """``(levers label, variant)``: none, each lever that applies alone, then all of them."""
+    off = levers_off(base)
+    applicable = [n for n in LEVERS if not (n.startswith("int2") and not base.needs_calibration
+                                            and base.kv_bits != 2)]
+    combos = [[]] + [[n] for n in applicable] + ([applicable] if len(applicable) > 1 else [])
+    out = []
+    for combo in combos:
+        changes: dict[str, object] = {}
+        for n in combo:
+            changes |= LEVERS[n]
+        label = "+".join(combo) or "none"
+        name = base.name if not combo else f"{base.name}.{'.'.join(combo)}"
+        out.append((label, off.with_overrides(name=name, kv=dataclasses.replace(off.kv, **changes))))
+    return out
+
+
+def run(model: str | None = None, bases: list[str] | None = None, peers: list[str] | None = None,
+        settings: evaluate.EvalSettings | None = None, text: str | None = None) -> dict:
+    settings = settings or evaluate.EvalSettings()
+    chosen = [get_variant(n) for n in (bases or BASES)]
+    lm = models.load(model)
+    split = data.load_split(text)
+    rows = []
+    for base in chosen:
+        for label, variant in configurations(base):
+            plan = calibrate.calibrate(lm, variant) if variant.needs_calibration else None
+            row = evaluate.evaluate(lm, variant, split, plan=plan, settings=settings)
+            row |= {"variant": base.name, "levers": label, "kv": variant.kv.levers()}
+            rows.append(row)
+            print(f"{base.name} [{label}]: Δppl {row['ppl_delta_pct']:+.2f} %, top-1 "
+                  f"{row['top1_agreement']:.3f}, KV {row['kv_compression']:.2f}x",
+                  file=sys.stderr, flush=True)
+    for backend in peers or []:
+        for bits in (4, 2):
+            row = evaluate.evaluate_peer(lm, backend, bits, split, settings=settings)
+            rows.append(row | {"levers": ""})
+    return {
+        "benchmark": "ablation",
+        "model": lm.name,
+        "weights_sha256": lm.weights_sha256,
+        "data_source": split.source,
+        "data_sha256": split.sha256,
+        "levers": LEVERS,
+        "settings": rows[0]["settings"] if rows else None,
+        "device": describe_device(lm.model.device),
+        "results": rows,
+    }
+
+
+def table(doc: dict, fmt: str = "simple") -> str:
+    body = [[spec.format(r[key]) if r.get(key) is not None else "" for key, _, spec in COLUMNS]
+            for r in doc["results"]]
+    s = doc["settings"] or {}
+    levers = "; ".join(f"{n} = {', '.join(f'{k}={v}' for k, v in c.items())}"
+                       for n, c in doc["levers"].items())
+    head = (f"{doc['model']} on {doc['data_source']} ({s.get('max_tokens')} held-out tokens, windows "
+            f"of {s.get('window')}, KV bytes at {s.get('window')} tokens), device "
+            f"{doc['device']['type']}. Levers: {levers}. Every row of a base starts from it with "
+            f"every lever off.")
+    return head + "\n\n" + tabulate(body, headers=[h for _, h, _ in COLUMNS], tablefmt=fmt,
+                                    disable_numparse=True)
