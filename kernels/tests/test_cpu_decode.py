@@ -97,12 +97,14 @@ LEVERS = KVQuantConfig(sinks=16, int2_k_group=32, int2_v_group=16)  # INT2 group
 @pytest.mark.parametrize("new", [1, 7])
 @pytest.mark.parametrize("name", ["exact", "turbo"])
 def test_sinks_and_int2_groups_match_reference(lengths, new, name):
-    cache = ragged([2, 4, 2], lengths, new=min(new, min(lengths)), cfg=LEVERS)
+    lq = min(new, min(lengths))
+    cache = ragged([2, 4, 2], lengths, new=lq, cfg=LEVERS)
     view = cache.view()
     assert {g.bits: (g.k_group, g.v_group) for g in view.groups} == {2: (32, 16), 4: (64, 64)}
-    # each sequence buffers its 16 first tokens (or all it has) besides the recent ones
-    assert view.buffer_len.tolist() == [min(n, 16) + max(0, n - 16) % 64 for n in lengths]
-    lq = min(new, min(lengths))
+    # each sequence buffers its 16 first tokens (or all it has), the rest of its first append
+    # that fills no chunk, and the new tokens
+    assert view.buffer_len.tolist() == [min(n - lq, 16) + max(0, n - lq - 16) % 64 + lq
+                                        for n in lengths]
     q = torch.randn(len(lengths), 6, lq, 64, generator=torch.Generator().manual_seed(6))
     out = decode_attention_cpu(q, view, math_cfg=MATHS[name])
     assert_close(decode_attention_reference(q, view, math_cfg=MATHS[name]).out, out, atol=ATOL[name])
