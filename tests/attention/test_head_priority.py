@@ -106,8 +106,7 @@ def test_plan_round_trip_and_queries(tmp_path):
     assert loaded == plan
     doc = json.loads(path.read_text())
     assert doc["schema"] == "turbo-attention/bit-plan" and doc["version"] == 2
-    assert doc["layout"] == {"rotate": False, "sinks": 0, "int2_k_group": None, "int2_v_group": None,
-                             "range_search": False}
+    assert doc["layout"] == {"rotate": False, "sinks": 0, "int2_k_group": None, "int2_v_group": None}
     assert sum(b == 2 for row in loaded.bits_grid() for b in row) == 5
     loaded.check_compatible(SHAPE)
 

@@ -124,9 +124,6 @@ class KVQuantConfig:
             never compressed to INT4/INT2 (attention sinks; KVQuant, IntactKV).
         int2_k_group / int2_v_group: group sizes of the heads stored in INT2 (``None``: the
             same as ``k_group`` / ``v_group``); smaller groups cost bytes and buy accuracy.
-        range_search: per INT4/INT2 group, the integer scale and offset of least squared
-            error among clipped ranges instead of min–max (``quant.quantize_lowbit``); costs
-            compression time only, no bytes and nothing at decode.
     """
 
     chunk: int = 64
@@ -137,7 +134,6 @@ class KVQuantConfig:
     sinks: int = 0
     int2_k_group: int | None = None
     int2_v_group: int | None = None
-    range_search: bool = False
 
     def __post_init__(self) -> None:
         if self.chunk < 4 or self.chunk % 4:
@@ -152,9 +148,8 @@ class KVQuantConfig:
                 raise ValueError(f"KVQuantConfig.{name} must be positive, got {group}")
         if not 1 <= self.protect <= 127:
             raise ValueError(f"KVQuantConfig.protect must be in [1, 127], got {self.protect}")
-        for name in ("rotate", "range_search"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"KVQuantConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        if not isinstance(self.rotate, bool):
+            raise ValueError(f"KVQuantConfig.rotate must be a bool, got {self.rotate!r}")
         if not isinstance(self.sinks, int) or not 0 <= self.sinks <= 4096:
             raise ValueError(f"KVQuantConfig.sinks must be an int in [0, 4096], got {self.sinks!r}")
 
@@ -181,8 +176,8 @@ class KVQuantConfig:
 
     def levers(self) -> dict[str, object]:
         """The accuracy levers, as bit plans and MLflow record them."""
-        return {"rotate": self.rotate, "sinks": self.sinks, "int2_k_group": self.int2_k_group,
-                "int2_v_group": self.int2_v_group, "range_search": self.range_search}
+        return {"rotate": self.rotate, "sinks": self.sinks,
+                "int2_k_group": self.int2_k_group, "int2_v_group": self.int2_v_group}
 
 
 def check_bits(bits: int) -> int:

@@ -240,7 +240,7 @@ class QuantizedKVLayer(SequenceSlots):
                 if bits == 8:
                     sides[f"{name}_packed"] = codes.contiguous().view(torch.uint8)
                     continue
-                lb = quantize_lowbit(codes, bits, dim=dim, group=group, search=self.cfg.range_search)
+                lb = quantize_lowbit(codes, bits, dim=dim, group=group)
                 sides |= {f"{name}_packed": pack(lb.codes, bits), f"{name}_scale": lb.scale,
                           f"{name}_low": lb.low}
             out[bits] = sides

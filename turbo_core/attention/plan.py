@@ -75,7 +75,6 @@ class Layout(_Frozen):
     sinks: int = Field(0, ge=0)
     int2_k_group: int | None = None
     int2_v_group: int | None = None
-    range_search: bool = False
 
     def differences(self, levers: dict[str, object]) -> list[str]:
         mine = self.model_dump()

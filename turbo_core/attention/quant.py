@@ -110,13 +110,7 @@ def _ungrouped(g: torch.Tensor, dim: int) -> torch.Tensor:
     return g.reshape(*g.shape[:-2], g.shape[-2] * g.shape[-1]).movedim(-1, dim)
 
 
-# Ranges tried per group by ``search=True``: the kept share of the min–max range in tenths,
-# and where the cut goes (halves of the removed part taken from below: 0 = all from the top).
-SEARCH_KEEP = (10, 9, 8, 7, 6, 5)
-SEARCH_SHIFT = (0, 1, 2)
-
-
-def quantize_lowbit(q8: torch.Tensor, bits: int, dim: int, group: int, search: bool = False) -> LowBit:
+def quantize_lowbit(q8: torch.Tensor, bits: int, dim: int, group: int) -> LowBit:
     """Compress INT8 codes to ``bits`` (2 or 4) with integer scales and offsets per group.
 
     Args:
@@ -125,11 +119,6 @@ def quantize_lowbit(q8: torch.Tensor, bits: int, dim: int, group: int, search: b
         bits: 2 or 4.
         dim: the grouped axis; its size must be a multiple of ``group``.
         group: elements per group.
-        search: per group, keep the integer ``(S, lo)`` of least squared error among clipped
-            ranges (``SEARCH_KEEP`` x ``SEARCH_SHIFT``, the min–max range included) instead of
-            the min–max one. Codes of clipped values saturate at ``0`` / ``2^b - 1``; the
-            reconstruction bound of the module docstring still holds (a clipped range lies
-            inside the min–max one). Only compression changes: decompression is the same.
     """
     if bits not in (2, 4):
         raise ValueError(f"quantize_lowbit compresses to 2 or 4 bits, got {bits!r}")
@@ -144,18 +133,8 @@ def quantize_lowbit(q8: torch.Tensor, bits: int, dim: int, group: int, search: b
     g = _grouped(q8.to(torch.int32), dim, group)
     lo = g.amin(dim=-1, keepdim=True)
     hi = g.amax(dim=-1, keepdim=True)
-    scale, codes = _fit(g, lo, hi - lo, levels)
-    if search:
-        err = _sq_error(g, codes, scale, lo)
-        for keep in SEARCH_KEEP[1:]:
-            kept = (hi - lo) * keep // 10
-            for shift in SEARCH_SHIFT:
-                lo_c = lo + (hi - lo - kept) * shift // 2
-                s_c, c_c = _fit(g, lo_c, kept, levels)
-                e_c = _sq_error(g, c_c, s_c, lo_c)
-                better = e_c < err
-                scale, lo = torch.where(better, s_c, scale), torch.where(better, lo_c, lo)
-                codes, err = torch.where(better, c_c, codes), torch.minimum(e_c, err)
+    scale = torch.clamp((hi - lo + levels - 1) // levels, min=1)  # ceil((hi - lo) / levels)
+    codes = (2 * (g - lo) + scale) // (2 * scale)  # round half up, integer only
     return LowBit(
         codes=_ungrouped(codes, dim).to(torch.uint8),
         scale=scale.squeeze(-1).movedim(-1, dim).to(torch.uint8),
@@ -164,20 +143,6 @@ def quantize_lowbit(q8: torch.Tensor, bits: int, dim: int, group: int, search: b
         group=group,
         dim=dim,
     )
-
-
-def _fit(g: torch.Tensor, lo: torch.Tensor, span: torch.Tensor, levels: int
-         ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Integer scale ``ceil(span / levels)`` (>= 1) and codes of ``g`` from ``lo``, rounded half
-    up and saturated to ``[0, levels]``; int32 throughout."""
-    scale = torch.clamp((span + levels - 1) // levels, min=1)
-    codes = ((2 * (g - lo) + scale) // (2 * scale)).clamp_(0, levels)
-    return scale, codes
-
-
-def _sq_error(g: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor
-              ) -> torch.Tensor:
-    return (codes * scale + lo - g).pow(2).sum(dim=-1, keepdim=True)
 
 
 def dequantize_lowbit(lb: LowBit, saturate: bool = True) -> torch.Tensor:

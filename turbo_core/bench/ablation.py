@@ -25,7 +25,6 @@ LEVERS: dict[str, dict[str, object]] = {
     "rotate": {"rotate": True},
     "sinks": {"sinks": 16},
     "int2-groups-32": {"int2_k_group": 32, "int2_v_group": 32},
-    "range-search": {"range_search": True},
 }
 BASES = ("turbo-int4", "turbo-mix")
 

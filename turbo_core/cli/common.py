@@ -36,8 +36,6 @@ def add_variant_args(p: argparse.ArgumentParser) -> None:
     lever.add_argument("--sinks", type=int, help="first tokens of a sequence kept at INT8")
     lever.add_argument("--int2-k-group", type=int, help="tokens per K group of INT2 heads")
     lever.add_argument("--int2-v-group", type=int, help="channels per V group of INT2 heads")
-    lever.add_argument("--range-search", action=argparse.BooleanOptionalAction, default=None,
-                       help="least-squares integer ranges per INT4/INT2 group (not min-max)")
     p.add_argument("--no-track", action="store_true",
                    help="do not log an MLflow run (default: log to MLFLOW_TRACKING_URI or "
                         "the local sqlite store under $TURBO_HOME/mlflow)")
@@ -54,8 +52,7 @@ def variant_for(args: argparse.Namespace):
         variant = variant.with_overrides(scope=args.int2_scope)
     if getattr(args, "int2_fraction", None) is not None:
         variant = variant.with_overrides(int2_fraction=args.int2_fraction)
-    levers = {k: getattr(args, k) for k in ("rotate", "sinks", "int2_k_group", "int2_v_group",
-                                                   "range_search")
+    levers = {k: getattr(args, k) for k in ("rotate", "sinks", "int2_k_group", "int2_v_group")
               if getattr(args, k, None) is not None}
     if levers:
         if not variant.quantized_cache:
