@@ -32,6 +32,17 @@ def test_calibration_is_deterministic_and_valid(lm):
     assert {b for row in fp.bits_grid() for b in row} == {16}
 
 
+def test_a_rotated_cache_gets_the_plain_ranking_and_records_its_layout(lm):
+    import dataclasses
+
+    v = get_variant("turbo-mix")
+    off = v.with_overrides(kv=dataclasses.replace(v.kv, rotate=False, sinks=0))
+    on = v.with_overrides(kv=dataclasses.replace(v.kv, rotate=True, sinks=16))
+    plain, rotated = (calibrate.calibrate(lm, x, max_tokens=256, progress=False) for x in (off, on))
+    assert plain.bits_grid() == rotated.bits_grid()  # heads ranked on the plain K/V
+    assert (plain.layout.rotate, rotated.layout.rotate, rotated.layout.sinks) == (False, True, 16)
+
+
 def test_baseline_variant_reproduces_the_baseline(lm):
     r = evaluate.evaluate(lm, get_variant("fp16"), data.load_split(), settings=SMALL, progress=False)
     assert abs(r["ppl_delta_pct"]) < 1e-3 and r["top1_agreement"] == 1.0

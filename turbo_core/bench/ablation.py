@@ -4,8 +4,7 @@ one table (perplexity, KL, top-1, recall, measured KV bytes per token).
 
 A lever is a change of :class:`~turbo_core.attention.config.KVQuantConfig`. Every row starts
 from its base variant with every lever off (the layout bit plans of version 1 were made for),
-so the rows of one base differ in the levers only; mixed rows calibrate their own plan (a
-rotated cache scores its heads rotated).
+so the rows of one base differ in the levers only; mixed rows calibrate their own plan.
 """
 
 from __future__ import annotations
