@@ -65,7 +65,8 @@ def test_quantized_variant_metrics(lm):
                 "prefill_tokens_per_s", "decode_tokens_per_s", "decode_speedup", "model", "variant",
                 "data_sha256", "retrieval_accuracy", "retrieval_accuracy_baseline"):
         assert key in r
-    assert r["kv_compression"] > 3.5 and 0.0 <= r["top1_agreement"] <= 1.0
+    # 128 tokens: the 16 sinks shift the 64-token grid, one page + 64 INT8 rows per head
+    assert r["kv_compression"] > 2.5 and 0.0 <= r["top1_agreement"] <= 1.0
     assert r["int2_heads"] == plan.selection.int2_heads and r["prefill_tokens_per_s"] > 0
     assert 0 < r["kl_mean"] <= r["kl_p99"] and r["decode_tokens_per_s_baseline"] > 0
     for backend in ("quanto", "hqq"):
@@ -82,7 +83,8 @@ def test_cli_calibrate_then_evaluate(tmp_path, tiny_dir, capsys):
     assert main(["evaluate", "--model", str(tiny_dir), "--variant", "turbo-mix", "--plan",
                  str(plan_path), *small.EVAL_ARGS, "--json", str(out)]) == 0
     doc = json.loads(out.read_text())
-    assert doc["variant"] == "turbo-mix" and doc["int2_heads"] == 1
+    assert doc["variant"] == "turbo-mix" and doc["int2_heads"] == round(
+        get_variant("turbo-mix").int2_fraction * 4)  # of the tiny model's 4 KV heads
     assert "turbo-mix" in capsys.readouterr().out
     assert main(["evaluate", "--model", str(tiny_dir), "--variant", "turbo-mix", "--int2-scope",
                  "random", *small.EVAL_ARGS, "--json", str(out)]) == 0

@@ -117,4 +117,5 @@ def test_the_pod_step_runs_for_real_with_the_plan_through_mlflow(tmp_path, tiny_
     Path(cal["plan"]).unlink()  # as if in another pod: only MLflow has the plan
     ev = step("evaluate", "--calibrated", json.dumps(cal))
     assert ev["variant"] == "turbo-int4" and ev["passed"] and ev["version"] == "1"
-    assert ev["metrics"]["kv_compression"] > 3
+    # 128 tokens: the 16 sinks shift the 64-token grid, one page + 64 INT8 rows (2.7x)
+    assert ev["metrics"]["kv_compression"] > 2.5

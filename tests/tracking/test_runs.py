@@ -40,7 +40,8 @@ def test_calibrate_and_evaluate_runs_are_tracked(server, lm, tiny_dir, tmp_path)
     exp = client.get_experiment(run.info.experiment_id)
     assert exp.name == "turbo-attention/tiny-llama"
     p, m, t = run.data.params, run.data.metrics, run.data.tags
-    assert p["variant"] == "turbo-mix" and p["int2_fraction"] == "0.35" and p["kv_bits"] == "4"
+    assert p["variant"] == "turbo-mix" and p["int2_fraction"] == "0.55" and p["kv_bits"] == "4"
+    assert (p["kv_rotate"], p["kv_sinks"], p["kv_int2_k_group"]) == ("True", "16", "32")
     assert p["weights_sha256"] == lm.weights_sha256 and len(p["data_sha256"]) == 64
     assert p["code_version"].startswith("0.1.0+")
     for key in ("ppl_baseline", "ppl_variant", "ppl_delta_pct", "top1_agreement",
