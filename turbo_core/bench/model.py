@@ -87,8 +87,9 @@ def table(doc: dict, fmt: str = "simple") -> str:
     head = (f"{doc['model']} on {doc['data_source']} ({s.get('max_tokens')} held-out tokens, "
             f"windows of {s.get('window')}; KV bytes at {s.get('window')} tokens of context), "
             f"baseline ppl {doc['results'][0]['ppl_baseline']:.3f}, device {doc['device']['type']}")
-    sp, rt = s.get("speed") or {}, s.get("retrieval")
-    head += (f"\n\nSpeed-ups: over the float engine in the same process, {sp.get('context')} "
+    sp, rt = s.get("speed"), s.get("retrieval")
+    head += ("\n\nSpeed: not measured in this run." if not sp else
+             f"\n\nSpeed-ups: over the float engine in the same process, {sp.get('context')} "
              f"tokens of context, decode batch {sp.get('batch')}, median of {sp.get('repeats')} "
              "alternating rounds.")
     if rt:
