@@ -31,7 +31,12 @@ def _matrix(head_dim: int) -> torch.Tensor:
 
 
 def rotation(head_dim: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """``R`` float32 ``(D, D)``, orthogonal."""
+    """``R`` float32 ``(D, D)``, orthogonal; one copy per device (it is read every step)."""
+    return _on_device(head_dim, torch.device(device))
+
+
+@functools.lru_cache(maxsize=16)
+def _on_device(head_dim: int, device: torch.device) -> torch.Tensor:
     return _matrix(head_dim).to(device)
 
 

@@ -43,9 +43,7 @@ COLUMNS = [
 
 def levers_off(variant: Variant) -> Variant:
     """``variant`` with every lever off (its chunk and group sizes kept)."""
-    kv = variant.kv
-    return variant.with_overrides(kv=KVQuantConfig(chunk=kv.chunk, k_group=kv.k_group,
-                                                   v_group=kv.v_group, protect=kv.protect))
+    return variant.with_overrides(kv=dataclasses.replace(variant.kv, **KVQuantConfig().levers()))
 
 
 def configurations(base: Variant) -> list[tuple[str, Variant]]:

@@ -52,7 +52,9 @@ def variant_for(args: argparse.Namespace):
         variant = variant.with_overrides(scope=args.int2_scope)
     if getattr(args, "int2_fraction", None) is not None:
         variant = variant.with_overrides(int2_fraction=args.int2_fraction)
-    levers = {k: getattr(args, k) for k in ("rotate", "sinks", "int2_k_group", "int2_v_group")
+    from turbo_core.attention.config import KVQuantConfig
+
+    levers = {k: getattr(args, k) for k in KVQuantConfig().levers()
               if getattr(args, k, None) is not None}
     if levers:
         if not variant.quantized_cache:
