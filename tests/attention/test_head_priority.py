@@ -105,8 +105,9 @@ def test_plan_round_trip_and_queries(tmp_path):
     loaded = BitPlan.load(path)
     assert loaded == plan
     doc = json.loads(path.read_text())
-    assert doc["schema"] == "turbo-attention/bit-plan" and doc["version"] == 2
-    assert doc["layout"] == {"rotate": False, "sinks": 0, "int2_k_group": None, "int2_v_group": None}
+    assert doc["schema"] == "turbo-attention/bit-plan" and doc["version"] == 3
+    assert doc["layout"] == {"rotate": False, "sinks": 0, "int2_k_group": None, "int2_v_group": None,
+                             "k_channel_scale": False, "pre_rope": False}
     assert sum(b == 2 for row in loaded.bits_grid() for b in row) == 5
     loaded.check_compatible(SHAPE)
 
@@ -123,7 +124,7 @@ def _doc(tmp_path):
         (lambda d: d["layers"][1]["heads"].pop(), "layer 1 lists 3 heads"),
         (lambda d: d["layers"][0]["heads"][0].update(bits=3), "bits"),
         (lambda d: d.update(schema="something-else"), "not a bit plan"),
-        (lambda d: d.update(version=3), "unsupported bit plan version 3"),
+        (lambda d: d.update(version=4), "unsupported bit plan version 4"),
         (lambda d: d["layout"].update(sinks=-1), "sinks"),
         (lambda d: d["selection"].update(int2_heads=9), "says 9 INT2 heads"),
         (lambda d: d["layers"][0].update(layer=1), "must be in order"),

@@ -162,22 +162,28 @@ def plan(layout=None):
 def test_plans_record_their_layout_and_refuse_another():
     rotated = KVQuantConfig(rotate=True, sinks=16)
     p = BitPlan.parse(__import__("json").loads(plan(rotated.levers()).to_json()))
-    assert p.version == 2 and p.layout.rotate and p.layout.sinks == 16
+    assert p.version == 3 and p.layout.rotate and p.layout.sinks == 16
     TurboCache(SHAPE, p, rotated)  # the layout it was made for
     with pytest.raises(ValueError, match=r"rotate=True \(cache: False\).*sinks=16 \(cache: 0\)"):
         TurboCache(SHAPE, p, KVQuantConfig())
 
 
-def test_version_1_plans_load_as_levers_off_and_unknown_versions_are_refused():
+def test_older_plans_load_with_the_levers_they_lacked_off_and_unknown_versions_are_refused():
     doc = __import__("json").loads(plan().to_json())
     v1 = {k: val for k, val in doc.items() if k != "layout"} | {"version": 1}
+    new_levers = ("k_channel_scale", "pre_rope")
+    v2 = doc | {"version": 2, "layout": {k: val for k, val in doc["layout"].items()
+                                         if k not in new_levers}}
+    assert BitPlan.parse(v2).layout == BitPlan.parse(doc).layout
+    with pytest.raises(ValueError, match="version 2 bit plan has no k_channel_scale, pre_rope in its layout"):
+        BitPlan.parse(v2 | {"layout": doc["layout"]})
     old = BitPlan.parse(v1)
-    assert old.version == 2 and old.layout.differences(KVQuantConfig().levers()) == []
+    assert old.version == 3 and old.layout.differences(KVQuantConfig().levers()) == []
     TurboCache(SHAPE, old, KVQuantConfig())
     with pytest.raises(ValueError, match="rotate=False"):
         TurboCache(SHAPE, old, KVQuantConfig(rotate=True))
     with pytest.raises(ValueError, match="version 1 bit plan has no 'layout'"):
         BitPlan.parse(v1 | {"layout": doc["layout"]})
-    with pytest.raises(ValueError, match="unsupported bit plan version 3; this code reads versions 1, 2"):
-        BitPlan.parse(doc | {"version": 3})
+    with pytest.raises(ValueError, match="unsupported bit plan version 4; this code reads versions 1, 2, 3"):
+        BitPlan.parse(doc | {"version": 4})
 

@@ -124,6 +124,14 @@ class KVQuantConfig:
             never compressed to INT4/INT2 (attention sinks; KVQuant, IntactKV).
         int2_k_group / int2_v_group: group sizes of the heads stored in INT2 (``None``: the
             same as ``k_group`` / ``v_group``); smaller groups cost bytes and buy accuracy.
+        k_channel_scale: the first-level INT8 scale of K per (chunk, head, channel) instead of
+            per (chunk, head), so an outlier channel no longer takes the levels of the others
+            (D float32 scales per page and head: +256 B per page of one head). The fused
+            kernels read one scale per (page, head), so the reference path serves it.
+        pre_rope: store K before RoPE (KVQuant): RoPE rotates channel pairs by a different
+            angle at every position, which smears K's outlier channels along the tokens that
+            one K group spans; the cache un-rotates incoming K with the model's RoPE and
+            applies it again after decompression. The reference path serves it.
     """
 
     chunk: int = 64
@@ -134,6 +142,8 @@ class KVQuantConfig:
     sinks: int = 0
     int2_k_group: int | None = None
     int2_v_group: int | None = None
+    k_channel_scale: bool = False
+    pre_rope: bool = False
 
     def __post_init__(self) -> None:
         if self.chunk < 4 or self.chunk % 4:
@@ -148,8 +158,9 @@ class KVQuantConfig:
                 raise ValueError(f"KVQuantConfig.{name} must be positive, got {group}")
         if not 1 <= self.protect <= 127:
             raise ValueError(f"KVQuantConfig.protect must be in [1, 127], got {self.protect}")
-        if not isinstance(self.rotate, bool):
-            raise ValueError(f"KVQuantConfig.rotate must be a bool, got {self.rotate!r}")
+        for name in ("rotate", "k_channel_scale", "pre_rope"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"KVQuantConfig.{name} must be a bool, got {getattr(self, name)!r}")
         if not isinstance(self.sinks, int) or not 0 <= self.sinks <= 4096:
             raise ValueError(f"KVQuantConfig.sinks must be an int in [0, 4096], got {self.sinks!r}")
 
@@ -177,7 +188,12 @@ class KVQuantConfig:
     def levers(self) -> dict[str, object]:
         """The accuracy levers, as bit plans and MLflow record them."""
         return {"rotate": self.rotate, "sinks": self.sinks,
-                "int2_k_group": self.int2_k_group, "int2_v_group": self.int2_v_group}
+                "int2_k_group": self.int2_k_group, "int2_v_group": self.int2_v_group,
+                "k_channel_scale": self.k_channel_scale, "pre_rope": self.pre_rope}
+
+    def reference_only(self) -> list[str]:
+        """The levers on that only the reference path reads (the fused kernels refuse them)."""
+        return [name for name in ("k_channel_scale", "pre_rope") if getattr(self, name)]
 
 
 def check_bits(bits: int) -> int:

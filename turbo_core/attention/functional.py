@@ -70,6 +70,9 @@ def _cache_blocker(q: torch.Tensor, store: QuantizedKVLayer, opts: AttentionOpti
     """Why ``backend`` (triton or cpu) cannot read the packed cache for this call."""
     if q.dim() != 4:
         return f"query of rank {q.dim()}"
+    if store.cfg.reference_only():
+        return f"cache lever {' and '.join(store.cfg.reference_only())} (the kernels read one " \
+               f"first-level scale per (page, head) and K after RoPE)"
     if opts.get("mask") is not None:
         return "attention mask with padding over a quantized cache"
     if opts.get("math_cfg", EXACT).pv_int8:
@@ -174,10 +177,11 @@ def turbo_attention(q: torch.Tensor, k: KV | None, v: KV | None, *,
     return attention_details(q, k, v, **opts)
 
 
-def _over_float(q: torch.Tensor, store: FloatKVLayer, seqs: Sequence[int] | None,
+def _over_float(q: torch.Tensor, store: FloatKVLayer | QuantizedKVLayer, seqs: Sequence[int] | None,
                 opts: AttentionOptions) -> AttentionResult:
     """Each sequence over its own rows (lengths differ); new tokens are the last ``L_q`` rows,
-    causal bottom-right. An explicit mask is taken when every sequence spans it."""
+    causal bottom-right. An explicit mask is taken when every sequence spans it. A packed store
+    is read this way (decompressed to float) when it uses a reference-only lever."""
     seqs = store.sequences if seqs is None else list(seqs)
     if len(seqs) != q.shape[0]:
         raise ValueError(f"{q.shape[0]} query rows for {len(seqs)} cached sequences")
@@ -185,6 +189,7 @@ def _over_float(q: torch.Tensor, store: FloatKVLayer, seqs: Sequence[int] | None
     outs, dropped, total = [], 0, 0
     for i, s in enumerate(seqs):
         k, v = store.keys_values(s)
+        k, v = k.to(q.dtype), v.to(q.dtype)
         m = None
         if mask is not None:
             if mask.shape[-1] != k.shape[1]:
@@ -210,7 +215,10 @@ def _over_float(q: torch.Tensor, store: FloatKVLayer, seqs: Sequence[int] | None
 def _over_cache(q: torch.Tensor, store: QuantizedKVLayer, seqs: Sequence[int] | None,
                 backend: str, opts: AttentionOptions) -> AttentionResult:
     """Attention over the packed store; a rotated store (``cfg.rotate``) holds ``K R`` and
-    ``V R``, so queries go in as ``q R`` and the output comes back as ``out Rᵀ``."""
+    ``V R``, so queries go in as ``q R`` and the output comes back as ``out Rᵀ``. The levers
+    only the reference reads (``cfg.reference_only``) decompress each sequence to float K/V."""
+    if store.cfg.reference_only():
+        return _over_float(q, store, seqs, opts)
     if not store.cfg.rotate:
         return _over_packed(q, store, seqs, backend, opts)
     res = _over_packed(rotate(q).to(q.dtype), store, seqs, backend, opts)

@@ -19,60 +19,26 @@ Readers never see this class: :meth:`QuantizedKVLayer.view` gives the tensor-onl
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
 from turbo_core.attention.config import KVQuantConfig, check_bits
-from turbo_core.attention.packed import PackedHeads, PackedKV, int8_rows
-from turbo_core.attention.quant import Int8Rows, pack, quantize_int8_blockwise, quantize_lowbit
-from turbo_core.attention.rotation import rotate
+from turbo_core.attention.packed import PackedKV, float_rows, int8_rows
+from turbo_core.attention.pool import PagePool
+from turbo_core.attention.quant import (
+    Int8Rows,
+    pack,
+    quantize_int8_blockwise,
+    quantize_int8_channels,
+    quantize_lowbit,
+)
+from turbo_core.attention.rotation import apply_rope, rotate, undo_rope, unrotate
 from turbo_core.attention.slots import SequenceSlots
 
 PAGE_BLOCK = 16  # the page pool grows by at least this many pages (1024 tokens at chunk 64)
-
-
-class _Pool:
-    """The pages of the KV heads stored at one bit width: tensors with a leading page axis."""
-
-    def __init__(self, bits: int, heads: list[int], head_dim: int, cfg: KVQuantConfig,
-                 device: torch.device):
-        self.bits, self.heads = bits, torch.tensor(heads, device=device)
-        self.k_group, self.v_group = k_group, v_group = cfg.groups_for(bits, head_dim)
-        n, d, c = len(heads), head_dim, cfg.chunk
-        packed = (n, d, c * bits // 8)
-        shapes = {"k_packed": (packed, torch.uint8), "v_packed": (packed, torch.uint8),
-                  "k_first": ((n,), torch.float32), "v_first": ((n,), torch.float32)}
-        if bits != 8:
-            shapes |= {"k_scale": ((n, d, c // k_group), torch.uint8),
-                       "k_low": ((n, d, c // k_group), torch.int8),
-                       "v_scale": ((n, d // v_group, c), torch.uint8),
-                       "v_low": ((n, d // v_group, c), torch.int8)}
-        self.t = {name: torch.empty(0, *shape, dtype=dt, device=device)
-                  for name, (shape, dt) in shapes.items()}
-
-    @property
-    def capacity(self) -> int:
-        return self.t["k_packed"].shape[0]
-
-    def grow(self, pages: int) -> None:
-        for name, old in self.t.items():
-            new = torch.empty(pages, *old.shape[1:], dtype=old.dtype, device=old.device)
-            new[: old.shape[0]] = old
-            self.t[name] = new
-
-    def write(self, pages: torch.Tensor, sides: dict[str, torch.Tensor]) -> None:
-        for name, value in sides.items():
-            self.t[name].index_copy_(0, pages, value)
-
-    def page_nbytes(self) -> int:
-        return sum(math.prod(t.shape[1:]) * t.element_size() for t in self.t.values())
-
-    def heads_view(self) -> PackedHeads:
-        return PackedHeads(bits=self.bits, heads=self.heads, k_group=self.k_group,
-                           v_group=self.v_group, **{
-            name: self.t.get(name) for name in ("k_packed", "k_scale", "k_low", "k_first",
-                                                "v_packed", "v_scale", "v_low", "v_first")})
+# positions (int64 (L,)) -> the model's RoPE (cos, sin), float (L, D); what pre_rope needs
+Rope = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 class QuantizedKVLayer(SequenceSlots):
@@ -85,11 +51,18 @@ class QuantizedKVLayer(SequenceSlots):
     Args:
         head_bits: bits per KV head (2, 4 or 8), length = number of KV heads.
         head_dim: channels per head.
-        cfg: chunk and group sizes.
+        cfg: chunk and group sizes, and the accuracy levers.
+        rope: the model's RoPE by position; needed (and only read) with ``cfg.pre_rope``.
     """
 
-    def __init__(self, head_bits: Sequence[int], head_dim: int, cfg: KVQuantConfig | None = None):
+    def __init__(self, head_bits: Sequence[int], head_dim: int, cfg: KVQuantConfig | None = None,
+                 rope: Rope | None = None):
         self.cfg = cfg or KVQuantConfig()
+        if self.cfg.pre_rope and rope is None:
+            raise ValueError("KVQuantConfig.pre_rope stores K before RoPE, so the cache needs the "
+                             "model's RoPE: pass rope= (TurboCache(..., rope=model_rope(model))); a model "
+                             "without RoPE cannot use pre_rope")
+        self.rope = rope
         self.head_bits = tuple(check_bits(int(b)) for b in head_bits)
         if not self.head_bits:
             raise ValueError("QuantizedKVLayer needs at least one KV head in head_bits")
@@ -99,7 +72,7 @@ class QuantizedKVLayer(SequenceSlots):
         self.groups: dict[int, list[int]] = {}
         for h, b in enumerate(self.head_bits):
             self.groups.setdefault(b, []).append(h)
-        self._pools: dict[int, _Pool] = {}
+        self._pools: dict[int, PagePool] = {}
         self._device: torch.device | None = None
         self._free_pages: list[int] = []
         self._table = torch.zeros(0, 0, dtype=torch.int32)  # (slots, pages per sequence)
@@ -167,9 +140,11 @@ class QuantizedKVLayer(SequenceSlots):
         :meth:`compress_full_chunks` later (e.g. after the new tokens attended at INT8).
         """
         self._check(k, v)
+        seqs = self._rows_for(k.shape[0], seqs)
+        if self.cfg.pre_rope:  # K arrives after RoPE: store it as it was before
+            k = self._undo_rope(k, seqs)
         if self.cfg.rotate:  # stored rotated; readers rotate queries alike (functional._over_cache)
             k, v = rotate(k), rotate(v)
-        seqs = self._rows_for(k.shape[0], seqs)
         self._ensure_storage(k.device)
         t = k.shape[2]
         self._reserve_rows(max(self._buf_len[s] for s in seqs) + t)
@@ -191,6 +166,16 @@ class QuantizedKVLayer(SequenceSlots):
             self._buf_len[s] += t
         if compress:
             self.compress_full_chunks(seqs)
+
+    def _undo_rope(self, k: torch.Tensor, seqs: list[int]) -> torch.Tensor:
+        """``k (N, H, T, D)`` with RoPE undone at each row's positions (its sequence's next T)."""
+        n, t = len(seqs), k.shape[2]
+        pos = torch.tensor(self.seq_lens(seqs), device=k.device)[:, None] + torch.arange(t, device=k.device)
+        cos, sin = self.rope(pos.reshape(-1))
+        if cos.shape[-1] != self.head_dim:
+            raise ValueError(f"pre_rope: the model's RoPE covers {cos.shape[-1]} of "
+                             f"{self.head_dim} channels (partial RoPE is not supported)")
+        return undo_rope(k, cos.reshape(n, 1, t, -1), sin.reshape(n, 1, t, -1))
 
     def compress_full_chunks(self, seqs: Sequence[int] | None = None) -> None:
         """Move every full ``chunk`` of buffered tokens into packed low-bit pages."""
@@ -227,7 +212,10 @@ class QuantizedKVLayer(SequenceSlots):
     def _compress(self, k: torch.Tensor, v: torch.Tensor) -> dict[int, dict[str, torch.Tensor]]:
         """``k, v`` float ``(N, H, c, D)`` -> per bit width, the page tensors of N pages."""
         c = self.cfg.chunk
-        k8 = quantize_int8_blockwise(k, block_size=c, qmax=self.cfg.protect)
+        if self.cfg.k_channel_scale:  # one scale per (chunk, head, channel)
+            k8 = Int8Rows(*quantize_int8_channels(k, qmax=self.cfg.protect))
+        else:
+            k8 = quantize_int8_blockwise(k, block_size=c, qmax=self.cfg.protect)
         v8 = quantize_int8_blockwise(v, block_size=c, qmax=self.cfg.protect)
         out = {}
         for bits, pool in self._pools.items():
@@ -236,7 +224,9 @@ class QuantizedKVLayer(SequenceSlots):
             for name, q8, dim, group in (("k", k8, -1, pool.k_group), ("v", v8, -2, pool.v_group)):
                 # (N, n, c, D) -> (N, n, D, c): channels-major so packing runs along tokens
                 codes = q8.values.index_select(1, idx).transpose(-1, -2)
-                sides[f"{name}_first"] = q8.scale.index_select(1, idx)[..., 0].contiguous()
+                first = q8.scale.index_select(1, idx)  # (N, n, c) per row, (N, n, D) per channel
+                sides[f"{name}_first"] = (first if name == "k" and self.cfg.k_channel_scale
+                                          else first[..., 0]).contiguous()
                 if bits == 8:
                     sides[f"{name}_packed"] = codes.contiguous().view(torch.uint8)
                     continue
@@ -250,7 +240,7 @@ class QuantizedKVLayer(SequenceSlots):
     def _ensure_storage(self, device: torch.device) -> None:
         if self._device is None:
             self._device = device
-            self._pools = {b: _Pool(b, h, self.head_dim, self.cfg, device)
+            self._pools = {b: PagePool(b, h, self.head_dim, self.cfg, device)
                            for b, h in self.groups.items()}
             shape = (0, self.num_heads, 0)
             self._buf = {"k_values": torch.empty(*shape, self.head_dim, dtype=torch.int8, device=device),
@@ -339,6 +329,23 @@ class QuantizedKVLayer(SequenceSlots):
         return tuple(Int8Rows(torch.stack([r[i].values for r in rows]),
                               torch.stack([r[i].scale for r in rows])) for i in (0, 1))
 
+    def keys_values(self, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of one sequence as float32 ``(H_kv, L, D)`` in token order, as the model made
+        them (rotated back, RoPE applied again): how the reference reads the levers the fused
+        kernels do not (``KVQuantConfig.reference_only``)."""
+        k, v = float_rows(self.view([seq]), 0)
+        if self.cfg.rotate:
+            k, v = unrotate(k), unrotate(v)
+        n_pages, sinks = self._n_chunks[seq] * self.cfg.chunk, self._sinks(seq)
+        if sinks and n_pages:  # the sinks are the first tokens but sit at the buffer's front
+            order = torch.cat([torch.arange(n_pages, n_pages + sinks), torch.arange(n_pages),
+                               torch.arange(n_pages + sinks, k.shape[1])]).to(k.device)
+            k, v = k.index_select(1, order), v.index_select(1, order)
+        if self.cfg.pre_rope:
+            cos, sin = self.rope(torch.arange(k.shape[1], device=k.device))
+            k = apply_rope(k, cos, sin)
+        return k, v
+
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor allocated: page pools (free pages included) and buffers."""
         return [*(t for p in self._pools.values() for t in p.t.values()), *self._buf.values()]
@@ -354,7 +361,7 @@ class QuantizedKVLayer(SequenceSlots):
         if tokens <= 0:
             return 0
         pools = self._pools.values() if self._pools else [
-            _Pool(b, h, self.head_dim, self.cfg, torch.device("meta"))
+            PagePool(b, h, self.head_dim, self.cfg, torch.device("meta"))
             for b, h in self.groups.items()]
         page = sum(p.page_nbytes() for p in pools)
         row = 2 * self.num_heads * (self.head_dim * torch.int8.itemsize + torch.float32.itemsize)

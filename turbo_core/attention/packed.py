@@ -87,35 +87,65 @@ def check_query(q: torch.Tensor, view: PackedKV, math_cfg) -> None:
         raise ValueError("fast decode implements SAS and INT8 Q·Kᵀ only (no top-k, no INT8 P·V)")
 
 
+def _pages(view: PackedKV, b: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Integer-only decompression of sequence ``b``'s pages of ``side`` (``"k"``/``"v"``), heads
+    in layer order: ``values`` int8 ``(H_kv, C·c, D)`` in token order and the first-level scales,
+    float32 ``(H_kv, C·c)`` per (chunk, head) or ``(H_kv, C·c, D)`` per channel."""
+    n_chunks, c, h, d = int(view.n_chunks[b]), view.chunk, view.num_heads, view.head_dim
+    device = view.buffer_k.values.device
+    per_channel = any(getattr(g, f"{side}_first").dim() == 3 for g in view.groups)
+    values = torch.empty(h, n_chunks * c, d, dtype=torch.int8, device=device)
+    scale = torch.empty(h, n_chunks * c, *((d,) if per_channel else ()), dtype=torch.float32,
+                        device=device)
+    pages = view.page_table[b, :n_chunks].long().to(device)
+    for g in view.groups if n_chunks else ():
+        codes = unpack(getattr(g, f"{side}_packed").index_select(0, pages), g.bits)  # (C, n, D, c)
+        if g.bits == 8:
+            q8 = codes.view(torch.int8)
+        else:
+            dim, group = (-1, g.k_group) if side == "k" else (-2, g.v_group)
+            lb = LowBit(codes, getattr(g, f"{side}_scale").index_select(0, pages),
+                        getattr(g, f"{side}_low").index_select(0, pages), g.bits, group, dim % 4)
+            q8 = dequantize_lowbit(lb)
+        n = g.heads.numel()
+        values[g.heads] = q8.permute(1, 0, 3, 2).reshape(n, n_chunks * c, d)  # (n, C·c, D)
+        first = getattr(g, f"{side}_first").index_select(0, pages)  # (C, n) or (C, n, D)
+        scale[g.heads] = first.transpose(0, 1).repeat_interleave(c, dim=1).expand_as(scale[g.heads])
+    return values, scale
+
+
+def _check_seq(view: PackedKV, b: int) -> None:
+    if int(view.n_chunks[b]) + int(view.buffer_len[b]) == 0:
+        raise ValueError(f"sequence {b} of the KV cache view is empty")
+
+
 def int8_rows(view: PackedKV, b: int) -> tuple[Int8Rows, Int8Rows]:
     """Integer-only decompression of sequence ``b``: K and V as INT8 rows in token order,
     ``values`` int8 ``(H_kv, L, D)`` and ``scale`` float32 ``(H_kv, L)``. The reference path;
-    fast paths decompress in registers instead."""
-    n_chunks, n_buf = int(view.n_chunks[b]), int(view.buffer_len[b])
-    if n_chunks + n_buf == 0:
-        raise ValueError(f"sequence {b} of the KV cache view is empty")
-    c, h, d = view.chunk, view.num_heads, view.head_dim
-    device = view.buffer_k.values.device
+    fast paths decompress in registers instead. Per-channel first-level scales
+    (``KVQuantConfig.k_channel_scale``) have no such form: read :func:`float_rows`."""
+    _check_seq(view, b)
+    n_buf = int(view.buffer_len[b])
     out = []
     for side, buf in (("k", view.buffer_k), ("v", view.buffer_v)):
-        values = torch.empty(h, n_chunks * c, d, dtype=torch.int8, device=device)
-        scale = torch.empty(h, n_chunks * c, dtype=torch.float32, device=device)
-        pages = view.page_table[b, :n_chunks].long().to(device)
-        for g in view.groups if n_chunks else ():
-            codes = getattr(g, f"{side}_packed").index_select(0, pages)  # (C, n, D, c*bits/8)
-            codes = unpack(codes, g.bits)  # (C, n, D, c)
-            if g.bits == 8:
-                q8 = codes.view(torch.int8)
-            else:
-                dim, group = (-1, g.k_group) if side == "k" else (-2, g.v_group)
-                lb = LowBit(codes, getattr(g, f"{side}_scale").index_select(0, pages),
-                            getattr(g, f"{side}_low").index_select(0, pages), g.bits, group, dim % 4)
-                q8 = dequantize_lowbit(lb)
-            n = g.heads.numel()
-            # (C, n, D, c) -> (n, C * c, D)
-            values[g.heads] = q8.permute(1, 0, 3, 2).reshape(n, n_chunks * c, d)
-            first = getattr(g, f"{side}_first").index_select(0, pages)  # (C, n)
-            scale[g.heads] = first.t().repeat_interleave(c, dim=1)
+        values, scale = _pages(view, b, side)
+        if scale.dim() == 3:
+            raise ValueError("per-channel first-level scales (k_channel_scale) have one scale per "
+                             "channel, not per row: read float_rows")
         out.append(Int8Rows(torch.cat([values, buf.values[b, :, :n_buf]], dim=1),
                             torch.cat([scale, buf.scale[b, :, :n_buf]], dim=1)))
+    return out[0], out[1]
+
+
+def float_rows(view: PackedKV, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sequence ``b``'s K and V as float32 ``(H_kv, L, D)`` in token order, whatever the
+    first-level scales (per (chunk, head) or per channel)."""
+    _check_seq(view, b)
+    n_buf = int(view.buffer_len[b])
+    out = []
+    for side, buf in (("k", view.buffer_k), ("v", view.buffer_v)):
+        values, scale = _pages(view, b, side)
+        pages = values.float() * (scale if scale.dim() == 3 else scale.unsqueeze(-1))
+        recent = Int8Rows(buf.values[b, :, :n_buf], buf.scale[b, :, :n_buf]).dequantize()
+        out.append(torch.cat([pages, recent], dim=1))
     return out[0], out[1]

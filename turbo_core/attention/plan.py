@@ -16,8 +16,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from turbo_core.fileio import write_atomic
 
 PLAN_SCHEMA = "turbo-attention/bit-plan"
-PLAN_VERSION = 2
-READABLE_VERSIONS = (1, 2)  # version 1 predates the layout record; it loads as every lever off
+PLAN_VERSION = 3
+# version 1 predates the layout record (it loads as every lever off); version 2's layout lacks
+# k_channel_scale and pre_rope (it loads with both off, which is what it was made with)
+READABLE_VERSIONS = (1, 2, 3)
 
 
 class _Frozen(BaseModel):
@@ -75,6 +77,8 @@ class Layout(_Frozen):
     sinks: int = Field(0, ge=0)
     int2_k_group: int | None = None
     int2_v_group: int | None = None
+    k_channel_scale: bool = False
+    pre_rope: bool = False
 
     def differences(self, levers: dict[str, object]) -> list[str]:
         mine = self.model_dump()
@@ -85,7 +89,7 @@ class BitPlan(_Frozen):
     """Per (layer, KV head) bits and scores. Validated on construction and on load."""
 
     schema_: Literal["turbo-attention/bit-plan"] = Field(PLAN_SCHEMA, alias="schema")
-    version: Literal[2] = PLAN_VERSION
+    version: Literal[3] = PLAN_VERSION
     model: ModelShape
     selection: Selection
     layout: Layout = Field(default_factory=Layout)
@@ -168,6 +172,12 @@ class BitPlan(_Frozen):
             if "layout" in raw:
                 raise ValueError(f"{origin}: a version 1 bit plan has no 'layout' (added in version 2)")
             raw = {**raw, "version": PLAN_VERSION}  # version 1 = every lever off, the default layout
+        if isinstance(raw, dict) and raw.get("version") == 2:
+            extra = sorted(set(raw.get("layout") or {}) & {"k_channel_scale", "pre_rope"})
+            if extra:
+                raise ValueError(f"{origin}: a version 2 bit plan has no {', '.join(extra)} in its "
+                                 f"layout (added in version 3)")
+            raw = {**raw, "version": PLAN_VERSION}
         try:
             return cls.model_validate(raw)
         except ValidationError as exc:

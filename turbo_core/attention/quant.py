@@ -80,6 +80,28 @@ def quantize_int8_blockwise(x: torch.Tensor, block_size: int = 64, qmax: int = 1
     return Int8Rows(values.to(torch.int8), row_scale.contiguous())
 
 
+def quantize_int8_channels(x: torch.Tensor, qmax: int = 127) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric INT8 with one scale per channel over all rows: ``x ~= values * scale[..., None, :]``.
+
+    Args:
+        x: float ``(..., L, D)``; each leading dim and each channel gets its own scale.
+        qmax: largest code (119 before INT4/INT2 compression).
+
+    Returns:
+        ``(values int8 (..., L, D), scale float32 (..., D))``; an all-zero channel gets scale 1.
+    """
+    if x.dim() < 2 or not x.is_floating_point():
+        raise ValueError(f"quantize_int8_channels needs a float (..., L, D), got {x.dtype} "
+                         f"of shape {tuple(x.shape)}")
+    if not 1 <= qmax <= 127:
+        raise ValueError(f"bad qmax={qmax} (need 1..127)")
+    xf = x.float()
+    amax = xf.abs().amax(dim=-2)
+    scale = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
+    values = torch.round(xf / scale.unsqueeze(-2)).clamp_(-qmax, qmax)
+    return values.to(torch.int8), scale.contiguous()
+
+
 @dataclass(frozen=True)
 class LowBit:
     """Asymmetric low-bit codes of an INT8 tensor, grouped along one axis.

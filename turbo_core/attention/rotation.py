@@ -1,4 +1,5 @@
-"""The orthogonal rotation of K and V per head (``KVQuantConfig.rotate``).
+"""The orthogonal rotation of K and V per head (``KVQuantConfig.rotate``), and RoPE applied and
+undone for K stored before RoPE (``KVQuantConfig.pre_rope``).
 
 ``R = diag(s) · H / sqrt(D)``: ``H`` the Sylvester Hadamard matrix of size ``D`` (a power of
 two), ``s`` fixed random signs (seed 0, so every process, plan and image rotates alike).
@@ -7,6 +8,11 @@ rotated cache equals attention over the plain one up to rounding. What it change
 quantizer sees: an outlier channel of K or V is spread over all ``D`` channels (each rotated
 channel is a ±1 mix of all of them), so one INT8 scale per (chunk, head) and the INT4/INT2
 groups resolve the other channels instead of spending their levels on the outlier (QuaRot).
+
+RoPE (the half-split form transformers uses): ``rope(x) = x·cos + half(x)·sin`` with
+``half([x1, x2]) = [-x2, x1]``; both halves of a pair share one angle, so it is a rotation of
+each pair scaled by ``a = sqrt(cos² + sin²)`` (1 unless the model scales its RoPE) and
+``x = (rope(x)·cos - half(rope(x))·sin) / a²``.
 """
 
 from __future__ import annotations
@@ -48,3 +54,20 @@ def rotate(x: torch.Tensor) -> torch.Tensor:
 def unrotate(x: torch.Tensor) -> torch.Tensor:
     """``x Rᵀ``: undoes :func:`rotate`."""
     return x.float() @ rotation(x.shape[-1], x.device).t()
+
+
+def _half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE of ``x (..., L, D)`` with ``cos, sin`` broadcastable to it, in float32."""
+    x, cos, sin = x.float(), cos.float(), sin.float()
+    return x * cos + _half(x) * sin
+
+
+def undo_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The ``x`` whose :func:`apply_rope` is the given ``x``, in float32."""
+    x, cos, sin = x.float(), cos.float(), sin.float()
+    return (x * cos - _half(x) * sin) / (cos * cos + sin * sin)

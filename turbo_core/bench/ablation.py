@@ -2,9 +2,11 @@
 of the INT4 and mixed variants, all levers together, and transformers' quantized caches, in
 one table (perplexity, KL, top-1, recall, measured KV bytes per token).
 
-A lever is a change of :class:`~turbo_core.attention.config.KVQuantConfig`. Every row starts
-from its base variant with every lever off (the layout bit plans of version 1 were made for),
-so the rows of one base differ in the levers only; mixed rows calibrate their own plan.
+A lever is a change of :class:`~turbo_core.attention.config.KVQuantConfig`. By default every
+row starts from its base variant with every lever off (the layout bit plans of version 1 were
+made for), so the rows of one base differ in the levers only; ``start="defaults"`` instead adds
+each lever alone to the variant as shipped (the question a new lever answers: is it worth
+adding?). Mixed rows calibrate their own plan.
 """
 
 from __future__ import annotations
@@ -24,7 +26,10 @@ LEVERS: dict[str, dict[str, object]] = {
     "rotate": {"rotate": True},
     "sinks": {"sinks": 16},
     "int2-groups-32": {"int2_k_group": 32, "int2_v_group": 32},
+    "k-channel-scale": {"k_channel_scale": True},
+    "pre-rope": {"pre_rope": True},
 }
+STARTS = ("off", "defaults")
 BASES = ("turbo-int4", "turbo-mix")
 
 COLUMNS = [
@@ -46,32 +51,47 @@ def levers_off(variant: Variant) -> Variant:
     return variant.with_overrides(kv=dataclasses.replace(variant.kv, **KVQuantConfig().levers()))
 
 
-def configurations(base: Variant) -> list[tuple[str, Variant]]:
-    """``(levers label, variant)``: none, each lever that applies alone, then all of them."""
-    off = levers_off(base)
-    applicable = [n for n in LEVERS if not (n.startswith("int2") and not base.needs_calibration
-                                            and base.kv_bits != 2)]
-    combos = [[]] + [[n] for n in applicable] + ([applicable] if len(applicable) > 1 else [])
+def configurations(base: Variant, levers: list[str] | None = None,
+                   start: str = "off") -> list[tuple[str, Variant]]:
+    """``(levers label, variant)``. From ``"off"``: none, each lever that applies alone, then all
+    of them. From ``"defaults"``: the variant as shipped, then each lever that applies and is
+    not on already, added alone."""
+    unknown = sorted(set(levers or ()) - set(LEVERS))
+    if unknown or start not in STARTS:
+        raise ValueError(f"unknown levers {unknown} (known: {', '.join(LEVERS)}) or start "
+                         f"{start!r} (known: {', '.join(STARTS)})")
+    origin = levers_off(base) if start == "off" else base
+    on = origin.kv.levers()
+    applicable = [n for n in (levers or LEVERS)
+                  if not (n.startswith("int2") and not base.needs_calibration and base.kv_bits != 2)
+                  and any(on[k] != v for k, v in LEVERS[n].items())]
+    combos = [[]] + [[n] for n in applicable]
+    if start == "off" and len(applicable) > 1:
+        combos.append(applicable)
     out = []
     for combo in combos:
         changes: dict[str, object] = {}
         for n in combo:
             changes |= LEVERS[n]
-        label = "+".join(combo) or "none"
+        label = "+".join(([] if start == "off" else ["defaults"]) + combo) or "none"
         name = base.name if not combo else f"{base.name}.{'.'.join(combo)}"
-        out.append((label, off.with_overrides(name=name, kv=dataclasses.replace(off.kv, **changes))))
+        out.append((label, origin.with_overrides(name=name,
+                                                 kv=dataclasses.replace(origin.kv, **changes))))
     return out
 
 
 def run(model: str | None = None, bases: list[str] | None = None, peers: list[str] | None = None,
-        settings: evaluate.EvalSettings | None = None, text: str | None = None) -> dict:
+        settings: evaluate.EvalSettings | None = None, text: str | None = None,
+        levers: list[str] | None = None, start: str = "off") -> dict:
     settings = settings or evaluate.EvalSettings()
     chosen = [get_variant(n) for n in (bases or BASES)]
+    for base in chosen:
+        configurations(base, levers, start)  # refuse unknown levers before loading anything
     lm = models.load(model)
     split = data.load_split(text)
     rows = []
     for base in chosen:
-        for label, variant in configurations(base):
+        for label, variant in configurations(base, levers, start):
             plan = calibrate.calibrate(lm, variant) if variant.needs_calibration else None
             row = evaluate.evaluate(lm, variant, split, plan=plan, settings=settings)
             row |= {"variant": base.name, "levers": label, "kv": variant.kv.levers()}
@@ -89,7 +109,8 @@ def run(model: str | None = None, bases: list[str] | None = None, peers: list[st
         "weights_sha256": lm.weights_sha256,
         "data_source": split.source,
         "data_sha256": split.sha256,
-        "levers": LEVERS,
+        "levers": {n: LEVERS[n] for n in (levers or LEVERS)},
+        "start": start,
         "settings": rows[0]["settings"] if rows else None,
         "device": describe_device(lm.model.device),
         "results": rows,
@@ -104,7 +125,9 @@ def table(doc: dict, fmt: str = "simple") -> str:
                        for n, c in doc["levers"].items())
     head = (f"{doc['model']} on {doc['data_source']} ({s.get('max_tokens')} held-out tokens, windows "
             f"of {s.get('window')}, KV bytes at {s.get('window')} tokens), device "
-            f"{doc['device']['type']}. Levers: {levers}. Every row of a base starts from it with "
-            f"every lever off.")
+            f"{doc['device']['type']}. Levers: {levers}. " + (
+                "Every row of a base adds one lever to the variant as shipped."
+                if doc.get("start") == "defaults" else
+                "Every row of a base starts from it with every lever off."))
     return head + "\n\n" + tabulate(body, headers=[h for _, h, _ in COLUMNS], tablefmt=fmt,
                                     disable_numparse=True)

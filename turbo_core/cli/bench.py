@@ -97,7 +97,9 @@ def _bench_model(args: argparse.Namespace) -> int:
         if args.ablation:
             from turbo_core.bench import ablation
 
-            doc = ablation.run(args.model, variants, args.peer, settings, args.text)
+            levers = args.levers.split(",") if args.levers else None
+            doc = ablation.run(args.model, variants, args.peer, settings, args.text, levers,
+                               start="defaults" if args.from_defaults else "off")
         else:
             doc = model.run(args.model, variants, args.peer, args.random_seeds, settings, args.text)
     if doc.get("benchmark") == "ablation":
@@ -191,6 +193,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--ablation", action="store_true",
                    help="each cache accuracy lever on/off on top of --variants (default: "
                         "turbo-int4,turbo-mix), all levers together, and the --peer caches")
+    b.add_argument("--levers", help="with --ablation: comma-separated levers to measure "
+                                    "(default: all; see the report's 'Levers')")
+    b.add_argument("--from-defaults", action="store_true",
+                   help="with --ablation: add each lever to the variant as shipped instead of "
+                        "starting from every lever off")
     b.add_argument("--text", help="UTF-8 text file (default: the stdlib's pydoc topics)")
     b.add_argument("--max-tokens", type=int, default=8192)
     b.add_argument("--window", type=int, default=1024)

@@ -36,6 +36,10 @@ def add_variant_args(p: argparse.ArgumentParser) -> None:
     lever.add_argument("--sinks", type=int, help="first tokens of a sequence kept at INT8")
     lever.add_argument("--int2-k-group", type=int, help="tokens per K group of INT2 heads")
     lever.add_argument("--int2-v-group", type=int, help="channels per V group of INT2 heads")
+    lever.add_argument("--k-channel-scale", action=argparse.BooleanOptionalAction, default=None,
+                       help="first-level INT8 scale of K per channel (reference path only)")
+    lever.add_argument("--pre-rope", action=argparse.BooleanOptionalAction, default=None,
+                       help="store K before RoPE, re-apply it after decompression (reference path only)")
     p.add_argument("--no-track", action="store_true",
                    help="do not log an MLflow run (default: log to MLFLOW_TRACKING_URI or "
                         "the local sqlite store under $TURBO_HOME/mlflow)")

@@ -15,7 +15,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from turbo_core.attention.config import KVQuantConfig
 from turbo_core.attention.floatcache import FloatKVLayer
-from turbo_core.attention.kvcache import QuantizedKVLayer
+from turbo_core.attention.kvcache import QuantizedKVLayer, Rope
 from turbo_core.attention.plan import BitPlan, ModelShape
 
 LAYER_ATTR = "turbo_cache_layer"  # attribute on the K/V handles TurboCache returns
@@ -100,11 +100,13 @@ class TurboCache(Cache):
 
     Sequences: a plain batch opens one per row on first use. A server opens them itself
     (:meth:`add_sequence`), points each forward at the ones it carries (:meth:`select`), and
-    :meth:`release` frees a finished one's storage for the next.
+    :meth:`release` frees a finished one's storage for the next. ``rope`` (:func:`model_rope`)
+    is what a cache storing K before RoPE (``cfg.pre_rope``) needs.
     """
 
     def __init__(self, shape: ModelShape, bits: BitPlan | int | None,
-                 cfg: KVQuantConfig | None = None, dtype: torch.dtype = torch.float32):
+                 cfg: KVQuantConfig | None = None, dtype: torch.dtype = torch.float32,
+                 rope: Rope | None = None):
         cfg = cfg or KVQuantConfig()
         if bits is None:
             stores = [FloatKVLayer(shape.num_kv_heads, shape.head_dim, dtype)
@@ -116,7 +118,7 @@ class TurboCache(Cache):
                 grid = bits.bits_grid()
             else:
                 grid = [[bits] * shape.num_kv_heads for _ in range(shape.num_layers)]
-            stores = [QuantizedKVLayer(row, shape.head_dim, cfg) for row in grid]
+            stores = [QuantizedKVLayer(row, shape.head_dim, cfg, rope) for row in grid]
         super().__init__(layers=[TurboCacheLayer(s) for s in stores])
         self.shape = shape
         self.quantized = bits is not None
@@ -162,6 +164,23 @@ class TurboCache(Cache):
         ``seqs`` or of every open sequence."""
         for layer in self.layers:
             layer.flush(seqs)
+
+
+def model_rope(model: torch.nn.Module) -> Rope | None:
+    """The model's RoPE by position, ``positions (L,) -> (cos, sin)`` float32 ``(L, D)``, from
+    its ``rotary_emb`` module (what ``KVQuantConfig.pre_rope`` re-applies after decompression);
+    ``None`` for a model without one (a pre_rope cache then refuses to be built)."""
+    rotary = getattr(getattr(model, "model", model), "rotary_emb", None)
+    if rotary is None:
+        return None
+
+    def rope(positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        probe = torch.empty(1, dtype=torch.float32, device=positions.device)
+        with torch.no_grad():
+            cos, sin = rotary(probe, positions[None].long())
+        return cos[0].float(), sin[0].float()
+
+    return rope
 
 
 def tensor_bytes(t: torch.Tensor) -> int:

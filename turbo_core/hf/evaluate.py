@@ -23,7 +23,7 @@ from turbo_core.attention.plan import BitPlan
 from turbo_core.attention.variants import Variant, get_variant
 from turbo_core.hf import speed
 from turbo_core.hf.attention import ATTN_NAME, enable, sas_zero_fraction
-from turbo_core.hf.cache import TurboCache, cache_bytes
+from turbo_core.hf.cache import TurboCache, cache_bytes, model_rope
 from turbo_core.hf.calibrate import token_ids
 from turbo_core.hf.contenders import EngineContender, HFCacheContender
 from turbo_core.hf.data import TextSplit
@@ -219,7 +219,7 @@ def evaluate(
         plan.check_compatible(lm.shape)
     if variant.quantized_cache:
         bits = plan if plan is not None else variant.kv_bits
-        new_cache = partial(TurboCache, lm.shape, bits, variant.kv)
+        new_cache = partial(TurboCache, lm.shape, bits, variant.kv, rope=model_rope(lm.model))
     else:
         new_cache = None
     enable(lm.model, variant.math)
