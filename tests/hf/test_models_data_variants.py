@@ -45,11 +45,24 @@ def test_text_split_is_deterministic_and_disjoint(tmp_path):
     assert s.calibration == "first paragraph" and s.evaluation.startswith("second")
 
 
+def test_a_file_with_one_document_per_line_splits_on_lines(tmp_path):
+    f = tmp_path / "docs.jsonl.txt"  # no blank line anywhere, as many corpora are laid out
+    f.write_text("".join(f"document number {i} says something\n" for i in range(8)))
+    s = data.load_split(f, calibration_share=0.25)
+    assert s.calibration.split("\n\n") == [f"document number {i} says something" for i in range(2)]
+    assert s.evaluation.split("\n\n")[0] == "document number 2 says something"
+    assert len(s.evaluation.split("\n\n")) == 6
+    # a file with paragraphs keeps splitting on them, lines inside a paragraph stay together
+    g = tmp_path / "paras.txt"
+    g.write_text("line one\nline two\n\nanother paragraph")
+    assert data.load_split(g).calibration == "line one\nline two"
+
+
 def test_bad_text_input(tmp_path):
     with pytest.raises(ValueError, match="not found"):
         data.load_split(tmp_path / "missing.txt")
-    (tmp_path / "one.txt").write_text("only one paragraph")
-    with pytest.raises(ValueError, match="two paragraphs"):
+    (tmp_path / "one.txt").write_text("only one paragraph\n\n\n")
+    with pytest.raises(ValueError, match=r"one\.txt holds 1 non-empty paragraph or line; .* at least two"):
         data.load_split(tmp_path / "one.txt")
     (tmp_path / "bin.txt").write_bytes(b"\xff\xfe\x00bad")
     with pytest.raises(ValueError, match="not UTF-8"):
