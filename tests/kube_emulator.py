@@ -11,7 +11,7 @@ history, GET/LIST/DELETE) plus what a real cluster adds and kmock leaves to test
 * the Service proxy (``/api/v1/namespaces/NS/services/NAME:PORT/proxy/PATH``) answering as
   the server of the image that is currently available would.
 
-No real API server can run on our machines (DESIGN §4); this is the stand-in the issue names.
+No real API server can run on our machines (docs/design.md §4); this is the stand-in the issue names.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ of the history is ever written; per program the locals are two ``(D, c)`` tiles,
 Why numba: it compiles these loops to vectorized machine code at first use (cached on disk),
 ships as a wheel (no compiler in the serving image, unlike a C++ extension), and runs the
 GQA rows and the integer decompression in one pass; ``torch.compile`` of unpack + einsum
-materializes K and measured slower than SDPA here (DESIGN §4).
+materializes K and measured slower than SDPA here (docs/design.md §4).
 
 Reference: ``turbo_core.attention.reference.decode_attention_reference`` (same math, final
 row max instead of a running one).

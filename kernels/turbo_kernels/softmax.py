@@ -1,4 +1,4 @@
-"""The online-softmax step both attention kernels share, with the SAS exponent (DESIGN §1.1).
+"""The online-softmax step both attention kernels share, with the SAS exponent (docs/design.md §1.1).
 
 ``online_softmax_step`` turns one tile of scaled scores into unnormalised weights against the
 running row max; the caller rescales its accumulators by ``alpha`` and adds ``p·V`` and

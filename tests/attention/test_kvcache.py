@@ -53,7 +53,7 @@ def test_cache_reconstruction_matches_the_math_exactly(bits):
 
 
 def page_bytes(bits, d=64, c=64, k_group=64, v_group=64):
-    """One page of one head, from the layout (DESIGN §1.2): packed K and V codes, K's integer
+    """One page of one head, from the layout (docs/design.md §1.2): packed K and V codes, K's integer
     scale + offset per (channel, token group), V's per (token, channel group), two float32
     first-level scales."""
     codes = 2 * d * c * bits // 8

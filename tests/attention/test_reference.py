@@ -106,7 +106,7 @@ TURBO_CONFIGS = {
 
 # Cosine budgets vs exact attention. INT8 P·V misses 0.999 when V has "massive" tokens: one
 # 10x token per 64-token block coarsens the block's V scale for the other 63 (measured
-# 0.9983-0.9987), which is why it is not in TURBO_DEFAULT (DESIGN §1.2: validate first).
+# 0.9983-0.9987), which is why it is not in TURBO_DEFAULT (docs/design.md §1.2: validate first).
 COSINE_BUDGET = {
     ("sas+int8qk", False): 0.999,
     ("sas+int8qk", True): 0.999,

@@ -18,7 +18,7 @@ def test_fit_reproduces_published_cubic():
 
 @pytest.mark.parametrize(
     ("degree", "bound"),
-    [(3, 2e-3), (2, 1.5e-2)],  # DESIGN §5: cubic 1.0e-3, quadratic 1.3e-2
+    [(3, 2e-3), (2, 1.5e-2)],  # docs/design.md §5: cubic 1.0e-3, quadratic 1.3e-2
 )
 def test_poly_max_relative_error(degree, bound):
     err = sas.poly_max_rel_error(SASConfig(degree=degree))

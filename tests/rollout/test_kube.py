@@ -1,5 +1,5 @@
 """`turbo rollout --target kubernetes` against the kmock API emulator (no real API server can
-run here, DESIGN §4) with a test-side controller (tests/kube_emulator.py) driving Deployment
+run here, docs/design.md §4) with a test-side controller (tests/kube_emulator.py) driving Deployment
 status; images live in a real local registry, so tags resolve to real digests.
 
 Scenarios: a good rollout, re-running it (no change), a stuck rollout (timeout → rollback), a

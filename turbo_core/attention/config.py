@@ -23,7 +23,7 @@ class Scope(StrEnum):
 
 @dataclass(frozen=True)
 class SASConfig:
-    """Sparsity-based softmax approximation (DESIGN §1.1).
+    """Sparsity-based softmax approximation (docs/design.md §1.1).
 
     ``e^x`` for ``x = s - rowmax <= 0`` is ``LUT[n] * P(f)`` with ``-x = n + f``, ``n`` integer,
     ``f in [0, 1)``. The LUT holds ``e^{-0} .. e^{-lut_max}``; where ``n > lut_max`` the weight
@@ -103,7 +103,7 @@ EXACT = AttentionMath()
 
 @dataclass(frozen=True)
 class KVQuantConfig:
-    """Layout of the progressively quantized KV cache (DESIGN §1.2, stage 2) and its accuracy
+    """Layout of the progressively quantized KV cache (docs/design.md §1.2, stage 2) and its accuracy
     levers. The levers are all off by default: a config with only the sizes set is the layout
     bit plans of version 1 were made for.
 
@@ -203,5 +203,5 @@ def check_bits(bits: int) -> int:
 
 
 # What ``TurboAttention`` applies unless told otherwise: SAS (cubic, T = 8) and INT8 Q·Kᵀ.
-# INT8 P·V stays opt-in until its accuracy is validated on real models (DESIGN §1.2).
+# INT8 P·V stays opt-in until its accuracy is validated on real models (docs/design.md §1.2).
 TURBO_DEFAULT = AttentionMath(sas=SASConfig(), qk_int8=True)

@@ -1,4 +1,4 @@
-"""Head priority from calibration activations, and the choice of INT2 heads (DESIGN §1.2).
+"""Head priority from calibration activations, and the choice of INT2 heads (docs/design.md §1.2).
 
 For one (layer, KV head) with activations ``x (T, C)``:
     r_c = max_t x[t, c] - min_t x[t, c]            per-channel range

@@ -1,4 +1,4 @@
-"""One layer of the progressively quantized KV cache (DESIGN §1.2, stage 2), in pure PyTorch.
+"""One layer of the progressively quantized KV cache (docs/design.md §1.2, stage 2), in pure PyTorch.
 
 Storage, per layer, for any number of sequences of their own lengths:
 

@@ -1,4 +1,4 @@
-"""Progressive quantization (DESIGN §1.2): blockwise symmetric INT8, then asymmetric INT4/INT2
+"""Progressive quantization (docs/design.md §1.2): blockwise symmetric INT8, then asymmetric INT4/INT2
 with integer second-level scales.
 
 Stage 1 — symmetric INT8 per block of tokens per head:

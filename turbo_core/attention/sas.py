@@ -1,4 +1,4 @@
-"""SAS: the sparsity-based softmax approximation of TurboAttention (DESIGN §1.1).
+"""SAS: the sparsity-based softmax approximation of TurboAttention (docs/design.md §1.1).
 
 For ``x = s - rowmax <= 0`` split ``-x = n + f`` with integer ``n >= 0`` and ``f in [0, 1)``:
 

@@ -1,4 +1,4 @@
-"""Named, frozen TurboAttention variants (DESIGN §1.4): one registry, validated, listable.
+"""Named, frozen TurboAttention variants (docs/design.md §1.4): one registry, validated, listable.
 
 A variant fixes the attention math and the KV-cache precision. Torch-free: DAGs and the CLI
 list and validate variants without loading torch.

@@ -21,7 +21,7 @@ from turbo_core.attention.variants import Variant, get_variant
 from turbo_core.bench.common import describe_device
 from turbo_core.hf import calibrate, data, evaluate, models
 
-# the levers, as the settings each turns on; one number per lever (DESIGN §5b: measure)
+# the levers, as the settings each turns on; one number per lever (docs/design.md §5: measure)
 LEVERS: dict[str, dict[str, object]] = {
     "rotate": {"rotate": True},
     "sinks": {"sinks": 16},
