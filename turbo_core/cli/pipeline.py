@@ -18,12 +18,12 @@ def _run(args: argparse.Namespace) -> int:
         value = getattr(args, key)
         if value is not None:
             conf[key] = value
+    note = None
     if conf.get("deploy_target", "auto") == "auto":
-        conf["deploy_target"] = local.default_target()
-        print(f"deploy target: {conf['deploy_target']} "
-              f"({'a Docker engine answers' if conf['deploy_target'] == 'docker' else 'no Docker engine'})")
+        conf["deploy_target"], note = local.default_target()
+        print(f"deploy target: {conf['deploy_target']} ({note})")
     result = local.run(conf)  # validates conf before Airflow starts
-    print(local.report(result))
+    print(local.report(result, note))
     if args.json:
         write_atomic(args.json, json.dumps(result, indent=2, default=str))
     return 0 if result["state"].endswith("success") else 1

@@ -27,9 +27,23 @@ def airflow_env(home: Path) -> dict[str, str]:
             "AIRFLOW__CORE__LOAD_EXAMPLES": "False"}
 
 
-def default_target() -> str:
-    """``docker`` when a Docker engine answers, else ``none``."""
-    return "docker" if tasks.engine_reachable() else "none"
+def default_target() -> tuple[str, str]:
+    """``("docker", why)`` when a Docker engine answers, else ``("none", why)``: what ``auto``
+    means here. ``why`` says what was found and, for ``none``, the one command that makes the
+    next run build and deploy."""
+    import shutil
+
+    if tasks.engine_reachable():
+        return "docker", "a Docker engine answers"
+    where = os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
+    if shutil.which("dockerd") or shutil.which("docker"):
+        start = ("sudo systemctl start docker" if shutil.which("systemctl")
+                 else "sudo dockerd > dockerd.log 2>&1 &")
+        return "none", (f"Docker is installed but no engine answers at {where}, so no image was "
+                        f"built or deployed; start it with `{start}` and run again")
+    return "none", (f"no Docker engine on this machine (nothing answers at {where}), so no image "
+                    f"was built or deployed; install one with `sudo apt-get install docker.io` "
+                    f"and run again")
 
 
 def run(conf: dict) -> dict:
@@ -57,18 +71,21 @@ def run(conf: dict) -> dict:
                         key=lambda t: (t["task_id"], t["map_index"]))
     summary_path = tasks.work_dir_for(dag_run.run_id) / tasks.SUMMARY_FILE
     return {"dag_id": DAG_ID, "run_id": dag_run.run_id, "state": str(dag_run.state),
+            "deploy_target": conf.get("deploy_target"),
             "seconds": round(time.monotonic() - start, 1), "tasks": states,
             "summary": json.loads(summary_path.read_text()) if summary_path.is_file() else None}
 
 
-def report(result: dict) -> str:
-    """What happened, and how to look closer."""
+def report(result: dict, target_note: str | None = None) -> str:
+    """What happened, and how to look closer; ``target_note``: why ``auto`` chose the target."""
     lines = [f"DAG run {result['run_id']}: {result['state']} in {result['seconds']} s", ""]
     for t in result["tasks"]:
         label = f"[{t['label'] or t['map_index']}]" if t["map_index"] >= 0 else ""
         lines.append(f"  {t['task_id'] + label:<28} {t['state']}")
     if result["summary"]:
         lines += ["", tasks.render(result["summary"])]
+    if target_note:
+        lines += ["", f"Deploy target {result.get('deploy_target', '?')} (auto): {target_note}"]
     from turbo_core.tracking import runs as tracking
 
     lines += ["", "Look closer:",
