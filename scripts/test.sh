@@ -2,7 +2,7 @@
 # The test suite, slow tests included. Extra arguments go to pytest.
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 # The image tests need a Docker engine, debootstrap and a local registry (Debian packages).
-# Install them when this machine can (root + apt-get); otherwise those tests skip and say why.
+# Install them when this machine can (root + apt-get); otherwise those tests fail and say why.
 need=()
 for pair in dockerd:docker.io debootstrap:debootstrap docker-registry:docker-registry; do
     command -v "${pair%%:*}" >/dev/null 2>&1 || need+=("${pair#*:}")
@@ -11,7 +11,7 @@ if [ "${#need[@]}" -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/nul
     echo "[test] installing ${need[*]} for the image tests" >&2
     apt-get install -y -q "${need[@]}" >/dev/null 2>&1 \
         || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q "${need[@]}" >/dev/null 2>&1; } \
-        || echo "[test] could not install ${need[*]}; the image tests will skip" >&2
+        || echo "[test] could not install ${need[*]}; the image tests will fail" >&2
 fi
 ruff check .
 exec python -m pytest "$@"
