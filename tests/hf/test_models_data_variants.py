@@ -69,6 +69,33 @@ def test_bad_text_input(tmp_path):
         data.load_split(tmp_path / "bin.txt")
 
 
+def test_variants_rebuild_from_their_logged_params_and_old_params_load():
+    for v in VARIANTS.values():
+        logged = json.loads(json.dumps(v.params()))  # what variant.json holds
+        assert Variant.from_params(logged) == v, v.name
+    # a version registered before description, sas_coeffs, kv_protect and the levers were logged,
+    # with the smooth_k it logged then (never applied over a quantized cache)
+    old = {k: val for k, val in get_variant("turbo-int4").params().items()
+           if k in ("variant", "sas", "sas_degree", "sas_lut_max", "qk_int8", "pv_int8",
+                    "block_size", "sparse_ratio", "kv_bits", "int2_fraction", "int2_scope",
+                    "kv_chunk", "kv_k_group", "kv_v_group")} | {"smooth_k": True}
+    rebuilt = Variant.from_params(old)
+    assert rebuilt.kv.levers() == {k: False if isinstance(val, bool) else (0 if k == "sinks" else None)
+                                   for k, val in get_variant("turbo-int4").kv.levers().items()}
+    assert not rebuilt.math.smooth_k and rebuilt.math.sas == get_variant("turbo-int4").math.sas
+
+
+def test_smooth_k_over_a_quantized_cache_is_refused():
+    """smooth_k needs K's mean over the keys before INT8; a quantized cache has stored K at INT8
+    as it arrived, so the combination would log a setting that is not applied."""
+    from turbo_core.attention.config import TURBO_DEFAULT
+
+    with pytest.raises(ValueError, match=r"smooth_k .* would not apply; set smooth_k=False"):
+        Variant("x", "bad", math=TURBO_DEFAULT, kv_bits=4)
+    assert not any(v.math.smooth_k for v in VARIANTS.values() if v.quantized_cache)
+    Variant("ok", "float cache smooths", math=TURBO_DEFAULT)  # float K: smoothing applies
+
+
 def test_registry():
     assert list(VARIANTS)[:2] == ["fp16", "sas"]
     assert {"int8", "turbo-int4", "turbo-mix", "turbo-int2"} <= set(VARIANTS)

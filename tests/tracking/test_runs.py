@@ -82,7 +82,7 @@ def test_failed_evaluation_is_a_failed_run_without_version(server, lm, tiny_dir)
     assert len(client.search_model_versions(f"name='{name}'")) == before
 
 
-def test_passing_variant_is_registered_promoted_and_loadable(server, lm, tiny_dir):
+def test_passing_variant_is_registered_promoted_and_loadable(server, lm, tiny_dir, monkeypatch):
     lenient = GateSet((Gate("kv_compression", threshold=1.0),))
     out = stages.evaluate_variant(lm, get_variant("turbo-int4"), plan=None,
                                   base_model=str(tiny_dir), settings=SMALL, gates=lenient)
@@ -98,7 +98,13 @@ def test_passing_variant_is_registered_promoted_and_loadable(server, lm, tiny_di
     registry.promote(lm.name, out.version)
     champion = registry.champion_metrics(lm.name)
     assert champion["kv_compression"] == pytest.approx(out.result["kv_compression"])
+    # the version loads as registered, even after the registry's turbo-int4 changed
+    from turbo_core.attention import variants
+
+    registered = get_variant("turbo-int4")
+    monkeypatch.setitem(variants.VARIANTS, "turbo-int4", registered.with_overrides(kv_bits=2))
     model = mlflow.pyfunc.load_model(f"models:/{name}@champion")
+    assert model.unwrap_python_model().variant == registered
     completion = model.predict(["The attention"], params={"max_new_tokens": 3})
     assert isinstance(completion, list) and len(completion) == 1 and isinstance(completion[0], str)
     # champion-relative gate: a variant must not lose more than 10 % KV compression

@@ -28,7 +28,7 @@ class TurboAttentionModel(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context) -> None:
         from turbo_core.attention.plan import BitPlan
-        from turbo_core.attention.variants import get_variant
+        from turbo_core.attention.variants import Variant
         from turbo_core.hf import models
         from turbo_core.hf.attention import enable
 
@@ -37,7 +37,8 @@ class TurboAttentionModel(mlflow.pyfunc.PythonModel):
         if self.lm.weights_sha256 != cfg["weights_sha256"]:
             raise ValueError(f"base weights at {self.lm.path} have sha256 {self.lm.weights_sha256}, "
                              f"the registered variant needs {cfg['weights_sha256']}")
-        self.variant = get_variant(json.loads(Path(context.artifacts["variant"]).read_text())["variant"])
+        # the variant as registered (its logged settings), never today's registry entry by name
+        self.variant = Variant.from_params(json.loads(Path(context.artifacts["variant"]).read_text()))
         self.plan = BitPlan.load(context.artifacts["plan"])
         self.plan.check_compatible(self.lm.shape)
         enable(self.lm.model, self.variant.math)
