@@ -55,6 +55,28 @@ def test_baseline_variant_reproduces_the_baseline(lm):
     assert r["speed_context"] == 64 and r["speed_batch"] == 2 and r["decode_speedup"] > 0
 
 
+def test_kv_bytes_are_the_layouts_at_the_window_and_half_a_chunk_short_of_it(lm):
+    """The measured compression equals what the layout says, from its definition: tokens past
+    the 16 sinks fill pages of 64 (INT4 codes, one byte each of scale and offset per group of
+    64, two float32 first-level scales), the sinks and the tail are INT8 rows with a float32
+    scale; fp16 holds 2 bytes per value."""
+    settings = evaluate.EvalSettings(max_tokens=256, window=128, speed=None, retrieval=None)
+    r = evaluate.evaluate(lm, get_variant("turbo-int4"), data.load_split(), settings=settings,
+                          progress=False)
+    s = lm.shape
+    page = 2 * (s.head_dim * 64 // 2) + 2 * 2 * s.head_dim + 2 * 4  # K + V codes, groups, firsts
+    row = 2 * (s.head_dim + 4)  # K and V INT8 rows with their scales
+
+    def expected(tokens):
+        pages = (tokens - 16) // 64
+        held = s.num_layers * s.num_kv_heads * (pages * page + (tokens - 64 * pages) * row)
+        return 2 * s.num_layers * s.num_kv_heads * s.head_dim * 2 * tokens / held
+
+    assert r["kv_ragged_context_tokens"] == 96
+    assert r["kv_compression"] == pytest.approx(expected(128), rel=1e-12)
+    assert r["kv_compression_ragged"] == pytest.approx(expected(96), rel=1e-12)
+
+
 def test_quantized_variant_metrics(lm):
     split = data.load_split()
     v = get_variant("turbo-mix")

@@ -20,6 +20,7 @@ COLUMNS = [
     ("top1_agreement", "top-1 agree", "{:.3f}"),
     ("kv_bytes_per_token", "KV B/token", "{:.0f}"),
     ("kv_compression", "KV vs fp16", "{:.2f}x"),
+    ("kv_compression_ragged", "KV vs fp16 at w−c/2", "{:.2f}x"),
     ("kl_mean", "KL mean", "{:.4f}"),
     ("kl_p99", "KL p99", "{:.3f}"),
     ("sas_zero_fraction", "SAS zeros", "{:.1%}"),

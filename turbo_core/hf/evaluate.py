@@ -133,6 +133,11 @@ def _measure(lm: LoadedModel, runner: _Runner, contender, split: TextSplit,
             if cache is not None:
                 held = cache_bytes(cache)
         sas_zero = sas_zero_fraction(lm.model) if runner.attn == ATTN_NAME else 0.0
+        # a context that is not a multiple of the chunk: half a chunk short of the window
+        ragged = settings.window - (runner.chunk // 2 if settings.window > runner.chunk else 1)
+        held_ragged = None
+        if held is not None:
+            held_ragged = cache_bytes(runner.logits(lm, windows[-1][:ragged])[1])
         extra = _speed_and_recall(lm, contender(), ids, split, settings, progress)
     finally:
         lm.model.set_attn_implementation("sdpa")
@@ -153,6 +158,9 @@ def _measure(lm: LoadedModel, runner: _Runner, contender, split: TextSplit,
         "kv_context_tokens": settings.window,
         "kv_bytes_per_token": kv_bytes / settings.window,
         "kv_compression": fp16 / kv_bytes,
+        "kv_ragged_context_tokens": ragged,
+        "kv_compression_ragged": (_float_cache_bytes(lm, ragged) / held_ragged if held_ragged
+                                  else fp16 / kv_bytes),
         "kl_mean": float(kl_all.mean()),
         "kl_p99": float(torch.quantile(kl_all, 0.99)),
         "sas_zero_fraction": sas_zero,
@@ -212,7 +220,12 @@ def evaluate(
     """All metrics of ``turbo evaluate`` for one variant (baseline measured in the same call).
 
     ``kv_compression`` is FP16 bytes of the same context divided by the bytes the cache holds
-    after ``window`` tokens (codes, scales, offsets and the INT8 buffer, measured).
+    at rest after ``window`` tokens, measured from its tensors: every full chunk compressed
+    (``flush()``, what the next token would do first) as codes, scales and offsets, and what
+    is left — the sinks and a tail shorter than a chunk — as the INT8 rows with scales it is.
+    ``window`` is usually a multiple of the chunk, which leaves no tail (but the sinks shift
+    the grid), so ``kv_compression_ragged`` measures the same at ``window - chunk / 2`` tokens.
+    A float cache is the baseline itself: 1.
     """
     settings = settings or EvalSettings()
     if plan is not None:
