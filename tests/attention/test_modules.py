@@ -91,7 +91,7 @@ def test_default_turbo_math_is_close_and_sparse_ratio_applies():
     assert bool(((w > 0).sum(-1) == 2).all())  # ceil(0.1 * 11) keys per query
 
 
-def test_dropout_only_in_training_and_gradients_flow():
+def test_eval_mode_is_deterministic_and_training_gradients_are_finite():
     torch.manual_seed(4)
     turbo = TurboAttention(64, 4, dropout=0.5, batch_first=True)
     x = torch.randn(2, 9, 64, requires_grad=True)
