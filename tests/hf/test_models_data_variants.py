@@ -26,6 +26,18 @@ def test_missing_model_and_hub_ids_are_refused(tmp_path):
         models.load(tmp_path / "empty")
 
 
+def test_a_file_that_is_not_a_gguf_model_is_refused_and_leaves_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv("TURBO_HOME", str(tmp_path / "home"))
+    (tmp_path / "weights.bin").write_bytes(b"\0" * 64)
+    with pytest.raises(ValueError, match=r"weights\.bin is not a GGUF file \(\*\.gguf\)"):
+        models.load(tmp_path / "weights.bin")
+    (tmp_path / "broken.gguf").write_bytes(b"GGUF" + b"\x07" * 60)  # a header and nothing else
+    with pytest.raises(ValueError, match=r"cannot convert GGUF file .*broken\.gguf"):
+        models.load(tmp_path / "broken.gguf")
+    models_dir = tmp_path / "home" / "models"
+    assert not models_dir.exists() or not any(models_dir.iterdir())
+
+
 def test_corrupt_weights_are_refused(tmp_path, tiny_factory):
     path = tiny_factory(tmp_path / "broken")
     weights = path / "model.safetensors"

