@@ -10,8 +10,8 @@ from turbo_core.tracking.gates import Gate, GateSet
 # name → JSON schema (with default, title, description): Airflow renders each as a form field.
 PARAMS: dict[str, dict] = {
     "model": {"type": "string", "minLength": 1, "default": "smollm2", "title": "Base model",
-              "description": "'smollm2' (bundled SmolLM2-135M-Instruct) or a local "
-                             "Hugging Face model directory"},
+              "description": "'smollm2' (bundled SmolLM2-135M-Instruct), a local .gguf "
+                             "file or a local Hugging Face model directory"},
     "variants": {"type": "array", "minItems": 1, "uniqueItems": True,
                  "items": {"type": "string", "enum": list(VARIANTS)},
                  "examples": list(VARIANTS), "default": ["turbo-int4", "turbo-mix"],
