@@ -5,6 +5,7 @@ own AIRFLOW_HOME, TURBO_HOME and MLflow store."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -116,6 +117,13 @@ def test_full_run_one_variant_passes_one_fails(tmp_path, tiny_dir):
     assert gate == {"turbo-int4": False, "turbo-int2": True}
     assert summary["chosen"] == "turbo-int2" and summary["rollout"]["status"] == "rendered"
     assert "chosen: turbo-int2" in res.stdout and "Airflow UI" in res.stdout
+    # the terminal shows a line per task as it ends; Airflow's task logs are in the run folder
+    assert "[DAG TEST]" not in res.stdout and len(res.stdout.splitlines()) < 60, res.stdout
+    assert re.search(r"^  calibrate\[turbo-int4\] +success +\d+\.\d s$", res.stdout, re.M)
+    log = Path(run["log"])
+    assert log.name == "airflow.log" and (log.parent / "summary.json").is_file()  # the run's folder
+    assert log.is_file() and "[DAG TEST] starting task_id=prepare" in log.read_text()
+    assert f"Task logs:   {log}" in res.stdout
 
     client = _mlflow(tmp_path)
     exp = client.get_experiment_by_name("turbo-attention/" + tiny_dir.name)
@@ -162,7 +170,7 @@ def test_failed_deploy_step_runs_rollback_and_fails_the_run(tmp_path, tiny_dir):
     assert st[("summary", -1)] == "failed" and st[("promote", -1)] in ("upstream_failed", "skipped")
     assert run["summary"]["rollback"]["reason"] == "nothing was deployed by this run"
     assert "PROBLEM: a deploy step failed" in res.stdout
-    logs = res.stdout + res.stderr
+    logs = Path(run["log"]).read_text() + res.stderr  # the task logs are in the run's folder
     assert "turbo_nightly task failed: task build_image" in logs and "no Docker engine reachable" in logs
 
 
