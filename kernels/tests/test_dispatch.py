@@ -43,9 +43,10 @@ def test_choices_and_errors(monkeypatch):
         functional.choose_backend(q, q, q, math_cfg=TURBO_DEFAULT)
 
 
-def test_hf_generate_uses_prefill_and_decode_kernels(monkeypatch, caplog, tiny_llama):
-    """Greedy generation through TurboCache: the prompt (70 tokens, chunked-prefill rows) and every
-    decode step read the packed cache through the Triton kernels (interpreter here) or the CPU
+def test_hf_generate_reads_the_packed_cache_through_the_decode_kernels(monkeypatch, caplog, tiny_llama):
+    """Greedy generation through TurboCache: the prompt (70 tokens, fewer than the CPU kernel's
+    128 and Triton's 256 rows per KV head, so no prefill kernel runs) and every decode step read
+    the packed cache through the Triton decode kernel (interpreter here) or the CPU decode
     kernel, and the greedy tokens agree with the reference's."""
     from transformers import AutoModelForCausalLM
 

@@ -16,10 +16,16 @@ def test_int8_kernel_is_bit_exact(shape, block, qmax, dtype):
     from turbo_kernels.quantize import quantize_int8_blockwise
 
     gen = torch.Generator().manual_seed(0)
-    x = (torch.randn(*shape, generator=gen) * 3).to(dtype).to(DEVICE)
-    x[..., 0, 0] = 0.5 * 127 / 127  # exercise ties at least once
+    x = (torch.randn(*shape, generator=gen) * 3).to(dtype)
+    # real ties: the first block's largest value is qmax, so its scale is exactly 1 and 2.5 and
+    # -3.5 sit exactly halfway between two codes (round half to even: 2 and -4)
+    x[..., 0, :3] = torch.tensor([2.5, float(qmax), -3.5], dtype=dtype)
+    x = x.to(DEVICE)
     got = quantize_int8_blockwise(x, block, qmax)
     ref = quant.quantize_int8_blockwise(x, block, qmax)
+    assert bool((ref.scale[..., 0] == 1.0).all())
+    ties = ref.values[..., 0, :3].reshape(-1, 3).cpu()
+    assert torch.equal(ties, torch.tensor([[2, qmax, -4]], dtype=torch.int8).expand_as(ties))
     assert torch.equal(got.scale.cpu(), ref.scale.cpu())
     assert torch.equal(got.values.cpu(), ref.values.cpu())
 

@@ -89,6 +89,16 @@ def _float_cache_bytes(lm: LoadedModel, tokens: int) -> int:
     return 2 * s.num_layers * s.num_kv_heads * s.head_dim * FP16_BYTES * tokens
 
 
+@torch.no_grad()
+def _dynamic_cache_bytes(lm: LoadedModel, ids: torch.Tensor) -> int:
+    """Bytes of transformers' float cache after a forward of ``ids``: the model's own dtype."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=lm.model.config)
+    lm.model(ids.unsqueeze(0), past_key_values=cache, use_cache=True)
+    return cache_bytes(cache)
+
+
 @dataclass(frozen=True)
 class _Runner:
     """How one contender computes logits: attention implementation and cache factory."""
@@ -135,15 +145,17 @@ def _measure(lm: LoadedModel, runner: _Runner, contender, split: TextSplit,
         sas_zero = sas_zero_fraction(lm.model) if runner.attn == ATTN_NAME else 0.0
         # a context that is not a multiple of the chunk: half a chunk short of the window
         ragged = settings.window - (runner.chunk // 2 if settings.window > runner.chunk else 1)
-        held_ragged = None
-        if held is not None:
+        if held is None:  # the float baseline: measure what transformers' own cache holds
+            held, held_ragged = (_dynamic_cache_bytes(lm, windows[-1][:n])
+                                 for n in (settings.window, ragged))
+        else:
             held_ragged = cache_bytes(runner.logits(lm, windows[-1][:ragged])[1])
         extra = _speed_and_recall(lm, contender(), ids, split, settings, progress)
     finally:
         lm.model.set_attn_implementation("sdpa")
     kl_all = torch.cat(kl)
     fp16 = _float_cache_bytes(lm, settings.window)
-    kv_bytes = held if held is not None else fp16
+    kv_bytes = held
     return {
         "model": lm.name,
         "variant": runner.name,
@@ -159,8 +171,7 @@ def _measure(lm: LoadedModel, runner: _Runner, contender, split: TextSplit,
         "kv_bytes_per_token": kv_bytes / settings.window,
         "kv_compression": fp16 / kv_bytes,
         "kv_ragged_context_tokens": ragged,
-        "kv_compression_ragged": (_float_cache_bytes(lm, ragged) / held_ragged if held_ragged
-                                  else fp16 / kv_bytes),
+        "kv_compression_ragged": _float_cache_bytes(lm, ragged) / held_ragged,
         "kl_mean": float(kl_all.mean()),
         "kl_p99": float(torch.quantile(kl_all, 0.99)),
         "sas_zero_fraction": sas_zero,
@@ -225,7 +236,8 @@ def evaluate(
     is left — the sinks and a tail shorter than a chunk — as the INT8 rows with scales it is.
     ``window`` is usually a multiple of the chunk, which leaves no tail (but the sinks shift
     the grid), so ``kv_compression_ragged`` measures the same at ``window - chunk / 2`` tokens.
-    A float cache is the baseline itself: 1.
+    A float cache is measured the same way (transformers' cache after the window): 1 in
+    fp16, 0.5 for a float32 model.
     """
     settings = settings or EvalSettings()
     if plan is not None:
