@@ -51,16 +51,21 @@ def levers_off(variant: Variant) -> Variant:
     return variant.with_overrides(kv=dataclasses.replace(variant.kv, **KVQuantConfig().levers()))
 
 
-def configurations(base: Variant, levers: list[str] | None = None,
-                   start: str = "off") -> list[tuple[str, Variant]]:
+def configurations(base: Variant, levers: list[str] | None = None, start: str = "off",
+                   exact_qk: bool = False) -> list[tuple[str, Variant]]:
     """``(levers label, variant)``. From ``"off"``: none, each lever that applies alone, then all
     of them. From ``"defaults"``: the variant as shipped, then each lever that applies and is
-    not on already, added alone."""
+    not on already, added alone. ``exact_qk`` (a diagnostic) turns INT8 Q·Kᵀ off in every row,
+    so the rows differ in what the cache stores only (the reference path, which serves the
+    reference-only levers, re-quantizes float K per block for INT8 Q·Kᵀ where the kernels
+    read the stored INT8 codes)."""
     unknown = sorted(set(levers or ()) - set(LEVERS))
     if unknown or start not in STARTS:
         raise ValueError(f"unknown levers {unknown} (known: {', '.join(LEVERS)}) or start "
                          f"{start!r} (known: {', '.join(STARTS)})")
     origin = levers_off(base) if start == "off" else base
+    if exact_qk:
+        origin = origin.with_overrides(math=dataclasses.replace(origin.math, qk_int8=False))
     on = origin.kv.levers()
     applicable = [n for n in (levers or LEVERS)
                   if not (n.startswith("int2") and not base.needs_calibration and base.kv_bits != 2)
@@ -74,7 +79,7 @@ def configurations(base: Variant, levers: list[str] | None = None,
         for n in combo:
             changes |= LEVERS[n]
         label = "+".join(([] if start == "off" else ["defaults"]) + combo) or "none"
-        name = base.name if not combo else f"{base.name}.{'.'.join(combo)}"
+        name = ".".join([base.name, *combo, *(["exact-qk"] if exact_qk else [])])
         out.append((label, origin.with_overrides(name=name,
                                                  kv=dataclasses.replace(origin.kv, **changes))))
     return out
@@ -82,16 +87,16 @@ def configurations(base: Variant, levers: list[str] | None = None,
 
 def run(model: str | None = None, bases: list[str] | None = None, peers: list[str] | None = None,
         settings: evaluate.EvalSettings | None = None, text: str | None = None,
-        levers: list[str] | None = None, start: str = "off") -> dict:
+        levers: list[str] | None = None, start: str = "off", exact_qk: bool = False) -> dict:
     settings = settings or evaluate.EvalSettings()
     chosen = [get_variant(n) for n in (bases or BASES)]
     for base in chosen:
-        configurations(base, levers, start)  # refuse unknown levers before loading anything
+        configurations(base, levers, start, exact_qk)  # refuse unknown levers before loading
     lm = models.load(model)
     split = data.load_split(text)
     rows = []
     for base in chosen:
-        for label, variant in configurations(base, levers, start):
+        for label, variant in configurations(base, levers, start, exact_qk):
             plan = calibrate.calibrate(lm, variant) if variant.needs_calibration else None
             row = evaluate.evaluate(lm, variant, split, plan=plan, settings=settings)
             row |= {"variant": base.name, "levers": label, "kv": variant.kv.levers()}
@@ -111,6 +116,7 @@ def run(model: str | None = None, bases: list[str] | None = None, peers: list[st
         "data_sha256": split.sha256,
         "levers": {n: LEVERS[n] for n in (levers or LEVERS)},
         "start": start,
+        "exact_qk": exact_qk,
         "settings": rows[0]["settings"] if rows else None,
         "device": describe_device(lm.model.device),
         "results": rows,
@@ -128,6 +134,8 @@ def table(doc: dict, fmt: str = "simple") -> str:
             f"{doc['device']['type']}. Levers: {levers}. " + (
                 "Every row of a base adds one lever to the variant as shipped."
                 if doc.get("start") == "defaults" else
-                "Every row of a base starts from it with every lever off."))
+                "Every row of a base starts from it with every lever off.")) + (
+                " Diagnostic: INT8 Q·Kᵀ off in every row (the cache's storage alone)."
+                if doc.get("exact_qk") else "")
     return head + "\n\n" + tabulate(body, headers=[h for _, h, _ in COLUMNS], tablefmt=fmt,
                                     disable_numparse=True)

@@ -99,7 +99,8 @@ def _bench_model(args: argparse.Namespace) -> int:
 
             levers = args.levers.split(",") if args.levers else None
             doc = ablation.run(args.model, variants, args.peer, settings, args.text, levers,
-                               start="defaults" if args.from_defaults else "off")
+                               start="defaults" if args.from_defaults else "off",
+                               exact_qk=args.exact_qk)
         else:
             doc = model.run(args.model, variants, args.peer, args.random_seeds, settings, args.text)
     if doc.get("benchmark") == "ablation":
@@ -195,6 +196,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "turbo-int4,turbo-mix), all levers together, and the --peer caches")
     b.add_argument("--levers", help="with --ablation: comma-separated levers to measure "
                                     "(default: all; see the report's 'Levers')")
+    b.add_argument("--exact-qk", action="store_true",
+                   help="with --ablation, a diagnostic: INT8 Q·Kᵀ off in every row, so rows "
+                        "differ in what the cache stores only")
     b.add_argument("--from-defaults", action="store_true",
                    help="with --ablation: add each lever to the variant as shipped instead of "
                         "starting from every lever off")
