@@ -9,9 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import small
 
 from turbo_core.pipeline import params
+
+pytestmark = pytest.mark.slow  # the scale-out steps run for real
 
 ROOT = Path(__file__).resolve().parents[2]
 IMAGE = "registry.example:5000/turbo@sha256:" + "c" * 64
@@ -68,6 +71,7 @@ import json
 from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
 from kubernetes.client import ApiClient
 from turbo_core.pipeline import pods
+
 out = {}
 cal = {"variant": "turbo-int4", "plan": "/x/p.json", "run_id": "r1"}
 for step, args in (("calibrate", pods.calibrate_args("turbo-int4")),

@@ -16,6 +16,8 @@ import small
 ROOT = Path(__file__).resolve().parents[2]
 HEAVY = ("torch", "transformers", "mlflow", "docker", "kubernetes", "turbo_core.hf.models")
 
+pytestmark = pytest.mark.slow  # every test runs the DAG (Airflow, MLflow, the tiny model): minutes
+
 
 def _env(tmp_path: Path) -> dict:
     return os.environ | {"AIRFLOW_HOME": str(tmp_path / "airflow"),
@@ -238,6 +240,7 @@ def test_airflow_params_refuse_bad_conf_too(tmp_path):
 from airflow.utils import db; db.initdb()
 from airflow.dag_processing.dagbag import DagBag
 from airflow.sdk.exceptions import ParamValidationError
+
 d = DagBag(dag_folder=__import__('os').environ['AIRFLOW__CORE__DAGS_FOLDER']).get_dag('turbo_nightly')
 for conf in ({'variants': ['nope']}, {'min_top1_agreement': -0.5}):
     try:

@@ -15,6 +15,8 @@ from turbo_core.http import free_port
 from turbo_core.serving.app import create_app
 from turbo_core.serving.engine import Engine, Limits
 
+pytestmark = pytest.mark.slow  # a soak over real HTTP
+
 
 @pytest.fixture(scope="module")
 def server(tiny_dir):

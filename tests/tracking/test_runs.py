@@ -14,6 +14,8 @@ from turbo_core.tracking import model_registry as registry
 from turbo_core.tracking import runs as tracking
 from turbo_core.tracking.gates import Gate, GateSet
 
+pytestmark = pytest.mark.slow  # an MLflow server and several evaluations
+
 SMALL = small.EVAL
 
 
