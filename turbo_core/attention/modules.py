@@ -4,6 +4,12 @@ Same constructor arguments, parameter names (``in_proj_weight``, ``out_proj`` ..
 signature and return value as ``nn.MultiheadAttention``, so a trained MHA's ``state_dict``
 loads unchanged. The attention itself goes through :func:`turbo_core.attention.functional.turbo_attention`
 with a configurable :class:`~turbo_core.attention.config.AttentionMath` (default: SAS + INT8 Q·Kᵀ).
+
+Training: the approximations are for inference. INT8 rounding has no useful derivative (Q and K
+would learn only through their scales) and top-k sparsity none for the keys it drops, so in
+training mode with gradients enabled the module computes exact softmax attention, dropout
+included: a step of training matches ``nn.MultiheadAttention`` with the same weights. In eval
+mode (or under ``torch.no_grad()``) it applies ``math_cfg``.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from turbo_core.attention.config import TURBO_DEFAULT, AttentionMath
+from turbo_core.attention.config import EXACT, TURBO_DEFAULT, AttentionMath
 from turbo_core.attention.functional import turbo_attention
 
 
@@ -29,7 +35,8 @@ def _as_additive(mask: torch.Tensor, name: str) -> torch.Tensor:
 
 
 class TurboAttention(nn.Module):
-    """Multi-head attention with TurboAttention math; see ``nn.MultiheadAttention``.
+    """Multi-head attention with TurboAttention math; see ``nn.MultiheadAttention``. In training
+    mode with gradients enabled it computes exact attention (the module docstring says why).
 
     Args (beyond ``nn.MultiheadAttention``'s):
         sparse_ratio: the source article's top-k sparsity, keep the top fraction of keys per
@@ -181,8 +188,9 @@ class TurboAttention(nn.Module):
             kpm = _as_additive(key_padding_mask, "key_padding_mask").view(bsz, 1, 1, src_len)
             bias = kpm if bias is None else bias + kpm
         causal = is_causal and attn_mask is None
+        training = self.training and torch.is_grad_enabled()  # exact math: see the module doc
         res = turbo_attention(
-            q, k, v, math_cfg=self.math_cfg, causal=causal, mask=bias,
+            q, k, v, math_cfg=EXACT if training else self.math_cfg, causal=causal, mask=bias,
             dropout_p=self.dropout if self.training else 0.0, need_probs=need_weights,
         )
         out = res.out.permute(2, 0, 1, 3).reshape(tgt_len, bsz, e)  # (L, N, E)

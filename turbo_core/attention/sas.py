@@ -87,6 +87,9 @@ def sas_exp(x: torch.Tensor, cfg: SASConfig) -> torch.Tensor:
     f = neg - n  # exact: n is the integer part of neg
     keep = n <= cfg.lut_max  # False for +inf and NaN
     idx = torch.where(keep, n, torch.zeros_like(n)).to(torch.long)
+    # f is NaN where x = -inf (inf - inf): zero it, so the discarded branch of the final where
+    # has a finite derivative and a mask gives zero gradient, not NaN
+    f = torch.where(keep, f, torch.zeros_like(f))
     table = lut(cfg, x.dtype, x.device)
     approx = table[idx] * _horner(f, poly_coeffs(cfg))
     return torch.where(keep, approx, torch.zeros_like(approx))

@@ -39,10 +39,12 @@ def _stdlib_topics() -> list[str]:
 
 
 def load_split(path: str | Path | None = None, calibration_share: float = CALIBRATION_SHARE) -> TextSplit:
-    """The default corpus (``path=None``) or a text file, split by paragraphs.
+    """The default corpus (``path=None``) or a text file, split by paragraphs (blank lines) or,
+    in a file without any (one document per line, a common corpus layout), by lines.
 
     Raises:
-        ValueError: missing, empty or non-UTF-8 file, or a share outside (0, 1).
+        ValueError: missing or non-UTF-8 file, one that holds fewer than two documents, or a
+            share outside (0, 1).
     """
     if not 0.0 < calibration_share < 1.0:
         raise ValueError(f"calibration share must be in (0, 1), got {calibration_share}")
@@ -57,9 +59,12 @@ def load_split(path: str | Path | None = None, calibration_share: float = CALIBR
         except UnicodeDecodeError as exc:
             raise ValueError(f"text file {p} is not UTF-8: {exc}") from None
         parts = [para.strip() for para in text.split("\n\n") if para.strip()]
+        if len(parts) < 2:  # no paragraphs: one document per line
+            parts = [line.strip() for line in text.splitlines() if line.strip()]
         source = str(p)
     if len(parts) < 2:
-        raise ValueError(f"text {source} needs at least two paragraphs to split, got {len(parts)}")
+        raise ValueError(f"text {source} holds {len(parts)} non-empty paragraph or line; a "
+                         f"calibration and an evaluation part need at least two")
     total = sum(len(x) for x in parts)
     cut, acc = 1, 0
     for i, part in enumerate(parts):
