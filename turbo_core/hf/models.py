@@ -57,10 +57,16 @@ def weights_hash(path: Path) -> str:
         raise ValueError(f"no weight files (*.safetensors, *.bin, *.gguf) in {path}")
     for f in files:
         h.update(f.name.encode())
-        with f.open("rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
+        _hash_file(h, f)
     return h.hexdigest()
+
+
+def _hash_file(h, path: Path):
+    """Feed ``path``'s bytes to the hash ``h`` in 1 MiB blocks; returns ``h``."""
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h
 
 
 def _default_gguf() -> Path:
@@ -86,11 +92,8 @@ def default_model_dir() -> Path:
 def gguf_model_dir(gguf: Path) -> Path:
     """The safetensors copy of a GGUF file, converted on first use; the folder is named by the
     file's stem and content hash, so a changed file converts again."""
-    h = hashlib.sha256()
-    with gguf.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    target = data_dir() / "models" / f"{gguf.stem}-{h.hexdigest()[:16]}"
+    digest = _hash_file(hashlib.sha256(), gguf).hexdigest()
+    target = data_dir() / "models" / f"{gguf.stem}-{digest[:16]}"
     if (target / "config.json").is_file():
         return target
     return _convert_gguf(gguf, target)

@@ -36,8 +36,6 @@ def default_target() -> tuple[str, str]:
     """``("docker", why)`` when a Docker engine answers, else ``("none", why)``: what ``auto``
     means here. ``why`` says what was found and, for ``none``, the one command that makes the
     next run build and deploy."""
-    import shutil
-
     if tasks.engine_reachable():
         return "docker", "a Docker engine answers"
     where = os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
