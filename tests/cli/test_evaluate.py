@@ -144,3 +144,11 @@ def test_cli_bad_input_leaves_no_output(tmp_path, tiny_dir, tiny_factory, capsys
         assert message in capsys.readouterr().err
         assert not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["other", "other-plan.json"]
+
+
+def test_a_result_without_speed_prints_that_it_was_not_measured(capsys):
+    from turbo_core.cli.evaluate import _print_result
+
+    _print_result({"variant": "turbo-int4", "ppl_delta_pct": 0.05, "kv_compression": 3.54})
+    out = capsys.readouterr().out
+    assert "turbo-int4" in out and out.rstrip().endswith("speed: not measured in this run")

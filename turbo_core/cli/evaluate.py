@@ -73,6 +73,9 @@ def _print_result(result: dict) -> None:
     print(tabulate([[r["variant"]] + [r.get(k, "") for k in keys] for r in rows],
                    headers=["variant", *keys], floatfmt=".4g"))
     r = result
+    if "speed_context" not in r:  # --no-speed
+        print("speed: not measured in this run")
+        return
     print(f"speed at {r['speed_context']} tokens of context, batch {r['speed_batch']}, median of "
           f"{r['speed_repeats']} rounds: decode {r['decode_tokens_per_s']:.1f} vs baseline "
           f"{r['decode_tokens_per_s_baseline']:.1f} tokens/s, prefill "
