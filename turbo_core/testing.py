@@ -5,6 +5,7 @@ Every failure message carries shapes, max/mean absolute error, SQNR and cosine s
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -50,3 +51,19 @@ def assert_cosine(reference: torch.Tensor, approx: torch.Tensor, *, at_least: fl
 def assert_sqnr(reference: torch.Tensor, approx: torch.Tensor, *, at_least_db: float) -> None:
     s = sqnr_db(reference, approx)
     assert s >= at_least_db, f"SQNR {s:.2f} dB < {at_least_db} dB; " + report(reference, approx)
+
+
+def grow(store, tokens, pieces: int, new: int = 1) -> list[int]:
+    """Open one sequence per entry of ``tokens`` (K, V ``(H, L, D)`` each) in a KV store and feed
+    it the way ``TurboCache`` does — compress the last call's full chunks, then append the next
+    piece uncompressed — in pieces of ``pieces`` tokens, the last ``new`` tokens as one final
+    piece left buffered (the new tokens of an attention call). Returns the sequence ids."""
+    seqs = [store.add_sequence() for _ in tokens]
+    for s, (k, v) in zip(seqs, tokens, strict=True):
+        n = k.shape[1]
+        cuts = [*range(0, n - new, pieces), n - new, n]
+        for a, b in itertools.pairwise(cuts):
+            if b > a:
+                store.compress_full_chunks([s])
+                store.append(k[None, :, a:b], v[None, :, a:b], compress=False, seqs=[s])
+    return seqs

@@ -5,7 +5,10 @@ the planar codes of one page are unpacked into a local ``(D, c)`` tile, the inte
 level is applied (``q8 = clamp(code·S + lo, ±127)``), the scores of every query row of the
 GQA group (times the ``L_q`` new tokens) against the page's ``c`` keys are one blocked loop,
 then the online softmax (SAS exponent or ``exp``) and P·V against the page's V tile. The INT8
-buffer is read row-major in place, with the causal mask among the new tokens. Nothing the size
+buffer is read row-major in place, with the causal mask among the new tokens. A sliding window
+(``PackedKV.window``) masks keys by token position: per row, a tile's keys before its window's
+first position are skipped (positions rise along a page and along the buffer, so the visible
+keys of a tile are one range ``[lo, hi)``). Nothing the size
 of the history is ever written; per program the locals are two ``(D, c)`` tiles, the scores
 ``(R, c)`` and the accumulators ``(R, D)``. Splits are merged exactly (``_merge``).
 
@@ -39,27 +42,29 @@ PAGES_PER_SPLIT = 8  # context split = 8 pages (512 tokens at chunk 64), whateve
 
 
 @njit(fastmath=_FAST, inline="always")
-def _softmax_pv(s, nt, valid_to, m, l_, acc, v_tile, use_sas, lut, c0, c1, c2, c3, lut_max,
-                counts, job):
-    """Online-softmax update of rows ``r`` with scores ``s[r, :nt]`` (keys ``t >= valid_to[r]``
-    masked) and float values ``v_tile (D, nt)``. ``counts[job]`` += (SAS zeros, valid keys)."""
+def _softmax_pv(s, nt, valid_from, valid_to, m, l_, acc, v_tile, use_sas, lut, c0, c1, c2, c3,
+                lut_max, counts, job):
+    """Online-softmax update of rows ``r`` with scores ``s[r, :nt]`` (keys outside
+    ``[valid_from[r], valid_to[r])`` masked) and float values ``v_tile (D, nt)``.
+    ``counts[job]`` += (SAS zeros, valid keys)."""
     rows, dim = acc.shape
     for r in range(rows):
+        lo = max(0, valid_from[r])
         hi = min(nt, valid_to[r])
-        if hi <= 0:
+        if hi <= lo:
             continue
         mx = np.float32(NEG)
-        for t in range(hi):
+        for t in range(lo, hi):
             mx = max(mx, s[r, t])
         m_new = max(m[r], mx)
         alpha = np.float32(math.exp(m[r] - m_new))
-        total, zeros = row_weights(s, r, hi, m_new, use_sas, lut, c0, c1, c2, c3, lut_max)
+        total, zeros = row_weights(s, r, lo, hi, m_new, use_sas, lut, c0, c1, c2, c3, lut_max)
         l_[r] = l_[r] * alpha + total
         counts[job, 0] += zeros
-        counts[job, 1] += hi
+        counts[job, 1] += hi - lo
         for d in range(dim):
             dot = np.float32(0.0)
-            for t in range(hi):
+            for t in range(lo, hi):
                 dot += s[r, t] * v_tile[d, t]
             acc[r, d] = acc[r, d] * alpha + dot
         m[r] = m_new
@@ -168,22 +173,23 @@ def _store_partial(m_out, l_out, acc_out, b, hk, group, slot, m, l_, acc):
 @njit(parallel=True, fastmath=_FAST, cache=True, nogil=True)
 def _pages_pass(q, qs, group, heads, table, n_chunks, splits, step, kp, ksc, klo, kf, vp, vsc,
                 vlo, vf, bits, k_group, v_group, sm_scale, use_sas, lut, c0, c1, c2, c3, lut_max,
-                m_out, l_out, acc_out, counts):
+                m_out, l_out, acc_out, counts, first_pos, qpos0, window):
     """Grid ``B · n · splits``. q ``(B, H_q, L_q, D)`` float32 (INT8 codes when quantized),
     qs ``(B, H_q, L_q)`` row scales; pages as in ``PackedKV``; partials ``(B, H_q, L_q, S+1[, D])``.
-    Each job is one call of :func:`_pages_job`, a plain compiled function."""
+    ``first_pos[b]``: position of held page 0's first key; ``qpos0[b]``: position of new token
+    0; ``window``: sliding window, 0 for none. Each job is one call of :func:`_pages_job`."""
     nb = q.shape[0]
     n = heads.shape[0]
     for job in prange(nb * n * splits):
         _pages_job(job, q, qs, group, heads, table, n_chunks, splits, step, kp, ksc, klo, kf, vp,
                    vsc, vlo, vf, bits, k_group, v_group, sm_scale, use_sas, lut, c0, c1, c2, c3,
-                   lut_max, m_out, l_out, acc_out, counts)
+                   lut_max, m_out, l_out, acc_out, counts, first_pos, qpos0, window)
 
 
 @njit(fastmath=_FAST, cache=True, nogil=True)
 def _pages_job(job, q, qs, group, heads, table, n_chunks, splits, step, kp, ksc, klo, kf, vp,
                vsc, vlo, vf, bits, k_group, v_group, sm_scale, use_sas, lut, c0, c1, c2, c3, lut_max,
-               m_out, l_out, acc_out, counts):
+               m_out, l_out, acc_out, counts, first_pos, qpos0, window):
     """One program: split ``sp`` of sequence ``b``'s pages for head row ``i``."""
     _, _, lq, dim = q.shape
     n = heads.shape[0]
@@ -202,9 +208,15 @@ def _pages_job(job, q, qs, group, heads, table, n_chunks, splits, step, kp, ksc,
     sc_t = np.ones(chunk, np.float32)  # per-token second level of one channel
     lo_t = np.zeros(chunk, np.float32)
     all_valid = np.full(rows, chunk, np.int64)
+    valid_from = np.zeros(rows, np.int64)
     planes_in_one_group = k_group % kp.shape[3] == 0
     for c in range(c_lo, c_hi):
         p = table[b, c]
+        if window > 0:  # key t of this page sits at first_pos + c·chunk + t
+            for r in range(rows):
+                valid_from[r] = qpos0[b] + r % lq - window + 1 - (first_pos[b] + c * chunk)
+            if valid_from.min() >= chunk:
+                continue  # no row of this program sees this page
         # the bit width as a literal in each branch: the plane loops unroll and vectorize
         if bits == 4:
             _load_k(kp, ksc, klo, p, i, 4, k_group, planes_in_one_group, sc_t, lo_t, k8)
@@ -232,16 +244,18 @@ def _pages_job(job, q, qs, group, heads, table, n_chunks, splits, step, kp, ksc,
         for d in range(dim):
             for t in range(chunk):
                 v8[d, t] *= vscale
-        _softmax_pv(s, chunk, all_valid, m, l_, acc, v8, use_sas, lut, c0, c1, c2, c3, lut_max,
-                    counts, job)
+        _softmax_pv(s, chunk, valid_from, all_valid, m, l_, acc, v8, use_sas, lut, c0, c1, c2, c3,
+                    lut_max, counts, job)
     _store_partial(m_out, l_out, acc_out, b, hk, group, sp, m, l_, acc)
 
 
 @njit(parallel=True, fastmath=_FAST, cache=True, nogil=True)
 def _buffer_pass(q, qs, group, bk, bks, bv, bvs, blen, slot, sm_scale, use_sas, lut, c0, c1, c2,
-                 c3, lut_max, m_out, l_out, acc_out, counts):
+                 c3, lut_max, m_out, l_out, acc_out, counts, sinks, tail_shift, qpos0, window):
     """Grid ``B · H_kv``: the buffered INT8 rows ``bk/bv (B, H_kv, rows, D)``, scales
-    ``(B, H_kv, rows)``, ``blen[b]`` of them; query ``i`` of ``L_q`` sees rows ``<= blen - L_q + i``."""
+    ``(B, H_kv, rows)``, ``blen[b]`` of them; query ``i`` of ``L_q`` sees rows ``<= blen - L_q + i``
+    and, with a ``window`` (0: none), none before position ``qpos0[b] + i - window + 1``. Row
+    ``t`` sits at position ``t`` if ``t < sinks``, else ``tail_shift[b] + t``."""
     nb, _, lq, dim = q.shape
     h_kv = bk.shape[1]
     rows = group * lq
@@ -254,6 +268,7 @@ def _buffer_pass(q, qs, group, bk, bks, bv, bvs, blen, slot, sm_scale, use_sas, 
         s = np.empty((rows, block), np.float32)
         v_tile = np.empty((dim, block), np.float32)
         valid_to = np.empty(rows, np.int64)
+        valid_from = np.zeros(rows, np.int64)
         for start in range(0, n_rows, block):
             nt = min(block, n_rows - start)
             for t in range(nt):
@@ -262,13 +277,17 @@ def _buffer_pass(q, qs, group, bk, bks, bv, bvs, blen, slot, sm_scale, use_sas, 
                     v_tile[d, t] = bv[b, hk, start + t, d] * w
             for r in range(rows):
                 valid_to[r] = n_rows - lq + r % lq + 1 - start  # causal among the new tokens
+                if window > 0:  # the first row at or past the window's first position
+                    first = qpos0[b] + r % lq - window + 1
+                    at = first if first < sinks else max(sinks, first - tail_shift[b])
+                    valid_from[r] = at - start
                 for t in range(nt):
                     dot = 0.0
                     for d in range(dim):
                         dot += qr[r, d] * bk[b, hk, start + t, d]
                     s[r, t] = dot * qsr[r] * bks[b, hk, start + t] * sm_scale
-            _softmax_pv(s, nt, valid_to, m, l_, acc, v_tile, use_sas, lut, c0, c1, c2, c3, lut_max,
-                        counts, job)
+            _softmax_pv(s, nt, valid_from, valid_to, m, l_, acc, v_tile, use_sas, lut, c0, c1, c2,
+                        c3, lut_max, counts, job)
         _store_partial(m_out, l_out, acc_out, b, hk, group, slot, m, l_, acc)
 
 
@@ -342,6 +361,11 @@ def decode_attention_cpu(q: torch.Tensor, cache: PackedKV, *, math_cfg: Attentio
     if numba.get_num_threads() != threads:
         numba.set_num_threads(threads)
     table, n_chunks, buffer_len = _np(cache.page_table), _np(cache.n_chunks), _np(cache.buffer_len)
+    base = cache.chunk_base.long()
+    first_pos = (cache.sinks + base * cache.chunk).numpy()
+    tail_shift = ((base + cache.n_chunks.long()) * cache.chunk).numpy()
+    qpos0 = np.array(cache.seq_lens, np.int64) - lq
+    window = cache.window or 0
     most = int(n_chunks.max())
     if splits is None:  # fixed pages per split: a sequence's sums do not depend on its batch
         step = PAGES_PER_SPLIT
@@ -366,12 +390,12 @@ def decode_attention_cpu(q: torch.Tensor, cache: PackedKV, *, math_cfg: Attentio
         _pages_pass(qn, qsn, group, _np(g.heads), table, n_chunks, splits, step, kp, ksc, klo,
                     _np(g.k_first), vp, vsc, vlo, _np(g.v_first), g.bits, g.k_group,
                     g.v_group, sm_scale, sas is not None, lut, *coeffs, lut_max, m, l_, acc,
-                    counts)
+                    counts, first_pos, qpos0, window)
     if int(buffer_len.max()):
         kb, vb = cache.buffer_k, cache.buffer_v
         _buffer_pass(qn, qsn, group, _np(kb.values), _np(kb.scale), _np(vb.values), _np(vb.scale),
                      buffer_len, splits, sm_scale, sas is not None, lut, *coeffs, lut_max, m, l_,
-                     acc, counts)
+                     acc, counts, cache.sinks, tail_shift, qpos0, window)
     out = np.empty((b, hq, lq, d), np.float32)
     _merge(m, l_, acc, out)
     out = torch.from_numpy(out).to(q.dtype)

@@ -3,8 +3,9 @@ pass for the softmax.
 
 A prompt chunk has hundreds of query rows per KV head — GEMM sizes, where BLAS beats the decode
 kernel's loops. Per sequence the history is decompressed to INT8 rows (integer only, as the
-reference does), ``Q·Kᵀ`` runs on the INT8 codes held in float (exact: the sums stay below
-2^24), then :func:`_softmax_rows` applies the causal limit, the row max, SAS (LUT ·
+reference does) and put in token order, so the keys a new token sees — causal, and inside a
+sliding window — are one range of rows; ``Q·Kᵀ`` runs on the INT8 codes held in float (exact:
+the sums stay below 2^24), then :func:`_softmax_rows` applies the causal limit, the row max, SAS (LUT ·
 polynomial, zero past the LUT) or ``exp``, and the normalisation in one parallel pass, and
 ``P·V`` is a second GEMM. The same math as the reference, in fewer passes over the scores.
 """
@@ -19,30 +20,31 @@ import torch
 from numba import njit, prange
 
 from turbo_core.attention.config import AttentionMath
-from turbo_core.attention.packed import PackedKV, check_query, int8_rows
-from turbo_core.attention.quant import quantize_int8_blockwise
+from turbo_core.attention.packed import PackedKV, check_query, int8_rows, positions
+from turbo_core.attention.quant import Int8Rows, quantize_int8_blockwise
 from turbo_core.attention.sas import kernel_args
 from turbo_kernels.cpu_rows import _FAST, NEG, row_weights
 
 
 @njit(parallel=True, fastmath=_FAST, cache=True, nogil=True)
-def _softmax_rows(s, lq, use_sas, lut, c0, c1, c2, c3, lut_max, counts):
+def _softmax_rows(s, lo_of, hi_of, use_sas, lut, c0, c1, c2, c3, lut_max, counts):
     """``s (R, L_k)`` scores in place -> normalised weights. Row ``r`` is new token
-    ``r % lq``: it sees keys ``<= L_k - lq + r % lq`` (causal, bottom-right)."""
+    ``i = r % len(lo_of)``: it sees keys ``lo_of[i] <= t < hi_of[i]`` (causal and windowed)."""
     rows, lk = s.shape
+    lq = lo_of.shape[0]
     for r in prange(rows):
-        hi = lk - lq + r % lq + 1
+        lo, hi = lo_of[r % lq], hi_of[r % lq]
         mx = np.float32(NEG)
-        for t in range(hi):
+        for t in range(lo, hi):
             mx = max(mx, s[r, t])
-        total, zeros = row_weights(s, r, hi, mx, use_sas, lut, c0, c1, c2, c3, lut_max)
+        total, zeros = row_weights(s, r, lo, hi, mx, use_sas, lut, c0, c1, c2, c3, lut_max)
         inv = np.float32(1.0) / total
-        for t in range(hi):
+        for t in range(lo, hi):
             s[r, t] *= inv
         for t in range(hi, lk):
             s[r, t] = 0.0
         counts[r, 0] = zeros
-        counts[r, 1] = hi
+        counts[r, 1] = hi - lo
 
 
 def prefill_attention_cpu(q: torch.Tensor, cache: PackedKV, *, math_cfg: AttentionMath,
@@ -70,6 +72,13 @@ def prefill_attention_cpu(q: torch.Tensor, cache: PackedKV, *, math_cfg: Attenti
     outs, dropped, total = [], 0, 0
     for i in range(b):
         k8, v8 = int8_rows(cache, i)  # (H_kv, L, D) int8 codes, (H_kv, L) scales
+        pos, order = positions(cache, i).sort()
+        k8, v8 = (Int8Rows(r.values.index_select(1, order), r.scale.index_select(1, order))
+                  for r in (k8, v8))
+        newest = pos[-1] - lq + 1 + torch.arange(lq)
+        hi = torch.searchsorted(pos, newest, right=True)
+        lo = torch.zeros_like(hi) if cache.window is None else \
+            torch.searchsorted(pos, newest - cache.window + 1)
         qi = q[i: i + 1]
         if math_cfg.qk_int8:
             qq = quantize_int8_blockwise(qi, math_cfg.block_size)
@@ -81,7 +90,7 @@ def prefill_attention_cpu(q: torch.Tensor, cache: PackedKV, *, math_cfg: Attenti
             s = torch.bmm(qi.float().reshape(hkv, g * lq, d), kf.transpose(1, 2))
         s = (s * sm_scale).reshape(hkv * g * lq, -1).contiguous()
         counts = np.zeros((s.shape[0], 2), np.int64)
-        _softmax_rows(s.numpy(), lq, sas is not None, lut_np, c0, c1, c2, c3,
+        _softmax_rows(s.numpy(), lo.numpy(), hi.numpy(), sas is not None, lut_np, c0, c1, c2, c3,
                       float(sas.lut_max) if sas else 0.0, counts)
         out = torch.bmm(s.reshape(hkv, g * lq, -1), v8.dequantize())
         outs.append(out.reshape(1, hq, lq, d))

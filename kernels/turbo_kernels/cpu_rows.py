@@ -11,15 +11,18 @@ _FAST = {"nsz", "arcp", "contract", "afn", "reassoc"}  # no nnan/ninf: masks sta
 
 
 @njit(fastmath=_FAST, inline="always")
-def row_weights(s, r, hi, top, use_sas, lut, c0, c1, c2, c3, lut_max):
-    """``s[r, :hi]`` -> ``e^(s - top)`` in place, SAS (``e^x = LUT[n]·P(f)``, ``-x = n + f``;
-    ``lut[T + 1] = 0`` cuts without a branch) or exact; returns (their sum, SAS zeros)."""
+def row_weights(s, r, lo, hi, top, use_sas, lut, c0, c1, c2, c3, lut_max):
+    """``s[r, lo:hi]`` -> ``e^(s - top)`` in place, SAS (``e^x = LUT[n]·P(f)``, ``-x = n + f``;
+    ``lut[T + 1] = 0`` cuts without a branch) or exact, and ``s[r, :lo]`` -> 0 (keys before a
+    sliding window); returns (the weights' sum, SAS zeros)."""
     total = np.float32(0.0)
     zeros = 0
+    for t in range(lo):
+        s[r, t] = 0.0
     if use_sas:
         cut = np.float32(lut_max + 1.0)
         a0, a1, a2, a3 = np.float32(c0), np.float32(c1), np.float32(c2), np.float32(c3)
-        for t in range(hi):
+        for t in range(lo, hi):
             neg = min(top - s[r, t], cut)
             n = np.floor(neg)
             f = neg - n
@@ -28,7 +31,7 @@ def row_weights(s, r, hi, top, use_sas, lut, c0, c1, c2, c3, lut_max):
             total += w
             zeros += n > lut_max
     else:
-        for t in range(hi):
+        for t in range(lo, hi):
             w = np.float32(math.exp(s[r, t] - top))
             s[r, t] = w
             total += w

@@ -6,7 +6,9 @@ Codes are unpacked and decompressed to INT8 in registers (``q8 = clamp(code·S +
 only); no dequantized copy of the cache is written. The context is split across programs; each
 split keeps its own running max, and the partial results are merged with exact rescaling.
 Query heads sharing a KV head (GQA), times the new tokens, are the rows of one ``tl.dot``; the
-buffer kernel masks causally among the new tokens.
+buffer kernel masks causally among the new tokens. A sliding window (``PackedKV.window``) masks
+each key by its token position (page ``c`` of the held ones starts at ``first_pos + c·CHUNK``;
+buffer row ``t`` sits at ``t`` below ``SINKS``, else at ``tail_shift + t``).
 
 Reference: ``turbo_core.attention.reference.decode_attention_reference``.
 """
@@ -72,7 +74,7 @@ def _store_partial(m_ptr, l_ptr, acc_ptr, b, hq, slot, m_i, l_i, acc, r_ok, offs
 
 @triton.jit
 def _decode_chunks_kernel(
-    q_ptr, qs_ptr, heads_ptr, pt_ptr, nc_ptr,
+    q_ptr, qs_ptr, heads_ptr, pt_ptr, nc_ptr, fp_ptr, qp_ptr,
     kp_ptr, ksc_ptr, klo_ptr, kf_ptr, vp_ptr, vsc_ptr, vlo_ptr, vf_ptr,
     lut_ptr, m_ptr, l_ptr, acc_ptr,
     stride_qb, stride_qh, stride_qd, stride_qsb, stride_qsh, stride_ptb, stride_ptc,
@@ -83,13 +85,15 @@ def _decode_chunks_kernel(
     stride_vscp, stride_vsch, stride_vscg, stride_vsct,
     stride_vfp, stride_vfh,
     stride_mb, stride_mh, stride_ms, stride_ab, stride_ah, stride_as, stride_ad,
-    N_HEADS, GROUP, HEAD_DIM, CHUNKS_PER_SPLIT, sm_scale, C0, C1, C2, C3,
+    N_HEADS, GROUP, HEAD_DIM, CHUNKS_PER_SPLIT, LQ, WINDOW, sm_scale, C0, C1, C2, C3,
     BITS: tl.constexpr, CHUNK: tl.constexpr, K_GROUP: tl.constexpr, V_GROUP: tl.constexpr,
     LUT_MAX: tl.constexpr, DEGREE: tl.constexpr, USE_SAS: tl.constexpr, QK_INT8: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Grid ``(n_splits, B * N_HEADS)``: split ``s`` of sequence ``b``'s pages
     (``pt_ptr[b, :nc_ptr[b]]``) for one KV head (``heads_ptr[i]``, row ``i`` of the pool).
+    ``fp_ptr[b]``: position of held page 0's first key; ``qp_ptr[b]``: position of new token 0
+    (row ``r`` is new token ``r % LQ``); ``WINDOW`` 0 = no sliding window.
     Writes partial ``m, l (B, H_q, S)``, ``acc (B, H_q, S, D)``."""
     split = tl.program_id(0)
     pid = tl.program_id(1)
@@ -109,7 +113,10 @@ def _decode_chunks_kernel(
     t = tl.arange(0, CHUNK)
     j = t % M_BYTES
     sh = (t // M_BYTES) * BITS
-    valid = t < CHUNK
+    first_pos = tl.load(fp_ptr + b)
+    # oldest key position each row sees (-1: all of them)
+    oldest = tl.load(qp_ptr + b) + tl.arange(0, BLOCK_G) % LQ - WINDOW + 1
+    oldest = tl.where(WINDOW > 0, oldest, -1)
     c_lo = split * CHUNKS_PER_SPLIT
     c_hi = tl.minimum(c_lo + CHUNKS_PER_SPLIT, tl.load(nc_ptr + b))
     for c in range(c_lo, c_hi):
@@ -143,7 +150,8 @@ def _decode_chunks_kernel(
         k_first = tl.load(kf_ptr + page * stride_kfp + i * stride_kfh)
         v_first = tl.load(vf_ptr + page * stride_vfp + i * stride_vfh)
         k_row = tl.zeros([CHUNK], dtype=tl.float32) + k_first
-        m_i, l_i, acc = _update(q, q_scale, k8, k_row, v8.to(tl.float32) * v_first, valid[None, :],
+        valid = (first_pos + c * CHUNK + t)[None, :] >= oldest[:, None]
+        m_i, l_i, acc = _update(q, q_scale, k8, k_row, v8.to(tl.float32) * v_first, valid,
                                 m_i, l_i, acc, sm_scale, lut_ptr, C0, C1, C2, C3,
                                 LUT_MAX, DEGREE, USE_SAS, QK_INT8)
     _store_partial(m_ptr, l_ptr, acc_ptr, b, hq, split, m_i, l_i, acc, r_ok, offs_d, d_ok,
@@ -152,18 +160,21 @@ def _decode_chunks_kernel(
 
 @triton.jit
 def _decode_buffer_kernel(
-    q_ptr, qs_ptr, kb_ptr, ksb_ptr, vb_ptr, vsb_ptr, bl_ptr, lut_ptr, m_ptr, l_ptr, acc_ptr,
+    q_ptr, qs_ptr, kb_ptr, ksb_ptr, vb_ptr, vsb_ptr, bl_ptr, ts_ptr, qp_ptr, lut_ptr, m_ptr, l_ptr,
+    acc_ptr,
     stride_qb, stride_qh, stride_qd, stride_qsb, stride_qsh,
     stride_kb, stride_kh, stride_kt, stride_kd, stride_ksb, stride_ksh, stride_kst,
     stride_vb, stride_vh, stride_vt, stride_vd, stride_vsb, stride_vsh, stride_vst,
     stride_mb, stride_mh, stride_ms, stride_ab, stride_ah, stride_as, stride_ad,
-    H_KV, GROUP, HEAD_DIM, SLOT, LQ, sm_scale, C0, C1, C2, C3,
+    H_KV, GROUP, HEAD_DIM, SLOT, LQ, SINKS, WINDOW, sm_scale, C0, C1, C2, C3,
     LUT_MAX: tl.constexpr, DEGREE: tl.constexpr, USE_SAS: tl.constexpr, QK_INT8: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Grid ``(1, B * H_KV)``: the ``bl_ptr[b]`` buffered INT8 rows (per-token scales) of
     sequence ``b`` into partial slot ``SLOT``. Query row ``r`` is new token ``r % LQ``, which
-    sees buffered rows ``t <= n_buf - LQ + r % LQ`` (causal among the new tokens)."""
+    sees buffered rows ``t <= n_buf - LQ + r % LQ`` (causal among the new tokens) and, with a
+    ``WINDOW``, none before position ``qp_ptr[b] + r % LQ - WINDOW + 1`` (row ``t`` sits at
+    ``t`` below ``SINKS``, else at ``ts_ptr[b] + t``)."""
     pid = tl.program_id(1)
     b = pid // H_KV
     hk = pid % H_KV
@@ -183,6 +194,9 @@ def _decode_buffer_kernel(
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
     causal = t[None, :] <= n_buf - LQ + (tl.arange(0, BLOCK_G) % LQ)[:, None]
+    pos = tl.where(t < SINKS, t, tl.load(ts_ptr + b) + t)
+    oldest = tl.load(qp_ptr + b) + tl.arange(0, BLOCK_G) % LQ - WINDOW + 1
+    causal = causal & ((pos[None, :] >= oldest[:, None]) | (WINDOW == 0))
     m_i, l_i, acc = _update(q, q_scale, k8.to(tl.int32), k_row, v8.to(tl.float32) * v_row[:, None],
                             t_ok[None, :] & causal, m_i, l_i, acc, sm_scale, lut_ptr, C0, C1, C2, C3,
                             LUT_MAX, DEGREE, USE_SAS, QK_INT8)
@@ -229,6 +243,11 @@ def decode_attention(
         q3 = q.float().reshape(b, hq * lq, d)
         qs = torch.ones(b, hq * lq, dtype=torch.float32, device=q.device)
     n_splits = max(1, math.ceil(int(cache.n_chunks.max()) / chunks_per_split))
+    base = cache.chunk_base.long()
+    first_pos = cache.sinks + base * cache.chunk  # (B,) position of held page 0's first key
+    tail_shift = (base + cache.n_chunks.long()) * cache.chunk
+    qpos0 = torch.tensor(cache.seq_lens, device=q.device) - lq  # (B,) position of new token 0
+    window = cache.window or 0
     slots = n_splits + 1  # the last slot is the buffer's
     m = torch.full((b, hq * lq, slots), float("-inf"), dtype=torch.float32, device=q.device)
     l_ = torch.zeros(b, hq * lq, slots, dtype=torch.float32, device=q.device)
@@ -246,14 +265,14 @@ def decode_attention(
         vs, vl = (g.v_scale, g.v_low) if g.bits != 8 else (g.v_packed, g.v_packed)
         n_heads = g.heads.numel()
         _decode_chunks_kernel[(n_splits, b * n_heads)](
-            q3, qs, g.heads, cache.page_table, cache.n_chunks,
+            q3, qs, g.heads, cache.page_table, cache.n_chunks, first_pos, qpos0,
             g.k_packed, ks, kl, g.k_first, g.v_packed, vs, vl, g.v_first,
             lut, m, l_, acc,
             *q3.stride(), *qs.stride(), *cache.page_table.stride(),
             *g.k_packed.stride(), *ks.stride(), *g.k_first.stride(),
             *g.v_packed.stride(), *vs.stride(), *g.v_first.stride(),
             *out_strides,
-            n_heads, group, d, chunks_per_split, scale, *coeffs,
+            n_heads, group, d, chunks_per_split, lq, window, scale, *coeffs,
             BITS=g.bits, CHUNK=cache.chunk, K_GROUP=g.k_group, V_GROUP=g.v_group,
             **common,
         )
@@ -261,11 +280,12 @@ def decode_attention(
     if rows:
         kb, vb = cache.buffer_k, cache.buffer_v
         _decode_buffer_kernel[(1, b * hkv)](
-            q3, qs, kb.values, kb.scale, vb.values, vb.scale, cache.buffer_len, lut, m, l_, acc,
+            q3, qs, kb.values, kb.scale, vb.values, vb.scale, cache.buffer_len, tail_shift, qpos0,
+            lut, m, l_, acc,
             *q3.stride(), *qs.stride(),
             *kb.values.stride(), *kb.scale.stride(), *vb.values.stride(), *vb.scale.stride(),
             *out_strides,
-            hkv, group, d, n_splits, lq, scale, *coeffs,
+            hkv, group, d, n_splits, lq, cache.sinks, window, scale, *coeffs,
             BLOCK_N=max(16, triton.next_power_of_2(rows)), **common,
         )
     return merge_partials(m, l_, acc).reshape(b, hq, lq, d).to(q.dtype)

@@ -31,14 +31,15 @@ def _prefill_kernel(
     stride_ksb, stride_ksh, stride_ksn,
     stride_vsb, stride_vsh, stride_vsn,
     stride_ob, stride_oh, stride_om, stride_od,
-    H_Q, GROUP, L_Q, L_K, HEAD_DIM, sm_scale,
+    H_Q, GROUP, L_Q, L_K, HEAD_DIM, WINDOW, sm_scale,
     C0, C1, C2, C3,
     LUT_MAX: tl.constexpr, DEGREE: tl.constexpr, USE_SAS: tl.constexpr,
     QK_INT8: tl.constexpr, PV_INT8: tl.constexpr, CAUSAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Grid ``(cdiv(L_Q, BLOCK_M), B * H_Q)``. Q ``(B, H_Q, L_Q, D)``, K/V ``(B, H_KV, L_K, D)``
-    (int8 with per-row float32 scales ``qs/ks/vs (B, H, L)`` when quantized), O like Q."""
+    (int8 with per-row float32 scales ``qs/ks/vs (B, H, L)`` when quantized), O like Q.
+    ``WINDOW`` > 0 (with ``CAUSAL``): query ``m`` sees keys ``n > m + L_K - L_Q - WINDOW``."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H_Q
@@ -58,9 +59,12 @@ def _prefill_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     shift = L_K - L_Q
     hi = L_K
+    lo = 0
     if CAUSAL:
         hi = tl.minimum(L_K, (pid_m + 1) * BLOCK_M + shift)
-    for start_n in range(0, hi, BLOCK_N):
+        if WINDOW > 0:  # the first key tile any row of this block sees
+            lo = tl.maximum(0, pid_m * BLOCK_M + shift - WINDOW + 1) // BLOCK_N * BLOCK_N
+    for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < L_K
         k = tl.load(k_ptr + b * stride_kb + hk * stride_kh + offs_n[None, :] * stride_kn
@@ -76,6 +80,8 @@ def _prefill_kernel(
         valid = m_ok[:, None] & n_ok[None, :]
         if CAUSAL:
             valid = valid & (offs_n[None, :] <= offs_m[:, None] + shift)
+            if WINDOW > 0:
+                valid = valid & (offs_n[None, :] > offs_m[:, None] + shift - WINDOW)
         s = tl.where(valid, s, float("-inf"))
         p, alpha, m_new = online_softmax_step(s, m_i, lut_ptr, C0, C1, C2, C3,
                                               LUT_MAX, DEGREE, USE_SAS)
@@ -125,6 +131,7 @@ def prefill_attention(
     math_cfg: AttentionMath,
     causal: bool = False,
     scale: float | None = None,
+    window: int | None = None,
     block_m: int = 64,
     block_n: int = 64,
 ) -> torch.Tensor:
@@ -132,12 +139,16 @@ def prefill_attention(
 
     Args:
         q: ``(B, H_q, L_q, D)``; k, v: ``(B, H_kv, L_k, D)``; any strides.
+        window: sliding window (``causal`` only): query ``i`` sees the ``window`` keys ending at
+            its own position ``i + L_k - L_q``.
     Returns:
         ``(B, H_q, L_q, D)`` in ``q.dtype``.
     """
     from turbo_kernels.quantize import quantize_int8_blockwise
 
     _check(q, k, v)
+    if window is not None and (not causal or window < 1):
+        raise ValueError(f"window={window!r}: a sliding window needs causal=True and window >= 1")
     if math_cfg.sparse_ratio is not None:
         raise ValueError("the prefill kernel does not implement top-k sparsity (sparse_ratio)")
     if math_cfg.pv_int8 and math_cfg.block_size % block_n:
@@ -170,7 +181,7 @@ def prefill_attention(
         *q.stride(), *k.stride(), *v.stride(),
         *qs.stride(), *ks.stride(), *vs.stride(),
         *o.stride(),
-        hq, hq // hkv, lq, lk, d, scale,
+        hq, hq // hkv, lq, lk, d, window or 0, scale,
         coeffs[0], coeffs[1], coeffs[2], coeffs[3],
         LUT_MAX=sas_cfg.lut_max if sas_cfg else 0, DEGREE=sas_cfg.degree if sas_cfg else 3,
         USE_SAS=sas_cfg is not None, QK_INT8=math_cfg.qk_int8, PV_INT8=math_cfg.pv_int8,

@@ -196,6 +196,13 @@ class KVQuantConfig:
         return [name for name in ("k_channel_scale", "pre_rope") if getattr(self, name)]
 
 
+def check_window(window: int | None) -> int | None:
+    """A layer's sliding window (keys a query sees, itself included) or ``None``."""
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+        raise ValueError(f"sliding window must be a positive int or None, got {window!r}")
+    return window
+
+
 def check_bits(bits: int) -> int:
     if bits not in SUPPORTED_KV_BITS:
         raise ValueError(f"unsupported KV bits {bits!r}; supported: {SUPPORTED_KV_BITS}")

@@ -2,7 +2,9 @@
 
 K and V of every sequence live in one preallocated tensor each, ``(slots, H_kv, rows, D)`` in
 the model's dtype, grown by whole blocks of rows and written in place — so the engine batches
-float and packed variants alike and a benchmark compares caches, not allocators.
+float and packed variants alike and a benchmark compares caches, not allocators. A layer with a
+sliding ``window`` drops, before each append, the rows no new token can see (moved down in
+whole blocks), as transformers' sliding-window cache does.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
+from turbo_core.attention.config import check_window
 from turbo_core.attention.slots import SequenceSlots
 
 ROW_BLOCK = 256  # rows grow by at least this many tokens
@@ -19,11 +22,15 @@ ROW_BLOCK = 256  # rows grow by at least this many tokens
 class FloatKVLayer(SequenceSlots):
     """Float K/V of one attention layer for any number of sequences of their own lengths."""
 
-    def __init__(self, num_heads: int, head_dim: int, dtype: torch.dtype = torch.float32):
+    def __init__(self, num_heads: int, head_dim: int, dtype: torch.dtype = torch.float32,
+                 window: int | None = None):
         if num_heads < 1 or head_dim < 1:
             raise ValueError(f"FloatKVLayer needs heads and channels, got {num_heads} x {head_dim}")
         self.num_heads, self.head_dim, self.dtype = num_heads, head_dim, dtype
+        self.window = check_window(window)
         self._lens: list[int] = []
+        self._start: list[int] = []  # per slot: the oldest position still held
+        self._moved: list[int] = []  # per slot: positions moved out of the rows (row = pos - moved)
         self._active: list[int] = []
         self._k: torch.Tensor | None = None
         self._v: torch.Tensor | None = None
@@ -34,10 +41,12 @@ class FloatKVLayer(SequenceSlots):
     def _open_slot(self, slot: int) -> None:
         if slot == len(self._lens):
             self._lens.append(0)
-        self._lens[slot] = 0
+            self._start.append(0)
+            self._moved.append(0)
+        self._lens[slot] = self._start[slot] = self._moved[slot] = 0
 
     def _close_slot(self, slot: int) -> None:
-        self._lens[slot] = 0
+        self._lens[slot] = self._start[slot] = self._moved[slot] = 0
 
     def seq_lens(self, seqs: Sequence[int] | None = None) -> list[int]:
         return [self._lens[s] for s in self._pick(seqs)]
@@ -56,19 +65,34 @@ class FloatKVLayer(SequenceSlots):
                              f"layer of {self.num_heads} heads of dim {self.head_dim}")
         seqs = self._rows_for(k.shape[0], seqs)
         t = k.shape[2]
-        self._reserve(k, max(self._lens[s] for s in seqs) + t)
+        if self.window is not None:
+            self._drop_outside_window(seqs)
+        self._reserve(k, max(self._lens[s] - self._moved[s] for s in seqs) + t)
         if t == 1:
             slot = torch.tensor(seqs, device=k.device)[:, None]
-            pos = torch.tensor([self._lens[s] for s in seqs], device=k.device)[:, None]
+            pos = torch.tensor([self._lens[s] - self._moved[s] for s in seqs], device=k.device)[:, None]
             head = torch.arange(self.num_heads, device=k.device)[None, :]
             self._k[slot, head, pos] = k[:, :, 0]
             self._v[slot, head, pos] = v[:, :, 0]
         else:
             for i, s in enumerate(seqs):
-                self._k[s, :, self._lens[s]: self._lens[s] + t] = k[i]
-                self._v[s, :, self._lens[s]: self._lens[s] + t] = v[i]
+                at = self._lens[s] - self._moved[s]
+                self._k[s, :, at: at + t] = k[i]
+                self._v[s, :, at: at + t] = v[i]
         for s in seqs:
             self._lens[s] += t
+
+    def _drop_outside_window(self, seqs: list[int]) -> None:
+        """Forget the rows no token from the next one on sees (positions ``<= L - window``);
+        once a whole block of them piles up, the held rows move down over it."""
+        for s in seqs:
+            self._start[s] = max(self._start[s], self._lens[s] - self.window + 1)
+            dead = self._start[s] - self._moved[s]
+            if dead >= ROW_BLOCK:
+                held = self._lens[s] - self._start[s]
+                for t in (self._k, self._v):
+                    t[s, :, :held] = t[s, :, dead: dead + held].clone()
+                self._moved[s] = self._start[s]
 
     def compress_full_chunks(self, seqs: Sequence[int] | None = None) -> None:
         """Float rows stay as stored (the packed store compresses here)."""
@@ -96,21 +120,33 @@ class FloatKVLayer(SequenceSlots):
             setattr(self, name, new)
 
     def keys_values(self, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Views ``(H_kv, L, D)`` of one sequence's K and V (no copy)."""
-        n = self._lens[self._pick([seq])[0]]
+        """Views ``(H_kv, L_held, D)`` of one sequence's held K and V (no copy); their token
+        positions are :meth:`positions`."""
+        s = self._pick([seq])[0]
         if self._k is None:
             raise ValueError("the KV cache layer is empty")
-        return self._k[seq, :, :n], self._v[seq, :, :n]
+        lo, hi = self._start[s] - self._moved[s], self._lens[s] - self._moved[s]
+        return self._k[s, :, lo:hi], self._v[s, :, lo:hi]
+
+    def positions(self, seq: int) -> torch.Tensor:
+        """Token positions, int64 ``(L_held,)`` ascending, of the rows :meth:`keys_values` gives."""
+        s = self._pick([seq])[0]
+        return torch.arange(self._start[s], self._lens[s])
+
+    def _row_bytes(self) -> int:
+        return 2 * self.num_heads * self.head_dim * self.dtype.itemsize
 
     def bytes_for(self, tokens: int) -> int:
-        """Bytes one sequence of ``tokens`` tokens occupies (K and V rows in the cache dtype)."""
-        return max(0, tokens) * 2 * self.num_heads * self.head_dim * self.dtype.itemsize
+        """The most bytes one sequence occupies at rest while it grows to ``tokens`` tokens
+        (K and V rows in the cache dtype; a sliding-window layer holds at most ``window``)."""
+        held = max(0, tokens) if self.window is None else min(max(0, tokens), self.window)
+        return held * self._row_bytes()
 
     def nbytes(self) -> int:
-        """Bytes the open sequences' tokens occupy, from the tensors' element size."""
+        """Bytes the open sequences' held tokens occupy, from the tensors' element size."""
         if self._k is None:
             return 0
-        return sum(self.bytes_for(self._lens[s]) for s in self._active)
+        return sum((self._lens[s] - self._start[s]) * self._row_bytes() for s in self._active)
 
     def capacity_nbytes(self) -> int:
         if self._k is None:

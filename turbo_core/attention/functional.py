@@ -26,10 +26,13 @@ import torch
 from turbo_core.attention.config import EXACT
 from turbo_core.attention.floatcache import FloatKVLayer
 from turbo_core.attention.kvcache import QuantizedKVLayer
+from turbo_core.attention.packed import visible
 from turbo_core.attention.reference import (
     KV,
     AttentionOptions,
     AttentionResult,
+    _valid_mask,
+    _with_mask,
     attention_details,
     decode_attention_reference,
 )
@@ -110,6 +113,8 @@ def _sdpa_serves(q: torch.Tensor, k: KV, v: KV, opts: AttentionOptions) -> bool:
         return False
     if not all(isinstance(t, torch.Tensor) and t.dtype == q.dtype for t in (k, v)):
         return False
+    if opts.get("window") is not None:  # served with an explicit bool mask
+        return q.dim() == 4
     return q.dim() == 4 and not (opts.get("causal", False) and q.shape[2] != k.shape[2])
 
 
@@ -165,23 +170,27 @@ def turbo_attention(q: torch.Tensor, k: KV | None, v: KV | None, *,
     if kv_store is not None:
         return _over_cache(q, kv_store, kv_seqs, backend, opts)
     if backend == "sdpa":
+        window, causal = opts.get("window"), opts.get("causal", False)
+        allowed = None if window is None else _valid_mask(q.shape[2], k.shape[2], causal, q.device, window)
         out = torch.nn.functional.scaled_dot_product_attention(
-            q, k, v, dropout_p=opts.get("dropout_p", 0.0),
-            is_causal=opts.get("causal", False), scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+            q, k, v, attn_mask=allowed, dropout_p=opts.get("dropout_p", 0.0),
+            is_causal=causal and allowed is None, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
         return AttentionResult(out=out, probs=None, sas_dropped=0, candidates=0)
     if backend == "triton":
         from turbo_kernels.prefill import prefill_attention
 
-        out = prefill_attention(q, k, v, math_cfg=math_cfg, causal=opts.get("causal", False), scale=scale)
+        out = prefill_attention(q, k, v, math_cfg=math_cfg, causal=opts.get("causal", False),
+                                scale=scale, window=opts.get("window"))
         return AttentionResult(out=out, probs=None, sas_dropped=0, candidates=0)
     return attention_details(q, k, v, **opts)
 
 
 def _over_float(q: torch.Tensor, store: FloatKVLayer | QuantizedKVLayer, seqs: Sequence[int] | None,
                 opts: AttentionOptions) -> AttentionResult:
-    """Each sequence over its own rows (lengths differ); new tokens are the last ``L_q`` rows,
-    causal bottom-right. An explicit mask is taken when every sequence spans it. A packed store
-    is read this way (decompressed to float) when it uses a reference-only lever."""
+    """Each sequence over its own held rows (lengths differ); new tokens are the newest ``L_q``,
+    and each key is masked by its token position: causal, inside the store's sliding window, and
+    by an explicit token-order mask when one is given. A packed store is read this way
+    (decompressed to float) when it uses a reference-only lever."""
     seqs = store.sequences if seqs is None else list(seqs)
     if len(seqs) != q.shape[0]:
         raise ValueError(f"{q.shape[0]} query rows for {len(seqs)} cached sequences")
@@ -190,22 +199,18 @@ def _over_float(q: torch.Tensor, store: FloatKVLayer | QuantizedKVLayer, seqs: S
     for i, s in enumerate(seqs):
         k, v = store.keys_values(s)
         k, v = k.to(q.dtype), v.to(q.dtype)
-        m = None
-        if mask is not None:
-            if mask.shape[-1] != k.shape[1]:
-                raise ValueError(f"attention mask covers {mask.shape[-1]} keys, sequence {s} "
-                                 f"holds {k.shape[1]}")
-            m = mask[i: i + 1] if mask.shape[0] > 1 else mask
-        if m is None and _sdpa_serves(q, k, v, {**opts, "mask": None, "causal": False}):
-            causal = None  # exact math, causal bottom-right: SDPA with an explicit causal mask
-            if 1 < lq < k.shape[1]:
-                j = torch.arange(k.shape[1], device=q.device)
-                causal = j[None, :] <= torch.arange(lq, device=q.device)[:, None] + k.shape[1] - lq
+        pos = store.positions(s).to(q.device)
+        allowed = visible(pos, pos[-1] - lq + 1 + torch.arange(lq, device=q.device), store.window)
+        plain = mask is None and (store.window is None or bool(allowed.all())) and \
+            int(pos[0]) == 0 and lq in (1, k.shape[1])  # no gap, nothing out of the window
+        m = None if plain else _with_mask(allowed[None, None], mask, i, pos)
+        exact = _sdpa_serves(q, k, v, {**opts, "mask": None, "causal": False, "window": None})
+        if exact and mask is None:  # every row sees itself: no fully masked row (NaN in SDPA)
             outs.append(torch.nn.functional.scaled_dot_product_attention(
-                q[i: i + 1], k[None], v[None], attn_mask=causal, is_causal=lq > 1 and causal is None,
+                q[i: i + 1], k[None], v[None], attn_mask=m, is_causal=m is None and lq > 1,
                 scale=opts.get("scale"), enable_gqa=q.shape[1] != k.shape[0]))
             continue
-        one = {**opts, "mask": m, "causal": m is None and lq > 1}
+        one = {**opts, "mask": m, "causal": m is None and lq > 1, "window": None}
         res = turbo_attention(q[i: i + 1], k[None], v[None], **one)
         outs.append(res.out)
         dropped, total = dropped + res.sas_dropped, total + res.candidates
@@ -245,12 +250,11 @@ def _over_packed(q: torch.Tensor, store: QuantizedKVLayer, seqs: Sequence[int] |
 
         out = decode_attention(q, store.view(seqs), math_cfg=math_cfg, scale=scale)
         return AttentionResult(out=out, probs=None, sas_dropped=0, candidates=0)
-    if opts.get("mask") is None and not opts.get("need_probs") and not opts.get("dropout_p"):
-        return decode_attention_reference(q, store.view(seqs), math_cfg=math_cfg, scale=scale)
-    if seqs is not None and list(seqs) != store.sequences:
-        raise ValueError("an attention mask over a subset of the cached sequences is not supported")
-    k8, v8 = store.dequantize_int8()  # a mask (padding) needs one rectangular batch
-    return attention_details(q, k8, v8, **(opts | {"causal": False}))
+    if opts.get("need_probs") or opts.get("dropout_p"):
+        raise ValueError("attention weights and dropout are not served over the packed KV cache "
+                         "(inference only); run without a TurboCache")
+    return decode_attention_reference(q, store.view(seqs), math_cfg=math_cfg, scale=scale,
+                                      mask=opts.get("mask"))
 
 
 def backend_name(device: str | torch.device = "cpu") -> str:

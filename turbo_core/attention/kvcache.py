@@ -11,6 +11,10 @@ Storage, per layer, for any number of sequences of their own lengths:
   at 8 bits keep the INT8 codes unpacked. A page is one such chunk of one sequence; pages live
   in one pool per bit width (preallocated, grown by whole blocks of pages, written in place),
   and a page table per sequence lists its pages in order.
+* **sliding windows** — a layer with a ``window`` (transformers' ``sliding_window``: a query
+  sees itself and the ``window - 1`` tokens before it) releases, before each append, the pages
+  no new token can see; they go back to the pool for the next ones. So a local layer holds at
+  most about ``window + chunk`` tokens per sequence, whatever the context.
 
 Readers never see this class: :meth:`QuantizedKVLayer.view` gives the tensor-only
 :class:`~turbo_core.attention.packed.PackedKV` (no copy for the first ``N`` sequences).
@@ -23,8 +27,9 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from turbo_core.attention.config import KVQuantConfig, check_bits
+from turbo_core.attention.config import KVQuantConfig, check_bits, check_window
 from turbo_core.attention.packed import PackedKV, float_rows, int8_rows
+from turbo_core.attention.packed import positions as packed_positions
 from turbo_core.attention.pool import PagePool
 from turbo_core.attention.quant import (
     Int8Rows,
@@ -53,14 +58,17 @@ class QuantizedKVLayer(SequenceSlots):
         head_dim: channels per head.
         cfg: chunk and group sizes, and the accuracy levers.
         rope: the model's RoPE by position; needed (and only read) with ``cfg.pre_rope``.
+        window: the layer's sliding window (``None``: full attention); every reader of
+            :meth:`view` applies it, and pages outside it are released.
     """
 
     def __init__(self, head_bits: Sequence[int], head_dim: int, cfg: KVQuantConfig | None = None,
-                 rope: Rope | None = None):
+                 rope: Rope | None = None, window: int | None = None):
         self.cfg = cfg or KVQuantConfig()
+        self.window = check_window(window)
         if self.cfg.pre_rope and rope is None:
             raise ValueError("KVQuantConfig.pre_rope stores K before RoPE, so the cache needs the "
-                             "model's RoPE: pass rope= (TurboCache(..., rope=model_rope(model))); a model "
+                             "model's RoPE: build it with TurboCache.for_model(model, ...); a model "
                              "without RoPE cannot use pre_rope")
         self.rope = rope
         self.head_bits = tuple(check_bits(int(b)) for b in head_bits)
@@ -76,7 +84,8 @@ class QuantizedKVLayer(SequenceSlots):
         self._device: torch.device | None = None
         self._free_pages: list[int] = []
         self._table = torch.zeros(0, 0, dtype=torch.int32)  # (slots, pages per sequence)
-        self._n_chunks: list[int] = []  # per slot
+        self._n_chunks: list[int] = []  # per slot: pages held (in the page table)
+        self._base: list[int] = []  # per slot: chunks released before them (sliding window)
         self._buf_len: list[int] = []
         self._active: list[int] = []  # open slots, in the order they were added
         self._buf: dict[str, torch.Tensor] = {}
@@ -92,20 +101,22 @@ class QuantizedKVLayer(SequenceSlots):
     def _open_slot(self, slot: int) -> None:
         if slot == len(self._n_chunks):
             self._n_chunks.append(0)
+            self._base.append(0)
             self._buf_len.append(0)
-        self._n_chunks[slot] = self._buf_len[slot] = 0
+        self._n_chunks[slot] = self._base[slot] = self._buf_len[slot] = 0
 
     def _close_slot(self, slot: int) -> None:
         self._free_pages += self._table[slot, : self._n_chunks[slot]].tolist()
-        self._n_chunks[slot] = self._buf_len[slot] = 0
+        self._n_chunks[slot] = self._base[slot] = self._buf_len[slot] = 0
 
     def seq_lens(self, seqs: Sequence[int] | None = None) -> list[int]:
-        return [self._n_chunks[s] * self.cfg.chunk + self._buf_len[s] for s in self._pick(seqs)]
+        c = self.cfg.chunk
+        return [(self._base[s] + self._n_chunks[s]) * c + self._buf_len[s] for s in self._pick(seqs)]
 
     def _sinks(self, slot: int) -> int:
         """Rows at the front of a sequence's buffer that are its first tokens, kept at INT8:
         all buffered rows until ``sinks`` tokens were seen (nothing is compressed before)."""
-        if self._n_chunks[slot]:
+        if self._n_chunks[slot] or self._base[slot]:
             return self.cfg.sinks
         return min(self.cfg.sinks, self._buf_len[slot])
 
@@ -141,6 +152,8 @@ class QuantizedKVLayer(SequenceSlots):
         """
         self._check(k, v)
         seqs = self._rows_for(k.shape[0], seqs)
+        if self.window is not None:
+            self._release_outside_window(seqs)
         if self.cfg.pre_rope:  # K arrives after RoPE: store it as it was before
             k = self._undo_rope(k, seqs)
         if self.cfg.rotate:  # stored rotated; readers rotate queries alike (functional._over_cache)
@@ -166,6 +179,25 @@ class QuantizedKVLayer(SequenceSlots):
             self._buf_len[s] += t
         if compress:
             self.compress_full_chunks(seqs)
+
+    def _release_outside_window(self, seqs: list[int]) -> None:
+        """Free the leading pages of ``seqs`` that no token from the next one on can see: held
+        page ``i`` ends at position ``sinks + (base + i + 1)·c - 1``, and a token at position
+        ``>= L`` sees keys ``> L - window``."""
+        c, sinks = self.cfg.chunk, self.cfg.sinks
+        for s in seqs:
+            oldest_seen = self.seq_lens([s])[0] - self.window + 1
+            gone = 0
+            while gone < self._n_chunks[s] and \
+                    sinks + (self._base[s] + gone + 1) * c - 1 < oldest_seen:
+                gone += 1
+            if not gone:
+                continue
+            held = self._n_chunks[s]
+            self._free_pages += self._table[s, :gone].tolist()
+            self._table[s, : held - gone] = self._table[s, gone:held].clone()
+            self._base[s] += gone
+            self._n_chunks[s] = held - gone
 
     def _undo_rope(self, k: torch.Tensor, seqs: list[int]) -> torch.Tensor:
         """``k (N, H, T, D)`` with RoPE undone at each row's positions (its sequence's next T)."""
@@ -316,7 +348,8 @@ class QuantizedKVLayer(SequenceSlots):
             buffer_k=Int8Rows(buf["k_values"], buf["k_scale"]),
             buffer_v=Int8Rows(buf["v_values"], buf["v_scale"]),
             buffer_len=_ints(self._buf_len, seqs, device),
-            num_heads=self.num_heads, head_dim=self.head_dim, chunk=self.cfg.chunk)
+            num_heads=self.num_heads, head_dim=self.head_dim, chunk=self.cfg.chunk,
+            chunk_base=_ints(self._base, seqs, device), sinks=self.cfg.sinks, window=self.window)
 
     def dequantize_int8(self) -> tuple[Int8Rows, Int8Rows]:
         """Integer-only decompression of every open sequence (equal lengths): K and V as INT8
@@ -330,21 +363,24 @@ class QuantizedKVLayer(SequenceSlots):
                               torch.stack([r[i].scale for r in rows])) for i in (0, 1))
 
     def keys_values(self, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V of one sequence as float32 ``(H_kv, L, D)`` in token order, as the model made
-        them (rotated back, RoPE applied again): how the reference reads the levers the fused
-        kernels do not (``KVQuantConfig.reference_only``)."""
-        k, v = float_rows(self.view([seq]), 0)
+        """K and V of one sequence's held tokens as float32 ``(H_kv, L_held, D)`` in token order
+        (positions: :meth:`positions`), as the model made them (rotated back, RoPE applied
+        again): how the reference reads the levers the fused kernels do not
+        (``KVQuantConfig.reference_only``)."""
+        view = self.view([seq])
+        k, v = float_rows(view, 0)
         if self.cfg.rotate:
             k, v = unrotate(k), unrotate(v)
-        n_pages, sinks = self._n_chunks[seq] * self.cfg.chunk, self._sinks(seq)
-        if sinks and n_pages:  # the sinks are the first tokens but sit at the buffer's front
-            order = torch.cat([torch.arange(n_pages, n_pages + sinks), torch.arange(n_pages),
-                               torch.arange(n_pages + sinks, k.shape[1])]).to(k.device)
-            k, v = k.index_select(1, order), v.index_select(1, order)
+        order = packed_positions(view, 0).argsort(stable=True).to(k.device)
+        k, v = k.index_select(1, order), v.index_select(1, order)
         if self.cfg.pre_rope:
-            cos, sin = self.rope(torch.arange(k.shape[1], device=k.device))
+            cos, sin = self.rope(self.positions(seq).to(k.device))
             k = apply_rope(k, cos, sin)
         return k, v
+
+    def positions(self, seq: int) -> torch.Tensor:
+        """Token positions, int64 ``(L_held,)`` ascending, of the rows :meth:`keys_values` gives."""
+        return packed_positions(self.view([seq]), 0).sort().values
 
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor allocated: page pools (free pages included) and buffers."""
@@ -355,8 +391,9 @@ class QuantizedKVLayer(SequenceSlots):
         return sum(t.numel() * t.element_size() for t in self.tensors())
 
     def bytes_for(self, tokens: int) -> int:
-        """The most bytes one sequence of ``tokens`` tokens occupies at rest between decode
-        steps (full chunks as pages; the sinks and up to one chunk of INT8 rows in the buffer), from the
+        """The most bytes one sequence occupies at rest between decode steps while it grows to
+        ``tokens`` tokens (full chunks as pages; the sinks and up to one chunk of INT8 rows in
+        the buffer; a sliding-window layer only the pages its window still reaches), from the
         tensors' shapes and element sizes — what admission by a KV budget reserves."""
         if tokens <= 0:
             return 0
@@ -365,8 +402,20 @@ class QuantizedKVLayer(SequenceSlots):
             for b, h in self.groups.items()]
         page = sum(p.page_nbytes() for p in pools)
         row = 2 * self.num_heads * (self.head_dim * torch.int8.itemsize + torch.float32.itemsize)
-        pages = max(0, tokens - self.cfg.sinks - 1) // self.cfg.chunk
-        return pages * page + (tokens - pages * self.cfg.chunk) * row
+        c, sinks = self.cfg.chunk, self.cfg.sinks
+
+        def at_rest(n: int) -> int:  # after a decode step that made the sequence n tokens long
+            pages = max(0, n - sinks - 1) // c
+            # released before the last append (length n - 1): pages ending before n - window
+            gone = 0 if self.window is None else min(pages, max(0, n - self.window - sinks) // c)
+            return (pages - gone) * page + (n - pages * c) * row
+
+        if self.window is None:
+            return at_rest(tokens)  # grows with n
+        # held bytes rise until the window binds, then repeat with period c: the last two
+        # periods and the peak before the first release cover every n <= tokens
+        edge = min(tokens, self.window + sinks + c - 1)
+        return max(at_rest(n) for n in (edge, *range(max(1, tokens - 2 * c), tokens + 1)))
 
     def nbytes(self) -> int:
         """Bytes the open sequences occupy: their pages (codes, scales, offsets, first-level

@@ -10,9 +10,17 @@ at one width, ``P`` = pages in the pool, ``c`` = tokens per page, i.e. the chunk
 * V codes ``v_packed`` uint8 ``(P, n, D, c·bits/8)``; ``v_scale`` / ``v_low``
   ``(P, n, D/v_group, c)`` (V is grouped per token along channels);
 * first-level INT8 scales ``k_first`` / ``v_first`` float32 ``(P, n)``;
-* per sequence ``b``: its pages in token order ``page_table[b, :n_chunks[b]]``, then
+* per sequence ``b``: the pages it holds in token order ``page_table[b, :n_chunks[b]]``, then
   ``buffer_len[b]`` INT8 rows of the recent-token buffer ``(B, H_kv, rows, D)`` with a float
   scale per token and head.
+
+Token positions (:func:`positions`): the buffer's first ``sinks`` rows are the sequence's first
+tokens; the pages follow them, after the ``chunk_base[b]`` chunks a sliding-window layer has
+released; the buffer's other rows are the newest tokens. So held page ``i`` covers positions
+``sinks + (chunk_base + i)·c + t`` and buffer row ``r`` sits at ``r`` when ``r < sinks``, else
+at ``(chunk_base + n_chunks)·c + r``; positions rise along the pages and along the buffer.
+``window`` (``None``: full attention) is the layer's sliding window as transformers defines it:
+the query at position ``p`` sees keys ``p - window < j <= p``.
 
 INT8 of a code: ``q8 = clamp(code·scale + low, ±127)``; float: ``q8 · first``. Heads at 8 bits
 hold the INT8 codes unpacked and no second level (``k_scale`` … are ``None``).
@@ -58,6 +66,9 @@ class PackedKV:
     num_heads: int
     head_dim: int
     chunk: int
+    chunk_base: torch.Tensor  # int32 (B,): chunks released before the held pages (windowed layers)
+    sinks: int = 0  # buffer rows at the front that are the first tokens
+    window: int | None = None  # sliding window (keys a query sees, itself included)
 
     @property
     def batch(self) -> int:
@@ -65,7 +76,8 @@ class PackedKV:
 
     @property
     def seq_lens(self) -> list[int]:
-        return (self.n_chunks.long() * self.chunk + self.buffer_len.long()).tolist()
+        total = self.chunk_base.long() + self.n_chunks.long()
+        return (total * self.chunk + self.buffer_len.long()).tolist()
 
 
 def check_query(q: torch.Tensor, view: PackedKV, math_cfg) -> None:
@@ -85,6 +97,25 @@ def check_query(q: torch.Tensor, view: PackedKV, math_cfg) -> None:
                          f"append the new tokens (compress=False) before attending")
     if math_cfg.sparse_ratio is not None or math_cfg.pv_int8:
         raise ValueError("fast decode implements SAS and INT8 Q·Kᵀ only (no top-k, no INT8 P·V)")
+
+
+def positions(view: PackedKV, b: int) -> torch.Tensor:
+    """Token positions, int64 ``(L,)``, of the rows :func:`int8_rows` / :func:`float_rows` give
+    for sequence ``b``: held pages first, then the buffer (module docstring)."""
+    c, base, n = view.chunk, int(view.chunk_base[b]), int(view.n_chunks[b])
+    device = view.buffer_k.values.device
+    rows = torch.arange(int(view.buffer_len[b]), device=device)
+    buffered = torch.where(rows < view.sinks, rows, rows + (base + n) * c)
+    return torch.cat([torch.arange(n * c, device=device) + view.sinks + base * c, buffered])
+
+
+def visible(keys: torch.Tensor, queries: torch.Tensor, window: int | None) -> torch.Tensor:
+    """bool ``(L_q, L_k)``: query position ``queries[i]`` sees key position ``keys[j]`` — causal,
+    and within ``window`` when there is one (transformers' sliding-window mask)."""
+    ok = keys[None, :] <= queries[:, None]
+    if window is not None:
+        ok &= keys[None, :] > queries[:, None] - window
+    return ok
 
 
 def _pages(view: PackedKV, b: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:

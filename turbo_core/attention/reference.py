@@ -7,7 +7,8 @@ running max differs from it only by the rounding of its rescales.
 
 Shapes: ``q (B, H_q, L_q, D)``, ``k (B, H_kv, L_k, D)``, ``v (B, H_kv, L_k, D_v)`` with
 ``H_q % H_kv == 0`` (GQA: query head ``h`` reads KV head ``h // (H_q / H_kv)``).
-Causal masking is aligned bottom-right: query ``i`` sees keys ``j <= i + L_k - L_q``.
+Causal masking is aligned bottom-right: query ``i`` sees keys ``j <= i + L_k - L_q``; a sliding
+``window`` (transformers' ``sliding_window``) also drops keys ``j <= i + L_k - L_q - window``.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 
 from turbo_core.attention import sas as sas_mod
 from turbo_core.attention.config import EXACT, AttentionMath
-from turbo_core.attention.packed import PackedKV, int8_rows
+from turbo_core.attention.packed import PackedKV, int8_rows, positions, visible
 from turbo_core.attention.quant import Int8Rows, quantize_int8_blockwise
 
 # int8 x int8 products summed over D stay integers below 2^24 (exact in float32) while
@@ -60,6 +61,7 @@ class AttentionOptions(TypedDict, total=False):
     causal: bool
     scale: float | None
     mask: torch.Tensor | None
+    window: int | None
     dropout_p: float
     need_probs: bool
 
@@ -90,13 +92,14 @@ def check_shapes(q: torch.Tensor, k: KV, v: KV) -> None:
 
 
 def _valid_mask(
-    lq: int, lk: int, causal: bool, device: torch.device
+    lq: int, lk: int, causal: bool, device: torch.device, window: int | None = None
 ) -> torch.Tensor | None:
+    if window is not None and not causal:
+        raise ValueError("a sliding window is defined for causal attention only (causal=True)")
     if not causal:
         return None
-    i = torch.arange(lq, device=device).unsqueeze(-1)
-    j = torch.arange(lk, device=device).unsqueeze(0)
-    return j <= i + (lk - lq)  # (L_q, L_k)
+    keys = torch.arange(lk, device=device)
+    return visible(keys, keys[lk - lq:], window)  # (L_q, L_k)
 
 
 def _scores(q: torch.Tensor, k: KV, math_cfg: AttentionMath, work: torch.dtype) -> torch.Tensor:
@@ -133,6 +136,7 @@ def attention_details(
     causal: bool = False,
     scale: float | None = None,
     mask: torch.Tensor | None = None,
+    window: int | None = None,
     dropout_p: float = 0.0,
     need_probs: bool = False,
 ) -> AttentionResult:
@@ -144,6 +148,7 @@ def attention_details(
         scale: softmax scale, default ``1 / sqrt(D)``.
         mask: bool (True = may attend) or float additive bias, broadcastable to
             ``(B, H_q, L_q, L_k)``; ``-inf`` in a float mask also removes the key.
+        window: sliding window with ``causal`` (query ``i`` sees ``window`` keys up to its own).
         dropout_p: dropout on the normalised weights (training only; callers pass 0 in eval).
         need_probs: also return the normalised weights.
     """
@@ -158,7 +163,7 @@ def attention_details(
     s = _scores(q, k, math_cfg, work) * scale  # (B, H_kv, g, L_q, L_k)
     s = s.reshape(b, hq, lq, lk)
     valid = torch.ones(1, 1, lq, lk, dtype=torch.bool, device=q.device)
-    causal_mask = _valid_mask(lq, lk, causal, q.device)
+    causal_mask = _valid_mask(lq, lk, causal, q.device, window)
     if causal_mask is not None:
         valid = valid & causal_mask
     if mask is not None:
@@ -223,17 +228,22 @@ def decode_attention_reference(
     *,
     math_cfg: AttentionMath = EXACT,
     scale: float | None = None,
+    mask: torch.Tensor | None = None,
 ) -> AttentionResult:
     """Attention of the newest tokens over a quantized cache layer (packed pages + INT8 buffer),
     read through its tensor-only view; sequences may have different lengths.
 
     The new tokens must already be appended to the cache. K and V come out of the integer-only
     partial decompression as INT8 rows; with ``math_cfg.qk_int8`` they feed the INT8 Q·Kᵀ
-    directly, otherwise they are dequantized to float first.
+    directly, otherwise they are dequantized to float first. Each key is masked by its token
+    position (``packed.positions``): causal, and inside the view's sliding window.
 
     Args:
         q: ``(B, H_q, L_q, D)`` queries of the newest ``L_q`` tokens of each of the view's
             ``B`` sequences; causal among themselves, bottom-right aligned with the cache.
+        mask: optional, in token order: bool (True = attend) or additive float, broadcastable
+            to ``(B, H_q, L_q, S)`` with ``S`` >= every sequence's length (e.g. padding from
+            transformers); applied on top of causality and the window.
     """
     if q.dim() != 4:
         raise ValueError(f"query must have rank 4 (B, H, L, D), got shape {tuple(q.shape)}")
@@ -242,10 +252,31 @@ def decode_attention_reference(
     if q.shape[2] > min(cache.seq_lens):
         raise ValueError(f"{q.shape[2]} queries but a sequence holds only {min(cache.seq_lens)} tokens")
     parts = []
+    lq = q.shape[2]
     for b in range(cache.batch):
         k, v = int8_rows(cache, b)
         k, v = (Int8Rows(r.values.unsqueeze(0), r.scale.unsqueeze(0)) for r in (k, v))
-        parts.append(attention_details(q[b:b + 1], k, v, math_cfg=math_cfg, causal=True, scale=scale))
+        pos = positions(cache, b)
+        valid = visible(pos, pos.max() - lq + 1 + torch.arange(lq, device=pos.device),
+                        cache.window)[None, None]  # (1, 1, L_q, L)
+        parts.append(attention_details(q[b:b + 1], k, v, math_cfg=math_cfg, scale=scale,
+                                       mask=_with_mask(valid, mask, b, pos)))
     return AttentionResult(out=torch.cat([r.out for r in parts]), probs=None,
                            sas_dropped=sum(r.sas_dropped for r in parts),
                            candidates=sum(r.candidates for r in parts))
+
+
+def _with_mask(valid: torch.Tensor, mask: torch.Tensor | None, b: int,
+               pos: torch.Tensor) -> torch.Tensor:
+    """``valid`` bool ``(1, 1, L_q, L)`` combined with row ``b`` of a token-order ``mask``
+    (bool or additive float, last axis indexed by position), its columns taken at ``pos``."""
+    if mask is None:
+        return valid
+    if mask.shape[-1] <= int(pos.max()):
+        raise ValueError(f"attention mask covers {mask.shape[-1]} keys but the sequence holds "
+                         f"position {int(pos.max())}")
+    cols = mask[b: b + 1] if mask.shape[0] > 1 else mask
+    cols = cols.index_select(-1, pos.to(mask.device))
+    if cols.dtype == torch.bool:
+        return valid & cols
+    return cols.masked_fill(~valid, -math.inf)

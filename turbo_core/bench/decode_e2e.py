@@ -73,7 +73,7 @@ def _fill(name: str, lm, prefill) -> object:
         cache = QuantizedCache(backend="quanto", config=lm.model.config, nbits=4,
                                residual_length=64, q_group_size=64)
     else:
-        cache = TurboCache(lm.shape, 4, get_variant("turbo-int4").kv)
+        cache = TurboCache.for_model(lm.model, lm.shape, 4, get_variant("turbo-int4").kv)
     for i, layer in enumerate(prefill.layers):
         k, v = layer.keys.clone(), layer.values.clone()
         if isinstance(cache, TurboCache):

@@ -244,7 +244,8 @@ def run(*, quick: bool, model: str = "smollm2", plan: str | None = None,
         results.append(run_contender(c, texts, max_tokens, log_dir))
     scenarios.append(base | {"results": results})
     if not quick:
-        float_seq = TurboCache(lm.shape, None, dtype=torch.float32).bytes_for(sat_prompt + sat_new)
+        float_seq = TurboCache.for_model(lm.model, lm.shape, None,
+                                         dtype=torch.float32).bytes_for(sat_prompt + sat_new)
         budget = 8 * float_seq
         extra = ["--kv-budget", str(budget), "--max-batch", str(5 * clients),
                  "--max-queue", str(5 * clients)]

@@ -6,6 +6,11 @@
   GQA keys arrive un-repeated and are handled by the reference/kernels directly.
 * K/V that come from :class:`~turbo_core.hf.cache.TurboCache` carry their INT8 rows and the
   packed store they came from, which the decode kernel reads.
+* Sliding windows: a cache layer knows its window (``features.layer_windows``) and every reader
+  applies it per sequence; transformers' causal or sliding-window mask is recognised and
+  dropped, any other mask (padding) is applied by token position. A layer whose own
+  ``sliding_window`` differs from its cache layer's is refused, and so is anything
+  ``features.check_supported`` names (soft-capping, ALiBi, non-causal attention...).
 
 The per-module math is set by :func:`enable` as ``module.turbo_math`` on each attention module.
 """
@@ -20,7 +25,9 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from turbo_core.attention.config import EXACT, AttentionMath
 from turbo_core.attention.functional import turbo_attention
+from turbo_core.attention.packed import visible
 from turbo_core.hf.cache import LAYER_ATTR
+from turbo_core.hf.features import check_supported
 
 ATTN_NAME = "turbo"
 
@@ -36,33 +43,50 @@ def turbo_attention_forward(
     **kwargs: object,
 ) -> tuple[torch.Tensor, None]:
     """transformers attention function. ``query (B, H_q, L, D)``, ``key/value (B, H_kv, S, D)``,
-    ``attention_mask`` bool ``(B, 1, L, S)`` (True = attend); returns ``(B, L, H_q, D)``."""
+    ``attention_mask`` bool ``(B, 1, L, S)`` (True = attend); returns ``(B, L, H_q, D)``.
+    ``kwargs`` may carry the layer's ``sliding_window`` (what transformers' own attention
+    functions apply) and ``softcap``, which is refused."""
     math_cfg: AttentionMath = getattr(module, "turbo_math", EXACT)
+    if kwargs.get("softcap") is not None:
+        raise ValueError(f"attention logit soft-capping (softcap={kwargs['softcap']}) is not "
+                         f"implemented by TurboAttention")
     layer = getattr(key, LAYER_ATTR, None)  # a TurboCache handle: the history is in its store
     store = layer.store if layer is not None else None
+    window = kwargs.get("sliding_window")
     if layer is not None:
         layer.attended = True
+        if "sliding_window" in kwargs and window != store.window:
+            raise ValueError(f"layer {getattr(module, 'layer_idx', '?')} attends over a sliding "
+                             f"window of {window} but its TurboCache layer was built with "
+                             f"{store.window}; build the cache with TurboCache.for_model(model, ...)")
+        window = store.window
     seqs = layer.seqs if layer is not None else None
     lk = max(store.seq_lens(seqs)) if store is not None else key.shape[2]
-    causal = attention_mask is None and getattr(module, "is_causal", True) and query.shape[2] > 1
+    lq = query.shape[2]
+    causal = attention_mask is None and getattr(module, "is_causal", True) and lq > 1
     if attention_mask is not None and attention_mask.dtype != torch.bool:
         attention_mask = attention_mask.to(query.dtype)  # additive float mask
-    elif attention_mask is not None and _is_plain_causal(attention_mask, query.shape[2], lk):
+    elif attention_mask is not None and _is_plain_causal(attention_mask, lq, lk, window):
         attention_mask, causal = None, True  # no padding: lets the fused kernels take the call
     if store is not None and attention_mask is not None and attention_mask.shape[-1] != lk:
         raise ValueError(f"attention mask covers {attention_mask.shape[-1]} keys but the TurboCache "
                          f"layer holds {lk}")
+    # without a cache the window is an option of the call (the mask, if any, already has it)
+    window = window if store is None and attention_mask is None and causal else None
     res = turbo_attention(query, key, value, math_cfg=math_cfg, causal=causal, scale=scaling,
-                          mask=attention_mask, dropout_p=dropout, kv_store=store, kv_seqs=seqs)
+                          mask=attention_mask, window=window, dropout_p=dropout, kv_store=store,
+                          kv_seqs=seqs)
     _record_sparsity(module, res.sas_dropped, res.candidates)
     return res.out.transpose(1, 2).contiguous(), None
 
 
-def _is_plain_causal(mask: torch.Tensor, lq: int, lk: int) -> bool:
-    """True when a bool ``(B, 1, L_q, L_k)`` mask is exactly bottom-right causal (no padding)."""
-    i = torch.arange(lq, device=mask.device).unsqueeze(-1)
-    j = torch.arange(lk, device=mask.device).unsqueeze(0)
-    return bool(torch.equal(mask, (j <= i + (lk - lq)).expand_as(mask)))
+def _is_plain_causal(mask: torch.Tensor, lq: int, lk: int, window: int | None) -> bool:
+    """True when a bool ``(B, 1, L_q, L_k)`` mask is exactly bottom-right causal, within
+    ``window`` when there is one (no padding): what the readers apply by themselves."""
+    if mask.shape[-1] != lk:
+        return False
+    keys = torch.arange(lk, device=mask.device)
+    return bool(torch.equal(mask, visible(keys, keys[lk - lq:], window).expand_as(mask)))
 
 
 def _record_sparsity(module: torch.nn.Module, dropped: int, candidates: int) -> None:
@@ -90,7 +114,10 @@ def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 def enable(model: torch.nn.Module, math_cfg: AttentionMath) -> torch.nn.Module:
-    """Switch ``model`` to TurboAttention with ``math_cfg`` (in place; returns the model)."""
+    """Switch ``model`` to TurboAttention with ``math_cfg`` (in place; returns the model).
+    Refuses, by name, a model whose attention uses a feature TurboAttention does not implement
+    (``features.check_supported``)."""
+    check_supported(model)
     register()
     for m in attention_modules(model):
         m.turbo_math = math_cfg

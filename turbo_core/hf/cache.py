@@ -8,6 +8,7 @@ any transformers (quantized) cache — from the tensors held.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 
 import torch
@@ -17,6 +18,7 @@ from turbo_core.attention.config import KVQuantConfig
 from turbo_core.attention.floatcache import FloatKVLayer
 from turbo_core.attention.kvcache import QuantizedKVLayer, Rope
 from turbo_core.attention.plan import BitPlan, ModelShape
+from turbo_core.hf.features import layer_windows
 
 LAYER_ATTR = "turbo_cache_layer"  # attribute on the K/V handles TurboCache returns
 
@@ -37,11 +39,11 @@ class TurboCacheLayer(CacheLayerMixin):
 
     is_compileable = False
     is_croppable = False
-    is_sliding = False
 
     def __init__(self, store: QuantizedKVLayer | FloatKVLayer):
         super().__init__()
         self.store = store
+        self.is_sliding = store.window is not None  # the store applies it; masks stay full length
         self.seqs: list[int] | None = None  # the sequences the next update writes (None: all)
         self.attended = True  # set False by update, True again when the turbo attention reads
 
@@ -100,17 +102,25 @@ class TurboCache(Cache):
 
     Sequences: a plain batch opens one per row on first use. A server opens them itself
     (:meth:`add_sequence`), points each forward at the ones it carries (:meth:`select`), and
-    :meth:`release` frees a finished one's storage for the next. ``rope`` (:func:`model_rope`)
-    is what a cache storing K before RoPE (``cfg.pre_rope``) needs.
+    :meth:`release` frees a finished one's storage for the next. ``rope`` (:func:`model_rope`;
+    one, or one per layer) is what a cache storing K before RoPE (``cfg.pre_rope``) needs.
+    ``windows`` gives each layer's sliding window (``None``: full attention); build the cache
+    with :meth:`for_model` so both come from the model itself.
     """
 
     def __init__(self, shape: ModelShape, bits: BitPlan | int | None,
                  cfg: KVQuantConfig | None = None, dtype: torch.dtype = torch.float32,
-                 rope: Rope | None = None):
+                 rope: Rope | Sequence[Rope | None] | None = None,
+                 windows: Sequence[int | None] | None = None):
         cfg = cfg or KVQuantConfig()
+        windows = tuple(windows) if windows is not None else (None,) * shape.num_layers
+        ropes = tuple(rope) if isinstance(rope, Sequence) else (rope,) * shape.num_layers
+        if len(windows) != shape.num_layers or len(ropes) != shape.num_layers:
+            raise ValueError(f"TurboCache for {shape.num_layers} layers got {len(windows)} "
+                             f"windows and {len(ropes)} RoPE functions")
         if bits is None:
-            stores = [FloatKVLayer(shape.num_kv_heads, shape.head_dim, dtype)
-                      for _ in range(shape.num_layers)]
+            stores = [FloatKVLayer(shape.num_kv_heads, shape.head_dim, dtype, window=w)
+                      for w in windows]
         else:
             if isinstance(bits, BitPlan):
                 bits.check_compatible(shape)
@@ -118,10 +128,21 @@ class TurboCache(Cache):
                 grid = bits.bits_grid()
             else:
                 grid = [[bits] * shape.num_kv_heads for _ in range(shape.num_layers)]
-            stores = [QuantizedKVLayer(row, shape.head_dim, cfg, rope) for row in grid]
+            stores = [QuantizedKVLayer(row, shape.head_dim, cfg, r, window=w)
+                      for row, r, w in zip(grid, ropes, windows, strict=True)]
         super().__init__(layers=[TurboCacheLayer(s) for s in stores])
         self.shape = shape
         self.quantized = bits is not None
+        self.windows = windows
+
+    @classmethod
+    def for_model(cls, model: torch.nn.Module, shape: ModelShape, bits: BitPlan | int | None,
+                  cfg: KVQuantConfig | None = None, dtype: torch.dtype = torch.float32) -> TurboCache:
+        """A cache for ``model``: its layers' sliding windows and RoPE come from the model."""
+        types = getattr(_text_config(model), "layer_types", None)
+        ropes = [model_rope(model, t) for t in types] if types and _rope_per_layer_type(model) \
+            else model_rope(model)
+        return cls(shape, bits, cfg, dtype=dtype, rope=ropes, windows=layer_windows(model.config))
 
     def add_sequence(self) -> int:
         slots = {layer.store.add_sequence() for layer in self.layers}
@@ -166,18 +187,35 @@ class TurboCache(Cache):
             layer.flush(seqs)
 
 
-def model_rope(model: torch.nn.Module) -> Rope | None:
+def _text_config(model: torch.nn.Module) -> object:
+    return getattr(model.config, "get_text_config", lambda: model.config)()
+
+
+def _rotary(model: torch.nn.Module) -> torch.nn.Module | None:
+    return getattr(getattr(model, "model", model), "rotary_emb", None)
+
+
+def _rope_per_layer_type(model: torch.nn.Module) -> bool:
+    """True when the model's rotary module takes a ``layer_type`` (Gemma 3: local layers use
+    another base frequency than global ones)."""
+    rotary = _rotary(model)
+    return rotary is not None and "layer_type" in inspect.signature(rotary.forward).parameters
+
+
+def model_rope(model: torch.nn.Module, layer_type: str | None = None) -> Rope | None:
     """The model's RoPE by position, ``positions (L,) -> (cos, sin)`` float32 ``(L, D)``, from
-    its ``rotary_emb`` module (what ``KVQuantConfig.pre_rope`` re-applies after decompression);
-    ``None`` for a model without one (a pre_rope cache then refuses to be built)."""
-    rotary = getattr(getattr(model, "model", model), "rotary_emb", None)
+    its ``rotary_emb`` module (what ``KVQuantConfig.pre_rope`` re-applies after decompression),
+    for the layers of ``layer_type`` when the model's RoPE depends on it; ``None`` for a model
+    without one (a pre_rope cache then refuses to be built)."""
+    rotary = _rotary(model)
     if rotary is None:
         return None
+    extra = (layer_type,) if layer_type is not None and _rope_per_layer_type(model) else ()
 
     def rope(positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         probe = torch.empty(1, dtype=torch.float32, device=positions.device)
         with torch.no_grad():
-            cos, sin = rotary(probe, positions[None].long())
+            cos, sin = rotary(probe, positions[None].long(), *extra)
         return cos[0].float(), sin[0].float()
 
     return rope

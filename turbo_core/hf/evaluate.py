@@ -23,10 +23,11 @@ from turbo_core.attention.plan import BitPlan
 from turbo_core.attention.variants import Variant, get_variant
 from turbo_core.hf import speed
 from turbo_core.hf.attention import ATTN_NAME, enable, sas_zero_fraction
-from turbo_core.hf.cache import TurboCache, cache_bytes, model_rope
+from turbo_core.hf.cache import TurboCache, cache_bytes
 from turbo_core.hf.calibrate import token_ids
 from turbo_core.hf.contenders import EngineContender, HFCacheContender
 from turbo_core.hf.data import TextSplit
+from turbo_core.hf.features import layer_windows
 from turbo_core.hf.models import LoadedModel
 from turbo_core.hf.retrieval import RetrievalSettings
 from turbo_core.hf.speed import SpeedSettings
@@ -85,8 +86,11 @@ def eval_windows(ids: torch.Tensor, settings: EvalSettings) -> list[torch.Tensor
 
 
 def _float_cache_bytes(lm: LoadedModel, tokens: int) -> int:
+    """FP16 K/V bytes of ``tokens`` tokens as transformers' own cache holds them: a sliding
+    layer keeps its newest ``window - 1`` (``DynamicSlidingWindowLayer``)."""
     s = lm.shape
-    return 2 * s.num_layers * s.num_kv_heads * s.head_dim * FP16_BYTES * tokens
+    held = sum(tokens if w is None else min(tokens, w - 1) for w in layer_windows(lm.model.config))
+    return 2 * s.num_kv_heads * s.head_dim * FP16_BYTES * held
 
 
 @torch.no_grad()
@@ -244,7 +248,7 @@ def evaluate(
         plan.check_compatible(lm.shape)
     if variant.quantized_cache:
         bits = plan if plan is not None else variant.kv_bits
-        new_cache = partial(TurboCache, lm.shape, bits, variant.kv, rope=model_rope(lm.model))
+        new_cache = partial(TurboCache.for_model, lm.model, lm.shape, bits, variant.kv)
     else:
         new_cache = None
     enable(lm.model, variant.math)

@@ -9,7 +9,7 @@ import torch
 from turbo_core.attention.plan import BitPlan
 from turbo_core.attention.variants import Variant
 from turbo_core.hf.attention import enable
-from turbo_core.hf.cache import TurboCache, model_rope
+from turbo_core.hf.cache import TurboCache
 from turbo_core.hf.models import LoadedModel
 
 
@@ -37,8 +37,8 @@ class CacheRunner:
     def new_cache(self) -> TurboCache:
         bits = (self.plan if self.plan is not None else self.variant.kv_bits) \
             if self.variant.quantized_cache else None
-        return TurboCache(self.lm.shape, bits, self.variant.kv, dtype=self.dtype,
-                          rope=model_rope(self.lm.model))
+        return TurboCache.for_model(self.lm.model, self.lm.shape, bits, self.variant.kv,
+                                    dtype=self.dtype)
 
     @torch.no_grad()
     def forward(self, cache: TurboCache, seqs: list[int], ids: list[list[int]],

@@ -45,11 +45,11 @@ class TurboAttentionModel(mlflow.pyfunc.PythonModel):
         self.max_new_tokens = int(cfg.get("max_new_tokens", 32))
 
     def new_cache(self):
-        from turbo_core.hf.cache import TurboCache, model_rope
+        from turbo_core.hf.cache import TurboCache
 
         if not self.variant.quantized_cache:
             return None
-        return TurboCache(self.lm.shape, self.plan, self.variant.kv, rope=model_rope(self.lm.model))
+        return TurboCache.for_model(self.lm.model, self.lm.shape, self.plan, self.variant.kv)
 
     def predict(self, context, model_input, params=None) -> list[str]:
         import torch
