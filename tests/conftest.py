@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():  # Triton kernels run in its interpreter on CPU tensors
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from turbo_core.http import free_port, wait_ok
 
@@ -41,9 +45,13 @@ def make_tiny(path, family: str = "llama", seed: int = 0):
         "mistral": (tf.MistralConfig, tf.MistralForCausalLM),
         "phi3": (tf.Phi3Config, tf.Phi3ForCausalLM),
         "gemma": (tf.GemmaConfig, tf.GemmaForCausalLM),
+        "gemma3": (tf.Gemma3TextConfig, tf.Gemma3ForCausalLM),
     }
     cfg_cls, model_cls = classes[family]
     extra = {"head_dim": 64} if family == "gemma" else {}
+    if family == "gemma3":  # Gemma-3 style: a 32-token sliding window on the first layer only
+        extra = {"head_dim": 64, "query_pre_attn_scalar": 64, "sliding_window": 32,
+                 "layer_types": ["sliding_attention", "full_attention"]}
     torch.manual_seed(seed)
     model = model_cls(cfg_cls(**common, **extra)).eval()
     model.save_pretrained(path)

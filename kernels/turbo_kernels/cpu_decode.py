@@ -6,11 +6,10 @@ level is applied (``q8 = clamp(code·S + lo, ±127)``), the scores of every quer
 GQA group (times the ``L_q`` new tokens) against the page's ``c`` keys are one blocked loop,
 then the online softmax (SAS exponent or ``exp``) and P·V against the page's V tile. The INT8
 buffer is read row-major in place, with the causal mask among the new tokens. A sliding window
-(``PackedKV.window``) masks keys by token position: per row, a tile's keys before its window's
-first position are skipped (positions rise along a page and along the buffer, so the visible
-keys of a tile are one range ``[lo, hi)``). Nothing the size
-of the history is ever written; per program the locals are two ``(D, c)`` tiles, the scores
-``(R, c)`` and the accumulators ``(R, D)``. Splits are merged exactly (``_merge``).
+(``PackedKV.window``) masks keys by position: positions rise along a page and along the buffer,
+so the keys a row sees in a tile are one range ``[lo, hi)``. Nothing the size of the history is
+ever written; per program the locals are two ``(D, c)`` tiles, the scores ``(R, c)`` and the
+accumulators ``(R, D)``. Splits are merged exactly (``_merge``).
 
 Why numba: it compiles these loops to vectorized machine code at first use (cached on disk),
 ships as a wheel (no compiler in the serving image, unlike a C++ extension), and runs the
@@ -361,11 +360,8 @@ def decode_attention_cpu(q: torch.Tensor, cache: PackedKV, *, math_cfg: Attentio
     if numba.get_num_threads() != threads:
         numba.set_num_threads(threads)
     table, n_chunks, buffer_len = _np(cache.page_table), _np(cache.n_chunks), _np(cache.buffer_len)
-    base = cache.chunk_base.long()
-    first_pos = (cache.sinks + base * cache.chunk).numpy()
-    tail_shift = ((base + cache.n_chunks.long()) * cache.chunk).numpy()
-    qpos0 = np.array(cache.seq_lens, np.int64) - lq
-    window = cache.window or 0
+    first_pos, tail_shift = (t.numpy() for t in cache.offsets())
+    qpos0, window = np.array(cache.seq_lens, np.int64) - lq, cache.window or 0
     most = int(n_chunks.max())
     if splits is None:  # fixed pages per split: a sequence's sums do not depend on its batch
         step = PAGES_PER_SPLIT

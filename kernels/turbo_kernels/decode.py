@@ -243,9 +243,7 @@ def decode_attention(
         q3 = q.float().reshape(b, hq * lq, d)
         qs = torch.ones(b, hq * lq, dtype=torch.float32, device=q.device)
     n_splits = max(1, math.ceil(int(cache.n_chunks.max()) / chunks_per_split))
-    base = cache.chunk_base.long()
-    first_pos = cache.sinks + base * cache.chunk  # (B,) position of held page 0's first key
-    tail_shift = (base + cache.n_chunks.long()) * cache.chunk
+    first_pos, tail_shift = cache.offsets()  # (B,) positions of page 0's key 0; of buffer rows
     qpos0 = torch.tensor(cache.seq_lens, device=q.device) - lq  # (B,) position of new token 0
     window = cache.window or 0
     slots = n_splits + 1  # the last slot is the buffer's

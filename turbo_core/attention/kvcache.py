@@ -30,14 +30,8 @@ import torch
 from turbo_core.attention.config import KVQuantConfig, check_bits, check_window
 from turbo_core.attention.packed import PackedKV, float_rows, int8_rows
 from turbo_core.attention.packed import positions as packed_positions
-from turbo_core.attention.pool import PagePool
-from turbo_core.attention.quant import (
-    Int8Rows,
-    pack,
-    quantize_int8_blockwise,
-    quantize_int8_channels,
-    quantize_lowbit,
-)
+from turbo_core.attention.pool import PagePool, compress_pages
+from turbo_core.attention.quant import Int8Rows, quantize_int8_blockwise
 from turbo_core.attention.rotation import apply_rope, rotate, undo_rope, unrotate
 from turbo_core.attention.slots import SequenceSlots
 
@@ -226,7 +220,7 @@ class QuantizedKVLayer(SequenceSlots):
                 parts[name].append(x.reshape(self.num_heads, n_full, c, -1).transpose(0, 1))
         pages = self._take_pages(sum(n for _, n in todo))
         k, v = torch.cat(parts["k"]), torch.cat(parts["v"])  # (N, H, c, D)
-        for bits, sides in self._compress(k, v).items():
+        for bits, sides in compress_pages(k, v, self._pools, self.cfg).items():
             self._pools[bits].write(pages, sides)
         at = 0
         for s, n_full in todo:
@@ -240,33 +234,6 @@ class QuantizedKVLayer(SequenceSlots):
                 t[s, :, keep: keep + rest] = t[s, :, keep + n_full * c: keep + n_full * c + rest].clone()
             self._buf_len[s] = keep + rest
         self._shrink_rows()
-
-    def _compress(self, k: torch.Tensor, v: torch.Tensor) -> dict[int, dict[str, torch.Tensor]]:
-        """``k, v`` float ``(N, H, c, D)`` -> per bit width, the page tensors of N pages."""
-        c = self.cfg.chunk
-        if self.cfg.k_channel_scale:  # one scale per (chunk, head, channel)
-            k8 = Int8Rows(*quantize_int8_channels(k, qmax=self.cfg.protect))
-        else:
-            k8 = quantize_int8_blockwise(k, block_size=c, qmax=self.cfg.protect)
-        v8 = quantize_int8_blockwise(v, block_size=c, qmax=self.cfg.protect)
-        out = {}
-        for bits, pool in self._pools.items():
-            idx = pool.heads
-            sides = {}
-            for name, q8, dim, group in (("k", k8, -1, pool.k_group), ("v", v8, -2, pool.v_group)):
-                # (N, n, c, D) -> (N, n, D, c): channels-major so packing runs along tokens
-                codes = q8.values.index_select(1, idx).transpose(-1, -2)
-                first = q8.scale.index_select(1, idx)  # (N, n, c) per row, (N, n, D) per channel
-                sides[f"{name}_first"] = (first if name == "k" and self.cfg.k_channel_scale
-                                          else first[..., 0]).contiguous()
-                if bits == 8:
-                    sides[f"{name}_packed"] = codes.contiguous().view(torch.uint8)
-                    continue
-                lb = quantize_lowbit(codes, bits, dim=dim, group=group)
-                sides |= {f"{name}_packed": pack(lb.codes, bits), f"{name}_scale": lb.scale,
-                          f"{name}_low": lb.low}
-            out[bits] = sides
-        return out
 
     # -- storage growth ----------------------------------------------------------------------
     def _ensure_storage(self, device: torch.device) -> None:

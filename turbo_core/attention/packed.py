@@ -79,6 +79,12 @@ class PackedKV:
         total = self.chunk_base.long() + self.n_chunks.long()
         return (total * self.chunk + self.buffer_len.long()).tolist()
 
+    def offsets(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """int64 ``(B,)`` each: the position of held page 0's first key, and what a buffer row
+        past the sinks adds to its row index to give its position (module docstring)."""
+        base = self.chunk_base.long()
+        return self.sinks + base * self.chunk, (base + self.n_chunks.long()) * self.chunk
+
 
 def check_query(q: torch.Tensor, view: PackedKV, math_cfg) -> None:
     """Refuse, naming the problem, queries a fast decode path over ``view`` cannot serve:

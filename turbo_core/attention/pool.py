@@ -10,6 +10,13 @@ import torch
 
 from turbo_core.attention.config import KVQuantConfig
 from turbo_core.attention.packed import PackedHeads
+from turbo_core.attention.quant import (
+    Int8Rows,
+    pack,
+    quantize_int8_blockwise,
+    quantize_int8_channels,
+    quantize_lowbit,
+)
 
 
 class PagePool:
@@ -54,3 +61,33 @@ class PagePool:
                            v_group=self.v_group, **{
             name: self.t.get(name) for name in ("k_packed", "k_scale", "k_low", "k_first",
                                                 "v_packed", "v_scale", "v_low", "v_first")})
+
+
+def compress_pages(k: torch.Tensor, v: torch.Tensor, pools: dict[int, PagePool],
+                   cfg: KVQuantConfig) -> dict[int, dict[str, torch.Tensor]]:
+    """``k, v`` float ``(N, H, c, D)`` (N full chunks) -> per bit width, the page tensors of N
+    pages of ``pools``: INT8 with one scale per (chunk, head) — or per channel for K with
+    ``cfg.k_channel_scale`` — in the protective range, then the head's bits (docs/design.md §1.2)."""
+    if cfg.k_channel_scale:  # one scale per (chunk, head, channel)
+        k8 = Int8Rows(*quantize_int8_channels(k, qmax=cfg.protect))
+    else:
+        k8 = quantize_int8_blockwise(k, block_size=cfg.chunk, qmax=cfg.protect)
+    v8 = quantize_int8_blockwise(v, block_size=cfg.chunk, qmax=cfg.protect)
+    out = {}
+    for bits, pool in pools.items():
+        idx = pool.heads
+        sides = {}
+        for name, q8, dim, group in (("k", k8, -1, pool.k_group), ("v", v8, -2, pool.v_group)):
+            # (N, n, c, D) -> (N, n, D, c): channels-major so packing runs along tokens
+            codes = q8.values.index_select(1, idx).transpose(-1, -2)
+            first = q8.scale.index_select(1, idx)  # (N, n, c) per row, (N, n, D) per channel
+            sides[f"{name}_first"] = (first if name == "k" and cfg.k_channel_scale
+                                      else first[..., 0]).contiguous()
+            if bits == 8:
+                sides[f"{name}_packed"] = codes.contiguous().view(torch.uint8)
+                continue
+            lb = quantize_lowbit(codes, bits, dim=dim, group=group)
+            sides |= {f"{name}_packed": pack(lb.codes, bits), f"{name}_scale": lb.scale,
+                      f"{name}_low": lb.low}
+        out[bits] = sides
+    return out

@@ -19,6 +19,9 @@ COLUMNS = [
     ("ppl_delta_pct", "Δppl %", "{:+.2f}"),
     ("top1_agreement", "top-1 agree", "{:.3f}"),
     ("kv_bytes_per_token", "KV B/token", "{:.0f}"),
+    ("kv_bytes_per_token_1k", "B/token 1k", "{:.0f}"),
+    ("kv_bytes_per_token_8k", "8k", "{:.0f}"),
+    ("kv_bytes_per_token_32k", "32k", "{:.0f}"),
     ("kv_compression", "KV vs fp16", "{:.2f}x"),
     ("kv_compression_ragged", "KV vs fp16 at w−c/2", "{:.2f}x"),
     ("kl_mean", "KL mean", "{:.4f}"),
@@ -86,7 +89,8 @@ def table(doc: dict, fmt: str = "simple") -> str:
             for r in doc["results"]]
     s = doc["settings"] or {}
     head = (f"{doc['model']} on {doc['data_source']} ({s.get('max_tokens')} held-out tokens, "
-            f"windows of {s.get('window')}; KV bytes at {s.get('window')} tokens of context), "
+            f"windows of {s.get('window')}; KV bytes at {s.get('window')} tokens of context, "
+            f"and per token of one sequence at 1k / 8k / 32k from the cache layout), "
             f"baseline ppl {doc['results'][0]['ppl_baseline']:.3f}, device {doc['device']['type']}")
     sp, rt = s.get("speed"), s.get("retrieval")
     head += ("\n\nSpeed: not measured in this run." if not sp else

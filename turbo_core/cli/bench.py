@@ -1,5 +1,5 @@
-"""``turbo bench attention | kernels | decode | model | load``: benchmarks that print a table and write
-JSON (and Markdown where asked)."""
+"""``turbo bench attention | kernels | decode | model | agreement | serve | load``: benchmarks
+that print a table and write JSON (and Markdown where asked)."""
 
 from __future__ import annotations
 
@@ -115,6 +115,15 @@ def _bench_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_agreement(args: argparse.Namespace) -> int:
+    from turbo_core.bench import agreement
+
+    doc = agreement.run(model=args.model, variants=tuple(args.variants.split(",")),
+                        prompt=args.prompt, chunk=args.chunk, decode=args.decode, text=args.text)
+    _emit(args, doc, "Engine agreement", agreement.table)
+    return 0
+
+
 def _bench_load(args: argparse.Namespace) -> int:
     from tabulate import tabulate
 
@@ -212,6 +221,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--json", metavar="PATH")
     b.add_argument("--markdown", metavar="PATH")
     b.set_defaults(func=_bench_model)
+
+    ag = bench_sub.add_parser(
+        "agreement", help="the serving engine's cache path against the plain forward's logits",
+        description="A held-out prompt in chunks, then decode steps, through each variant's cache "
+                    "as the server runs it; logits compared with one plain forward.")
+    ag.add_argument("--model", default="smollm2")
+    ag.add_argument("--variants", default="fp16,turbo-int4", help="comma-separated")
+    ag.add_argument("--prompt", type=int, default=1536, help="prompt tokens (default 1536)")
+    ag.add_argument("--chunk", type=int, default=512, help="prompt tokens per forward (default 512)")
+    ag.add_argument("--decode", type=int, default=8, help="decode steps (default 8)")
+    ag.add_argument("--text", help="UTF-8 text file (default: the stdlib's pydoc topics)")
+    ag.add_argument("--json", metavar="PATH")
+    ag.add_argument("--markdown", metavar="PATH")
+    ag.set_defaults(func=_bench_agreement)
 
     sb = bench_sub.add_parser(
         "serve", help="concurrent streaming clients against our server per variant (and vLLM)",

@@ -67,6 +67,7 @@ def _print_result(result: dict) -> None:
     from tabulate import tabulate
 
     keys = ["ppl_delta_pct", "top1_agreement", "kl_mean", "kl_p99", "kv_bytes_per_token",
+            "kv_bytes_per_token_1k", "kv_bytes_per_token_8k", "kv_bytes_per_token_32k",
             "kv_compression", "prefill_speedup", "decode_speedup", "retrieval_accuracy",
             "retrieval_accuracy_baseline", "retrieval_kept"]
     rows = [result] + ([result["peer"]] if "peer" in result else [])

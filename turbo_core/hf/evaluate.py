@@ -254,9 +254,23 @@ def evaluate(
     enable(lm.model, variant.math)
     result = _measure(lm, _Runner(variant.name, ATTN_NAME, new_cache, variant.kv.chunk),
                       partial(EngineContender, lm, variant, plan), split, settings, progress)
+    dtype = next(lm.model.parameters()).dtype
+    layout = new_cache() if new_cache is not None else \
+        TurboCache.for_model(lm.model, lm.shape, None, dtype=dtype)
+    result |= layout_bytes_per_token(layout)
     result["int2_heads"] = plan.selection.int2_heads if plan is not None else 0
     result["int2_scope"] = plan.selection.scope if plan is not None else None
     return result
+
+
+CONTEXTS = {"1k": 1024, "8k": 8192, "32k": 32768}  # where the report states KV bytes per token
+
+
+def layout_bytes_per_token(cache: TurboCache) -> dict[str, float]:
+    """KV bytes per token of one sequence at rest at 1k, 8k and 32k tokens, from the cache's
+    layout (``bytes_for``): flat for full attention, falling with context when sliding-window
+    layers stop growing at their window."""
+    return {f"kv_bytes_per_token_{k}": cache.bytes_for(n) / n for k, n in CONTEXTS.items()}
 
 
 PEER_BACKENDS = ("quanto", "hqq")
