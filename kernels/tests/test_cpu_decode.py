@@ -1,9 +1,11 @@
-"""The fused CPU kernel (numba) over the packed cache's view, against the pure-PyTorch reference:
+"""The fused CPU kernels — numba and the C++ op ``torch.ops.turbo.decode_attention`` — over the
+packed cache's view, against the pure-PyTorch reference:
 ragged batches, INT2/INT4/INT8 heads mixed in one layer, GQA 1/3/8, head_dim 64/128/256, the
 INT8 buffer empty and not, several new tokens (chunked prefill), exact and TurboAttention math."""
 
 import pytest
 import torch
+from turbo_kernels import cpu_ops
 from turbo_kernels.cpu_decode import decode_attention_cpu
 
 from turbo_core.attention.config import EXACT, TURBO_DEFAULT, AttentionMath, KVQuantConfig, SASConfig
@@ -15,6 +17,21 @@ MATHS = {"exact": EXACT, "turbo": TURBO_DEFAULT,
          "sas-quadratic": AttentionMath(sas=SASConfig(degree=2, lut_max=6))}
 # exact: float rounding only; SAS: the polynomial's error under running (per-split) maxima
 ATOL = {"exact": 2e-5, "turbo": 6e-3, "sas-quadratic": 2e-2}
+
+
+def _cpp(q, view, *, math_cfg, splits=None, count=False):
+    out, dropped, candidates = cpu_ops.decode_attention(q, view, math_cfg=math_cfg)
+    return (out, dropped, candidates) if count else out
+
+
+@pytest.fixture(params=["numba", "cpp"])
+def decode(request):
+    """Each CPU decode implementation, called like ``decode_attention_cpu`` (the C++ op has fixed
+    context splits of 8 pages and ignores ``splits``)."""
+    if request.param == "numba":
+        return decode_attention_cpu
+    assert cpu_ops.load(), "the C++ ops are not built: python -m turbo_kernels.cpu_ops"
+    return _cpp
 
 
 def ragged(bits, lengths, d=64, new=1, cfg=None, seed=0):
@@ -33,17 +50,17 @@ def ragged(bits, lengths, d=64, new=1, cfg=None, seed=0):
 @pytest.mark.parametrize("lengths", [[300], [64, 1, 200], [128, 130]])  # ragged; buffer 1..≥ chunk
 @pytest.mark.parametrize("group", [1, 3, 8])
 @pytest.mark.parametrize("name", ["exact", "turbo"])
-def test_one_new_token_matches_reference(bits, lengths, group, name):
+def test_one_new_token_matches_reference(bits, lengths, group, name, decode):
     cache = ragged(bits, lengths)
     q = torch.randn(len(lengths), 3 * group, 1, 64, generator=torch.Generator().manual_seed(1))
     view = cache.view()
-    out = decode_attention_cpu(q, view, math_cfg=MATHS[name], splits=2)
+    out = decode(q, view, math_cfg=MATHS[name], splits=2)
     assert_close(decode_attention_reference(q, view, math_cfg=MATHS[name]).out, out, atol=ATOL[name])
 
 
 @pytest.mark.parametrize("d", [64, 128, 256])
 @pytest.mark.parametrize("name", ["exact", "turbo", "sas-quadratic"])
-def test_head_dims_groups_and_an_empty_buffer(d, name):
+def test_head_dims_groups_and_an_empty_buffer(d, name, decode):
     cfg = KVQuantConfig(chunk=64, k_group=32, v_group=32)
     cache = QuantizedKVLayer([4, 2], d, cfg)
     k, v = (torch.randn(2, 2, 192, d, generator=torch.Generator().manual_seed(d)) for _ in range(2))
@@ -51,26 +68,26 @@ def test_head_dims_groups_and_an_empty_buffer(d, name):
     view = cache.view()
     assert view.buffer_len.tolist() == [0, 0]
     q = torch.randn(2, 6, 1, d, generator=torch.Generator().manual_seed(3))
-    out = decode_attention_cpu(q, view, math_cfg=MATHS[name])
+    out = decode(q, view, math_cfg=MATHS[name])
     assert_close(decode_attention_reference(q, view, math_cfg=MATHS[name]).out, out, atol=ATOL[name])
 
 
 @pytest.mark.parametrize("new", [5, 64, 100])
 @pytest.mark.parametrize("name", ["exact", "turbo"])
-def test_several_new_tokens_are_causal_among_themselves(new, name):
+def test_several_new_tokens_are_causal_among_themselves(new, name, decode):
     cache = ragged([4, 2, 4], [new + 150, new + 64], new=new)
     q = torch.randn(2, 9, new, 64, generator=torch.Generator().manual_seed(4))
     view = cache.view()
-    out = decode_attention_cpu(q, view, math_cfg=MATHS[name])
+    out = decode(q, view, math_cfg=MATHS[name])
     assert_close(decode_attention_reference(q, view, math_cfg=MATHS[name]).out, out, atol=ATOL[name])
 
 
-def test_sas_zero_counts_follow_the_reference():
+def test_sas_zero_counts_follow_the_reference(decode):
     cache = ragged([4, 4, 4], [700])
     q = 4 * torch.randn(1, 9, 1, 64, generator=torch.Generator().manual_seed(5))  # peaky scores
     view = cache.view()
     ref = decode_attention_reference(q, view, math_cfg=TURBO_DEFAULT)
-    _, dropped, candidates = decode_attention_cpu(q, view, math_cfg=TURBO_DEFAULT, count=True)
+    _, dropped, candidates = decode(q, view, math_cfg=TURBO_DEFAULT, count=True)
     assert candidates == ref.candidates == 9 * 700
     # the kernel cuts against running maxima (never above the final one), so what it zeroes is
     # a subset of what the reference zeroes: a lower bound, here most of it
@@ -78,16 +95,16 @@ def test_sas_zero_counts_follow_the_reference():
     assert 0.5 * ref.sas_dropped <= dropped <= ref.sas_dropped, (dropped, ref.sas_dropped)
 
 
-def test_bad_input_is_refused_by_name():
+def test_bad_input_is_refused_by_name(decode):
     view = ragged([4, 4], [70]).view()
     with pytest.raises(ValueError, match="multiple"):
-        decode_attention_cpu(torch.randn(1, 3, 1, 64), view, math_cfg=EXACT)
+        decode(torch.randn(1, 3, 1, 64), view, math_cfg=EXACT)
     with pytest.raises(ValueError, match="query batch 2"):
-        decode_attention_cpu(torch.randn(2, 2, 1, 64), view, math_cfg=EXACT)
+        decode(torch.randn(2, 2, 1, 64), view, math_cfg=EXACT)
     with pytest.raises(ValueError, match="buffers only 6"):  # 70 = one page + 6 buffered
-        decode_attention_cpu(torch.randn(1, 2, 7, 64), view, math_cfg=EXACT)
+        decode(torch.randn(1, 2, 7, 64), view, math_cfg=EXACT)
     with pytest.raises(ValueError, match="no top-k"):
-        decode_attention_cpu(torch.randn(1, 2, 1, 64), view, math_cfg=AttentionMath(sparse_ratio=0.5))
+        decode(torch.randn(1, 2, 1, 64), view, math_cfg=AttentionMath(sparse_ratio=0.5))
 
 
 LEVERS = KVQuantConfig(sinks=16, int2_k_group=32, int2_v_group=16)  # INT2 groups of their own
@@ -96,7 +113,7 @@ LEVERS = KVQuantConfig(sinks=16, int2_k_group=32, int2_v_group=16)  # INT2 group
 @pytest.mark.parametrize("lengths", [[10, 300], [80, 16, 17]])  # sinks only; sinks + pages + rows
 @pytest.mark.parametrize("new", [1, 7])
 @pytest.mark.parametrize("name", ["exact", "turbo"])
-def test_sinks_and_int2_groups_match_reference(lengths, new, name):
+def test_sinks_and_int2_groups_match_reference(lengths, new, name, decode):
     lq = min(new, min(lengths))
     cache = ragged([2, 4, 2], lengths, new=lq, cfg=LEVERS)
     view = cache.view()
@@ -106,5 +123,22 @@ def test_sinks_and_int2_groups_match_reference(lengths, new, name):
     assert view.buffer_len.tolist() == [min(n - lq, 16) + max(0, n - lq - 16) % 64 + lq
                                         for n in lengths]
     q = torch.randn(len(lengths), 6, lq, 64, generator=torch.Generator().manual_seed(6))
-    out = decode_attention_cpu(q, view, math_cfg=MATHS[name])
+    out = decode(q, view, math_cfg=MATHS[name])
     assert_close(decode_attention_reference(q, view, math_cfg=MATHS[name]).out, out, atol=ATOL[name])
+
+
+def test_the_cpp_op_refuses_malformed_input_by_name():
+    assert cpu_ops.load(), "the C++ ops are not built: python -m turbo_kernels.cpu_ops"
+    view = ragged([4, 4], [200]).view()
+    q = torch.randn(1, 2, 1, 64)
+    bad_table = view.__class__(**{**view.__dict__, "page_table": view.page_table + 1000})
+    with pytest.raises(RuntimeError, match="page_table"):
+        cpu_ops.decode_attention(q, bad_table, math_cfg=EXACT)
+    wide_table = view.__class__(**{**view.__dict__, "page_table": view.page_table.long()})
+    with pytest.raises(ValueError, match=r"page_table must be torch\.int32"):
+        cpu_ops.decode_attention(q, wide_table, math_cfg=EXACT)
+    with pytest.raises(ValueError, match="head_dim 64"):
+        cpu_ops.decode_attention(torch.randn(1, 2, 1, 32), view, math_cfg=EXACT)
+    strided = torch.randn(1, 2, 1, 128)[..., ::2]  # non-contiguous queries are copied, not refused
+    assert_close(decode_attention_reference(strided, view, math_cfg=EXACT).out,
+                 cpu_ops.decode_attention(strided, view, math_cfg=EXACT)[0], atol=2e-5)

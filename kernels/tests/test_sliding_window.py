@@ -1,10 +1,11 @@
 """Every kernel honours a sliding window, against the pure-PyTorch reference: the CPU decode
-kernel, the CPU prefill path and the Triton decode kernel over windowed packed stores (pages
-released, sinks, ragged batches, GQA, one and several new tokens), and the Triton prefill kernel
-and SDPA over plain tensors. Windows are shorter than the sequences, so they bind."""
+kernels (numba and the C++ op), the CPU prefill path and the Triton decode kernel over windowed
+packed stores (pages released, sinks, ragged batches, GQA, one and several new tokens), and the
+Triton prefill kernel and SDPA over plain tensors. Windows are shorter than the sequences, so they bind."""
 
 import pytest
 import torch
+from turbo_kernels import cpu_ops
 from turbo_kernels.cpu_decode import decode_attention_cpu
 from turbo_kernels.cpu_prefill import prefill_attention_cpu
 from turbo_kernels.decode import decode_attention
@@ -40,6 +41,8 @@ def test_cpu_decode_kernel_honours_the_window(cfg, window, new, name):
     q = torch.randn(3, 6, new, 64, generator=torch.Generator().manual_seed(1))
     ref = decode_attention_reference(q, view, math_cfg=MATHS[name]).out
     assert_close(ref, decode_attention_cpu(q, view, math_cfg=MATHS[name]), atol=ATOL[name])
+    assert cpu_ops.load(), "the C++ ops are not built: python -m turbo_kernels.cpu_ops"
+    assert_close(ref, cpu_ops.decode_attention(q, view, math_cfg=MATHS[name])[0], atol=ATOL[name])
 
 
 @pytest.mark.parametrize("cfg", list(CFGS), ids=list(CFGS))

@@ -240,10 +240,16 @@ def _over_packed(q: torch.Tensor, store: QuantizedKVLayer, seqs: Sequence[int] |
                                                          scale=scale)
         return AttentionResult(out=out, probs=None, sas_dropped=dropped, candidates=candidates)
     if backend == "cpu":
-        from turbo_kernels.cpu_decode import decode_attention_cpu
+        from turbo_kernels import cpu_ops
 
-        out, dropped, candidates = decode_attention_cpu(q, store.view(seqs), math_cfg=math_cfg,
-                                                        scale=scale, count=True)
+        if cpu_ops.load():  # the C++ op; numba's kernel until the ops are built
+            out, dropped, candidates = cpu_ops.decode_attention(q, store.view(seqs),
+                                                                math_cfg=math_cfg, scale=scale)
+        else:
+            from turbo_kernels.cpu_decode import decode_attention_cpu
+
+            out, dropped, candidates = decode_attention_cpu(q, store.view(seqs), math_cfg=math_cfg,
+                                                            scale=scale, count=True)
         return AttentionResult(out=out, probs=None, sas_dropped=dropped, candidates=candidates)
     if backend == "triton":
         from turbo_kernels.decode import decode_attention

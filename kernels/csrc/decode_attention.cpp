@@ -1,0 +1,390 @@
+// turbo::decode_attention — the newest tokens of each sequence over one layer of the packed KV
+// cache (docs/design.md §2.2), on CPU. Same math as the reference
+// (turbo_core.attention.reference.decode_attention_reference) with running maxima.
+//
+// Jobs (at::parallel_for on torch's pool): (sequence b, KV head h, context split sp) walk their
+// pages; (b, h) once more for the INT8 buffer. A job keeps, per query row r (query head of the
+// GQA group x new token), a running max m, sum l and accumulator acc[D]; partials are merged
+// exactly, in split order, so a sequence's result does not depend on its batch.
+//
+// Per page: the planar codes are unpacked into a (D, c) tile of INT8 values held in float,
+//   q8 = clamp(code * S + low, +-127)          (K: S, low per (channel, token group);
+//                                               V: S, low per (channel group, token)),
+// the scores of all rows against the page's c keys are one loop over D with the tokens inner
+// (the compiler vectorizes it: 8 floats per AVX2 FMA), then the tile softmax (one max, one
+// exponent pass — SAS: LUT[n] * P(f) for -x = n + f, or exp — one rescale) and P.V with the
+// tokens inner. Keys outside a row's sliding window are one range at the tile's front.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+namespace turbo {
+
+constexpr float kNeg = -3.0e38f;  // a finite "minus infinity"
+
+struct Softmax {
+  bool sas;
+  const float* lut;  // T + 2 entries, the last 0: weights past the table cut without a branch
+  float c0, c1, c2, c3, lut_max;
+
+  // s[lo:hi] -> e^(s - top) in place (and 0 before lo); returns their sum, adds SAS zeros.
+  inline float weights(float* s, int lo, int hi, float top, int64_t& zeros) const {
+    for (int t = 0; t < lo; ++t) s[t] = 0.f;
+    float total = 0.f;
+    if (sas) {
+      const float cut = lut_max + 1.f;
+      for (int t = lo; t < hi; ++t) {
+        const float neg = std::min(top - s[t], cut);
+        const float n = std::floor(neg);
+        const float f = neg - n;
+        const float w = lut[static_cast<int>(n)] * (((c3 * f + c2) * f + c1) * f + c0);
+        s[t] = w;
+        total += w;
+        zeros += n > lut_max;
+      }
+    } else {
+      for (int t = lo; t < hi; ++t) {
+        const float w = std::exp(s[t] - top);
+        s[t] = w;
+        total += w;
+      }
+    }
+    return total;
+  }
+};
+
+struct Rows {  // the running state of the R query rows of one job
+  int R, D;
+  std::vector<float> m, l, acc;
+  Rows(int r, int d) : R(r), D(d), m(r, kNeg), l(r, 0.f), acc(static_cast<size_t>(r) * d, 0.f) {}
+
+  // One tile of n keys: scores s (R, stride), values v (D, stride) as float, rows see keys
+  // [lo[r], hi[r]).
+  void update(float* s, int stride, const float* v, const int* lo, const int* hi,
+              const Softmax& sm, int64_t& zeros, int64_t& seen) {
+    for (int r = 0; r < R; ++r) {
+      const int a = std::max(0, lo[r]), b = hi[r];
+      if (b <= a) continue;
+      float* sr = s + static_cast<size_t>(r) * stride;
+      float mx = kNeg;
+      for (int t = a; t < b; ++t) mx = std::max(mx, sr[t]);
+      const float m_new = std::max(m[r], mx);
+      const float alpha = std::exp(m[r] - m_new);
+      l[r] = l[r] * alpha + sm.weights(sr, a, b, m_new, zeros);
+      seen += b - a;
+      float* ar = acc.data() + static_cast<size_t>(r) * D;
+      for (int d = 0; d < D; ++d) {
+        const float* vd = v + static_cast<size_t>(d) * stride;
+        float dot = 0.f;
+        for (int t = a; t < b; ++t) dot += sr[t] * vd[t];
+        ar[d] = ar[d] * alpha + dot;
+      }
+      m[r] = m_new;
+    }
+  }
+};
+
+// Planar codes of one channel -> INT8 values in float: byte j of plane p holds token p*M + j.
+template <int BITS>
+inline void unpack_channel(const uint8_t* src, int M, const float* scale, const float* low,
+                           float* dst) {
+  if constexpr (BITS == 8) {
+    for (int j = 0; j < M; ++j) dst[j] = static_cast<float>(static_cast<int8_t>(src[j]));
+  } else {
+    constexpr int kMask = (1 << BITS) - 1;
+    for (int p = 0; p < 8 / BITS; ++p)
+      for (int j = 0; j < M; ++j) {
+        const float code = static_cast<float>((src[j] >> (p * BITS)) & kMask);
+        const int t = p * M + j;
+        dst[t] = std::min(std::max(code * scale[t] + low[t], -127.f), 127.f);
+      }
+  }
+}
+
+struct Group {  // the KV heads stored at one bit width (PackedHeads)
+  int bits, n, k_group, v_group;
+  const int64_t* heads;
+  const uint8_t *kp, *ksc, *vp, *vsc;
+  const int8_t *klo, *vlo;
+  const float *kf, *vf;
+};
+
+struct Call {
+  int B, Hq, Lq, D, Hkv, group, chunk, splits, step, window, sinks, rows_cap;
+  float sm_scale;
+  const float *q, *qs;
+  const int32_t *table, *n_chunks, *blen;
+  int64_t table_cols;
+  const int64_t *first_pos, *tail_shift, *qpos0;
+  const int8_t *bk, *bv;
+  const float *bks, *bvs;
+  float *m_out, *l_out, *acc_out;  // (B, Hq, Lq, S + 1[, D])
+};
+
+inline void load_query(const Call& c, int b, int hk, std::vector<float>& qr, std::vector<float>& qsr) {
+  for (int g = 0; g < c.group; ++g)
+    for (int i = 0; i < c.Lq; ++i) {
+      const int64_t at = ((static_cast<int64_t>(b) * c.Hq + hk * c.group + g) * c.Lq + i);
+      const int r = g * c.Lq + i;
+      std::copy(c.q + at * c.D, c.q + (at + 1) * c.D, qr.begin() + static_cast<int64_t>(r) * c.D);
+      qsr[r] = c.qs[at];
+    }
+}
+
+inline void store_partial(const Call& c, int b, int hk, int slot, const Rows& st) {
+  const int S1 = c.splits + 1;
+  for (int g = 0; g < c.group; ++g)
+    for (int i = 0; i < c.Lq; ++i) {
+      const int r = g * c.Lq + i;
+      const int64_t at = ((static_cast<int64_t>(b) * c.Hq + hk * c.group + g) * c.Lq + i) * S1 + slot;
+      c.m_out[at] = st.m[r];
+      c.l_out[at] = st.l[r];
+      std::copy(st.acc.begin() + static_cast<int64_t>(r) * c.D,
+                st.acc.begin() + static_cast<int64_t>(r + 1) * c.D, c.acc_out + at * c.D);
+    }
+}
+
+template <int BITS>
+void pages_job(const Call& c, const Group& g, int b, int i, int sp, const Softmax& sm,
+               int64_t* counts) {
+  const int D = c.D, C = c.chunk, R = c.group * c.Lq, M = C * BITS / 8;
+  const int hk = static_cast<int>(g.heads[i]);
+  const int nc = c.n_chunks[b];
+  const int c_lo = std::min(nc, sp * c.step), c_hi = std::min(nc, sp * c.step + c.step);
+  std::vector<float> qr(static_cast<size_t>(R) * D), qsr(R);
+  load_query(c, b, hk, qr, qsr);
+  Rows st(R, D);
+  std::vector<float> k8(static_cast<size_t>(D) * C), v8(static_cast<size_t>(D) * C),
+      s(static_cast<size_t>(R) * C), sc(C), lo_t(C);
+  std::vector<int> lo(R, 0), hi(R, C);
+  int64_t zeros = 0, seen = 0;
+  const int kgs = C / std::max(1, g.k_group), vgs = D / std::max(1, g.v_group);
+  for (int ci = c_lo; ci < c_hi; ++ci) {
+    const int64_t p = c.table[static_cast<int64_t>(b) * c.table_cols + ci];
+    if (c.window > 0) {  // key t of this page sits at first_pos + ci * C + t
+      int first = C;
+      for (int r = 0; r < R; ++r) {
+        lo[r] = static_cast<int>(c.qpos0[b] + r % c.Lq - c.window + 1 - (c.first_pos[b] + ci * C));
+        first = std::min(first, lo[r]);
+      }
+      if (first >= C) continue;  // no row of this job sees the page
+    }
+    const int64_t ph = p * g.n + i;  // (page, head row) of the pool tensors
+    for (int d = 0; d < D; ++d) {   // K (D, C): S and low per (channel, token group)
+      if constexpr (BITS != 8)
+        for (int gi = 0; gi < kgs; ++gi) {
+          const int64_t at = (ph * D + d) * kgs + gi;
+          std::fill(sc.begin() + gi * g.k_group, sc.begin() + (gi + 1) * g.k_group, float(g.ksc[at]));
+          std::fill(lo_t.begin() + gi * g.k_group, lo_t.begin() + (gi + 1) * g.k_group, float(g.klo[at]));
+        }
+      unpack_channel<BITS>(g.kp + (ph * D + d) * M, M, sc.data(), lo_t.data(), k8.data() + d * C);
+    }
+    for (int r = 0; r < R; ++r) {  // s = q . k8, tokens inner
+      float* sr = s.data() + static_cast<size_t>(r) * C;
+      std::fill(sr, sr + C, 0.f);
+      const float* q = qr.data() + static_cast<size_t>(r) * D;
+      for (int d = 0; d < D; ++d) {
+        const float qd = q[d];
+        const float* kd = k8.data() + static_cast<size_t>(d) * C;
+        for (int t = 0; t < C; ++t) sr[t] += qd * kd[t];
+      }
+      const float f = qsr[r] * g.kf[ph] * c.sm_scale;
+      for (int t = 0; t < C; ++t) sr[t] *= f;
+    }
+    const float vscale = g.vf[ph];
+    for (int d = 0; d < D; ++d) {  // V (D, C): S and low per (channel group, token)
+      if constexpr (BITS != 8) {
+        if (d % g.v_group == 0) {  // once per channel group
+          const int64_t at = (ph * vgs + d / g.v_group) * C;
+          for (int t = 0; t < C; ++t) {
+            sc[t] = g.vsc[at + t];
+            lo_t[t] = g.vlo[at + t];
+          }
+        }
+      }
+      float* vd = v8.data() + static_cast<size_t>(d) * C;
+      unpack_channel<BITS>(g.vp + (ph * D + d) * M, M, sc.data(), lo_t.data(), vd);
+      for (int t = 0; t < C; ++t) vd[t] *= vscale;
+    }
+    st.update(s.data(), C, v8.data(), lo.data(), hi.data(), sm, zeros, seen);
+  }
+  store_partial(c, b, hk, sp, st);
+  counts[0] += zeros;
+  counts[1] += seen;
+}
+
+void buffer_job(const Call& c, int b, int hk, const Softmax& sm, int64_t* counts) {
+  const int D = c.D, R = c.group * c.Lq, n_rows = c.blen[b];
+  constexpr int kBlock = 64;
+  std::vector<float> qr(static_cast<size_t>(R) * D), qsr(R);
+  load_query(c, b, hk, qr, qsr);
+  Rows st(R, D);
+  std::vector<float> s(static_cast<size_t>(R) * kBlock), v(static_cast<size_t>(D) * kBlock);
+  std::vector<int> lo(R, 0), hi(R);
+  int64_t zeros = 0, seen = 0;
+  const int64_t base = (static_cast<int64_t>(b) * c.Hkv + hk) * c.rows_cap;  // row 0 of (b, hk)
+  for (int start = 0; start < n_rows; start += kBlock) {
+    const int nt = std::min(kBlock, n_rows - start);
+    for (int t = 0; t < nt; ++t) {
+      const float w = c.bvs[base + start + t];
+      const int8_t* row = c.bv + (base + start + t) * D;
+      for (int d = 0; d < D; ++d) v[static_cast<size_t>(d) * kBlock + t] = row[d] * w;
+    }
+    for (int r = 0; r < R; ++r) {
+      const int i = r % c.Lq;
+      hi[r] = std::min(nt, n_rows - c.Lq + i + 1 - start);  // causal among the new tokens
+      if (c.window > 0) {  // the first row at or past the window's first position
+        const int64_t first = c.qpos0[b] + i - c.window + 1;
+        const int64_t at = first < c.sinks ? first : std::max<int64_t>(c.sinks, first - c.tail_shift[b]);
+        lo[r] = static_cast<int>(std::max<int64_t>(-1, std::min<int64_t>(at - start, kBlock)));
+      }
+      float* sr = s.data() + static_cast<size_t>(r) * kBlock;
+      const float* q = qr.data() + static_cast<size_t>(r) * D;
+      for (int t = 0; t < nt; ++t) {
+        const int8_t* row = c.bk + (base + start + t) * D;
+        float dot = 0.f;
+        for (int d = 0; d < D; ++d) dot += q[d] * row[d];
+        sr[t] = dot * qsr[r] * c.bks[base + start + t] * c.sm_scale;
+      }
+    }
+    st.update(s.data(), kBlock, v.data(), lo.data(), hi.data(), sm, zeros, seen);
+  }
+  store_partial(c, b, hk, c.splits, st);
+  counts[0] += zeros;
+  counts[1] += seen;
+}
+
+// In split order, no reassociation: empty splits add exact zeros.
+void merge(const Call& c, float* out) {
+  const int S1 = c.splits + 1;
+  at::parallel_for(0, static_cast<int64_t>(c.B) * c.Hq * c.Lq, 1, [&](int64_t from, int64_t to) {
+    for (int64_t row = from; row < to; ++row) {
+      const float* m = c.m_out + row * S1;
+      float top = kNeg;
+      for (int sp = 0; sp < S1; ++sp) top = std::max(top, m[sp]);
+      float den = 0.f;
+      float* o = out + row * c.D;
+      std::fill(o, o + c.D, 0.f);
+      for (int sp = 0; sp < S1; ++sp) {
+        const float w = std::exp(m[sp] - top);
+        den += c.l_out[row * S1 + sp] * w;
+        const float* a = c.acc_out + (row * S1 + sp) * c.D;
+        for (int d = 0; d < c.D; ++d) o[d] += a[d] * w;
+      }
+      for (int d = 0; d < c.D; ++d) o[d] /= den;
+    }
+  });
+}
+
+template <typename T>
+const T* ptr(const at::Tensor& t) {
+  return t.defined() && t.numel() ? t.data_ptr<T>() : nullptr;
+}
+
+std::tuple<at::Tensor, at::Tensor> decode_attention(
+    const at::Tensor& q, const at::Tensor& qs, const std::vector<at::Tensor>& heads,
+    const std::vector<at::Tensor>& k_packed, const std::vector<at::Tensor>& k_scale,
+    const std::vector<at::Tensor>& k_low, const std::vector<at::Tensor>& k_first,
+    const std::vector<at::Tensor>& v_packed, const std::vector<at::Tensor>& v_scale,
+    const std::vector<at::Tensor>& v_low, const std::vector<at::Tensor>& v_first,
+    std::vector<int64_t> bits, std::vector<int64_t> k_group, std::vector<int64_t> v_group,
+    const at::Tensor& page_table, const at::Tensor& n_chunks, const at::Tensor& first_pos,
+    const at::Tensor& tail_shift, const at::Tensor& qpos0, const at::Tensor& buffer_k,
+    const at::Tensor& buffer_k_scale, const at::Tensor& buffer_v, const at::Tensor& buffer_v_scale,
+    const at::Tensor& buffer_len, int64_t chunk, int64_t sinks, int64_t window,
+    int64_t pages_per_split, double sm_scale, const at::Tensor& lut, std::vector<double> coeffs,
+    double lut_max, bool use_sas) {
+  // the Python wrapper (turbo_kernels.cpu_ops) names bad arguments first; these keep a direct
+  // call from reading out of bounds
+  TORCH_CHECK(q.dim() == 4 && q.scalar_type() == at::kFloat && q.is_contiguous(),
+              "q must be a contiguous float32 (B, H_q, L_q, D) tensor");
+  TORCH_CHECK(qs.scalar_type() == at::kFloat && qs.is_contiguous() && qs.numel() == q.numel() / q.size(3),
+              "qs must be a contiguous float32 (B, H_q, L_q) tensor");
+  TORCH_CHECK(buffer_k.dim() == 4 && q.size(1) % buffer_k.size(1) == 0 && buffer_k.size(3) == q.size(3),
+              "buffer_k must be (B, H_kv, rows, D) with H_q a multiple of H_kv");
+  TORCH_CHECK(page_table.scalar_type() == at::kInt && page_table.is_contiguous() &&
+              page_table.dim() == 2 && page_table.size(0) == q.size(0), "page_table must be int32 (B, pages)");
+  for (size_t j = 0; j < heads.size(); ++j) {
+    TORCH_CHECK(k_packed[j].is_contiguous() && v_packed[j].is_contiguous(), "k_packed/v_packed must be contiguous");
+    const int64_t cap = k_packed[j].size(0);
+    for (int64_t b = 0; b < page_table.size(0); ++b) {
+      const int32_t n = n_chunks.data_ptr<int32_t>()[b];
+      TORCH_CHECK(n >= 0 && n <= page_table.size(1), "n_chunks[", b, "] = ", n, " is out of the page table");
+      for (int32_t ci = 0; ci < n; ++ci) {
+        const int32_t p = page_table.data_ptr<int32_t>()[b * page_table.size(1) + ci];
+        TORCH_CHECK(p >= 0 && p < cap, "page_table[", b, ", ", ci, "] = ", p, " is outside the pool of ", cap, " pages");
+      }
+    }
+  }
+  Call c{};
+  c.B = q.size(0); c.Hq = q.size(1); c.Lq = q.size(2); c.D = q.size(3);
+  c.Hkv = buffer_k.size(1); c.group = c.Hq / c.Hkv; c.chunk = chunk;
+  c.rows_cap = buffer_k.size(2);
+  const int most = n_chunks.numel() ? n_chunks.max().item<int32_t>() : 0;
+  c.step = pages_per_split;
+  c.splits = std::max<int>(1, (most + c.step - 1) / c.step);
+  c.window = window; c.sinks = sinks; c.sm_scale = sm_scale;
+  c.q = q.data_ptr<float>(); c.qs = qs.data_ptr<float>();
+  c.table = page_table.data_ptr<int32_t>(); c.table_cols = page_table.size(1);
+  c.n_chunks = n_chunks.data_ptr<int32_t>(); c.blen = buffer_len.data_ptr<int32_t>();
+  c.first_pos = first_pos.data_ptr<int64_t>(); c.tail_shift = tail_shift.data_ptr<int64_t>();
+  c.qpos0 = qpos0.data_ptr<int64_t>();
+  c.bk = buffer_k.data_ptr<int8_t>(); c.bv = buffer_v.data_ptr<int8_t>();
+  c.bks = buffer_k_scale.data_ptr<float>(); c.bvs = buffer_v_scale.data_ptr<float>();
+  const int S1 = c.splits + 1;
+  auto opts = q.options().dtype(at::kFloat);
+  at::Tensor m = at::full({c.B, c.Hq, c.Lq, S1}, kNeg, opts);
+  at::Tensor l = at::zeros({c.B, c.Hq, c.Lq, S1}, opts);
+  at::Tensor acc = at::zeros({c.B, c.Hq, c.Lq, S1, c.D}, opts);
+  c.m_out = m.data_ptr<float>(); c.l_out = l.data_ptr<float>(); c.acc_out = acc.data_ptr<float>();
+  Softmax sm{use_sas, ptr<float>(lut), static_cast<float>(coeffs[0]), static_cast<float>(coeffs[1]),
+             static_cast<float>(coeffs[2]), static_cast<float>(coeffs[3]), static_cast<float>(lut_max)};
+  std::vector<Group> groups;
+  for (size_t j = 0; j < heads.size(); ++j)
+    groups.push_back(Group{static_cast<int>(bits[j]), static_cast<int>(heads[j].numel()),
+                           static_cast<int>(k_group[j]), static_cast<int>(v_group[j]),
+                           heads[j].data_ptr<int64_t>(), ptr<uint8_t>(k_packed[j]),
+                           ptr<uint8_t>(k_scale[j]), ptr<uint8_t>(v_packed[j]), ptr<uint8_t>(v_scale[j]),
+                           ptr<int8_t>(k_low[j]), ptr<int8_t>(v_low[j]), ptr<float>(k_first[j]),
+                           ptr<float>(v_first[j])});
+  // one job per (group row, sequence, split), then per (sequence, KV head) for the buffer
+  std::vector<std::tuple<int, int, int>> jobs;  // (group, head row, sequence), split outer
+  for (size_t j = 0; j < groups.size(); ++j)
+    for (int i = 0; i < groups[j].n; ++i)
+      for (int b = 0; b < c.B; ++b) jobs.emplace_back(j, i, b);
+  const int64_t n_page_jobs = most ? static_cast<int64_t>(jobs.size()) * c.splits : 0;
+  const int64_t n_jobs = n_page_jobs + static_cast<int64_t>(c.B) * c.Hkv;
+  std::vector<int64_t> counts(2 * std::max<int64_t>(n_jobs, 1), 0);
+  at::parallel_for(0, n_jobs, 1, [&](int64_t from, int64_t to) {
+    for (int64_t job = from; job < to; ++job) {
+      int64_t* cnt = counts.data() + 2 * job;
+      if (job < n_page_jobs) {
+        const auto [j, i, b] = jobs[job / c.splits];
+        const int sp = job % c.splits;
+        const Group& g = groups[j];
+        if (g.bits == 4) pages_job<4>(c, g, b, i, sp, sm, cnt);
+        else if (g.bits == 2) pages_job<2>(c, g, b, i, sp, sm, cnt);
+        else pages_job<8>(c, g, b, i, sp, sm, cnt);
+      } else {
+        const int64_t k = job - n_page_jobs;
+        buffer_job(c, k / c.Hkv, k % c.Hkv, sm, cnt);
+      }
+    }
+  });
+  at::Tensor out = at::empty({c.B, c.Hq, c.Lq, c.D}, opts);
+  merge(c, out.data_ptr<float>());
+  int64_t zeros = 0, seen = 0;
+  for (size_t k = 0; k < counts.size(); k += 2) { zeros += counts[k]; seen += counts[k + 1]; }
+  at::Tensor total = at::empty({2}, at::kLong);
+  total[0] = zeros;
+  total[1] = seen;
+  return {out, total};
+}
+
+}  // namespace turbo
