@@ -14,9 +14,17 @@
 // (the compiler vectorizes it: 8 floats per AVX2 FMA), then the tile softmax (one max, one
 // exponent pass — SAS: LUT[n] * P(f) for -x = n + f, or exp — one rescale) and P.V with the
 // tokens inner. Keys outside a row's sliding window are one range at the tile's front.
+//
+// The AVX2 page pass (pages_job_avx2, used when the tile is a whole number of 8-token blocks)
+// folds the integer second level into the queries and the weights, exact because the clamp
+// never acts inside the cache's protective range (quant.py):
+//   q . k8[:, t] = sum_d (q_d S_dg) code_dt + sum_d q_d low_dg          (K: g = token group)
+//   sum_t w_t v8[d, t] = sum_t (w_t S_gt) code_dt + sum_t w_t low_gt     (V: g = channel group)
+// so a page's codes are only converted to float, once, for all the rows that read them.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <immintrin.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -27,6 +35,12 @@
 namespace turbo {
 
 constexpr float kNeg = -3.0e38f;  // a finite "minus infinity"
+
+inline float hsum(__m256 v) {  // the sum of 8 lanes
+  __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+  return _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x)));
+}
 
 struct Softmax {
   bool sas;
@@ -39,7 +53,24 @@ struct Softmax {
     float total = 0.f;
     if (sas) {
       const float cut = lut_max + 1.f;
-      for (int t = lo; t < hi; ++t) {
+      // 8 at a time: neg = min(top - s, T + 1), n = floor(neg), w = LUT[n] P(neg - n)
+      const __m256 vtop = _mm256_set1_ps(top), vcut = _mm256_set1_ps(cut), vmax = _mm256_set1_ps(lut_max);
+      __m256 vtot = _mm256_setzero_ps();
+      int t = lo;
+      for (; t + 8 <= hi; t += 8) {
+        const __m256 neg = _mm256_min_ps(_mm256_sub_ps(vtop, _mm256_loadu_ps(s + t)), vcut);
+        const __m256 n = _mm256_floor_ps(neg);
+        const __m256 f = _mm256_sub_ps(neg, n);
+        __m256 poly = _mm256_fmadd_ps(_mm256_set1_ps(c3), f, _mm256_set1_ps(c2));
+        poly = _mm256_fmadd_ps(poly, f, _mm256_set1_ps(c1));
+        poly = _mm256_fmadd_ps(poly, f, _mm256_set1_ps(c0));
+        const __m256 w = _mm256_mul_ps(_mm256_i32gather_ps(lut, _mm256_cvttps_epi32(n), 4), poly);
+        _mm256_storeu_ps(s + t, w);
+        vtot = _mm256_add_ps(vtot, w);
+        zeros += __builtin_popcount(_mm256_movemask_ps(_mm256_cmp_ps(n, vmax, _CMP_GT_OQ)));
+      }
+      total = hsum(vtot);
+      for (; t < hi; ++t) {
         const float neg = std::min(top - s[t], cut);
         const float n = std::floor(neg);
         const float f = neg - n;
@@ -49,6 +80,7 @@ struct Softmax {
         zeros += n > lut_max;
       }
     } else {
+#pragma omp simd reduction(+ : total)
       for (int t = lo; t < hi; ++t) {
         const float w = std::exp(s[t] - top);
         s[t] = w;
@@ -73,6 +105,7 @@ struct Rows {  // the running state of the R query rows of one job
       if (b <= a) continue;
       float* sr = s + static_cast<size_t>(r) * stride;
       float mx = kNeg;
+#pragma omp simd reduction(max : mx)
       for (int t = a; t < b; ++t) mx = std::max(mx, sr[t]);
       const float m_new = std::max(m[r], mx);
       const float alpha = std::exp(m[r] - m_new);
@@ -82,6 +115,7 @@ struct Rows {  // the running state of the R query rows of one job
       for (int d = 0; d < D; ++d) {
         const float* vd = v + static_cast<size_t>(d) * stride;
         float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
         for (int t = a; t < b; ++t) dot += sr[t] * vd[t];
         ar[d] = ar[d] * alpha + dot;
       }
@@ -99,6 +133,7 @@ inline void unpack_channel(const uint8_t* src, int M, const float* scale, const 
   } else {
     constexpr int kMask = (1 << BITS) - 1;
     for (int p = 0; p < 8 / BITS; ++p)
+#pragma omp simd
       for (int j = 0; j < M; ++j) {
         const float code = static_cast<float>((src[j] >> (p * BITS)) & kMask);
         const int t = p * M + j;
@@ -219,6 +254,198 @@ void pages_job(const Call& c, const Group& g, int b, int i, int sp, const Softma
   counts[1] += seen;
 }
 
+// codes of one channel -> float, 8 tokens a step: dst[t] = code(t) (unsigned; INT8 signed).
+template <int BITS>
+inline void codes_to_float(const uint8_t* src, int M, float* dst) {
+  if constexpr (BITS == 8) {
+    for (int j = 0; j < M; j += 8) {
+      const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + j));
+      _mm256_storeu_ps(dst + j, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)));
+    }
+  } else if (M % 16 == 0) {  // 16 bytes a step, every plane from one load
+    const __m128i mask = _mm_set1_epi8((1 << BITS) - 1);
+    for (int j = 0; j < M; j += 16) {
+      const __m128i x = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + j));
+      for (int p = 0; p < 8 / BITS; ++p) {
+        const __m128i codes = _mm_and_si128(_mm_srli_epi16(x, p * BITS), mask);  // 16 tokens
+        float* out = dst + p * M + j;
+        _mm256_storeu_ps(out, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(codes)));
+        _mm256_storeu_ps(out + 8, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(codes, 8))));
+      }
+    }
+  } else {
+    const __m256i mask = _mm256_set1_epi32((1 << BITS) - 1);
+    for (int p = 0; p < 8 / BITS; ++p)
+      for (int j = 0; j < M; j += 8) {
+        const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + j));
+        const __m256i x = _mm256_and_si256(_mm256_srli_epi32(_mm256_cvtepu8_epi32(b), p * BITS), mask);
+        _mm256_storeu_ps(dst + p * M + j, _mm256_cvtepi32_ps(x));
+      }
+  }
+}
+
+// score_rows for the 32 tokens from t0 (ONE_GROUP: all in one token group of K's second level)
+template <int NR, bool ONE_GROUP>
+inline void score_block(const float* qk, const float* z, const float* kc, int D, int C, int kgs,
+                        int k_group, int r0, int t0, float* s) {
+  const float* qrow[NR][4];
+  int grp[4];
+  for (int k = 0; k < 4; ++k) {
+    grp[k] = (t0 + 8 * k) / k_group;
+    for (int r = 0; r < NR; ++r) qrow[r][k] = qk + (static_cast<size_t>(r0 + r) * kgs + grp[k]) * D;
+  }
+  __m256 acc[NR][4];
+  for (int r = 0; r < NR; ++r)
+    for (int k = 0; k < 4; ++k) acc[r][k] = _mm256_setzero_ps();
+  for (int d = 0; d < D; ++d) {
+    const float* kd = kc + static_cast<size_t>(d) * C + t0;
+    const __m256 k0 = _mm256_loadu_ps(kd), k1 = _mm256_loadu_ps(kd + 8),
+                 k2 = _mm256_loadu_ps(kd + 16), k3 = _mm256_loadu_ps(kd + 24);
+    for (int r = 0; r < NR; ++r) {
+      if constexpr (ONE_GROUP) {
+        const __m256 qv = _mm256_broadcast_ss(qrow[r][0] + d);
+        acc[r][0] = _mm256_fmadd_ps(qv, k0, acc[r][0]);
+        acc[r][1] = _mm256_fmadd_ps(qv, k1, acc[r][1]);
+        acc[r][2] = _mm256_fmadd_ps(qv, k2, acc[r][2]);
+        acc[r][3] = _mm256_fmadd_ps(qv, k3, acc[r][3]);
+      } else {
+        acc[r][0] = _mm256_fmadd_ps(_mm256_broadcast_ss(qrow[r][0] + d), k0, acc[r][0]);
+        acc[r][1] = _mm256_fmadd_ps(_mm256_broadcast_ss(qrow[r][1] + d), k1, acc[r][1]);
+        acc[r][2] = _mm256_fmadd_ps(_mm256_broadcast_ss(qrow[r][2] + d), k2, acc[r][2]);
+        acc[r][3] = _mm256_fmadd_ps(_mm256_broadcast_ss(qrow[r][3] + d), k3, acc[r][3]);
+      }
+    }
+  }
+  for (int r = 0; r < NR; ++r)
+    for (int k = 0; k < 4; ++k)
+      _mm256_storeu_ps(s + static_cast<size_t>(r0 + r) * C + t0 + 8 * k,
+                       _mm256_add_ps(acc[r][k], _mm256_set1_ps(z[(r0 + r) * kgs + grp[k]])));
+}
+
+// s[r, t] = sum_d qk[r, g(t), d] kc[d, t] + z[r, g(t)] for rows [r0, r0 + NR), 32 tokens a
+// step (g(t) = t / k_group): NR rows x 4 blocks of 8 accumulators stay in registers.
+template <int NR>
+inline void score_rows(const float* qk, const float* z, const float* kc, int D, int C, int kgs,
+                       int k_group, int r0, float* s) {
+  for (int t0 = 0; t0 < C; t0 += 32) {
+    if (k_group % 32 == 0) score_block<NR, true>(qk, z, kc, D, C, kgs, k_group, r0, t0, s);
+    else score_block<NR, false>(qk, z, kc, D, C, kgs, k_group, r0, t0, s);
+  }
+}
+
+template <int BITS>
+void pages_job_avx2(const Call& c, const Group& g, int b, int i, int sp, const Softmax& sm,
+                    int64_t* counts) {
+  const int D = c.D, C = c.chunk, R = c.group * c.Lq, M = C * BITS / 8;
+  const int hk = static_cast<int>(g.heads[i]);
+  const int nc = c.n_chunks[b];
+  const int c_lo = std::min(nc, sp * c.step), c_hi = std::min(nc, sp * c.step + c.step);
+  const int kgs = BITS == 8 ? 1 : C / g.k_group, k_group = BITS == 8 ? C : g.k_group;
+  const int vgs = BITS == 8 ? 1 : D / g.v_group, v_group = BITS == 8 ? D : g.v_group;
+  // scratch reused by the jobs a thread runs (sized, not cleared, but for the running state)
+  thread_local std::vector<float> qr, qsr, kc, vc, s, qk, z, wv, zv, m, l, accp;
+  thread_local std::vector<int> lo;
+  qr.resize(static_cast<size_t>(R) * D);
+  qsr.resize(R);
+  load_query(c, b, hk, qr, qsr);
+  kc.resize(static_cast<size_t>(D) * C);
+  vc.resize(static_cast<size_t>(D) * C);
+  s.resize(static_cast<size_t>(R) * C);
+  qk.resize(static_cast<size_t>(R) * kgs * D);
+  z.resize(static_cast<size_t>(R) * kgs);
+  wv.resize(static_cast<size_t>(vgs) * C);
+  zv.resize(vgs);
+  m.assign(R, kNeg);
+  l.assign(R, 0.f);
+  accp.assign(static_cast<size_t>(R) * D * 8, 0.f);  // per (row, channel): 8 lanes of partial sums
+  lo.assign(R, 0);
+  int64_t zeros = 0, seen = 0;
+  for (int ci = c_lo; ci < c_hi; ++ci) {
+    const int64_t p = c.table[static_cast<int64_t>(b) * c.table_cols + ci];
+    int first = 0;
+    if (c.window > 0) {  // key t of this page sits at first_pos + ci * C + t
+      first = C;
+      for (int r = 0; r < R; ++r) {
+        lo[r] = static_cast<int>(c.qpos0[b] + r % c.Lq - c.window + 1 - (c.first_pos[b] + ci * C));
+        first = std::min(first, lo[r]);
+      }
+      if (first >= C) continue;  // no row of this job sees the page
+    }
+    const int64_t ph = p * g.n + i;  // (page, head row) of the pool tensors
+    for (int d = 0; d < D; ++d) codes_to_float<BITS>(g.kp + (ph * D + d) * M, M, kc.data() + d * C);
+    // qk[r, grp, d] = q_rd S_d,grp;  z[r, grp] = sum_d q_rd low_d,grp  (times the page's scales)
+    for (int r = 0; r < R; ++r) {
+      const float f = qsr[r] * g.kf[ph] * c.sm_scale;
+      const float* q = qr.data() + static_cast<size_t>(r) * D;
+      for (int grp = 0; grp < kgs; ++grp) {
+        float* out = qk.data() + (static_cast<size_t>(r) * kgs + grp) * D;
+        float zz = 0.f;
+        for (int d = 0; d < D; ++d) {
+          const int64_t at = (ph * D + d) * kgs + grp;
+          const float sc = BITS == 8 ? 1.f : g.ksc[at], low = BITS == 8 ? 0.f : g.klo[at];
+          out[d] = q[d] * sc * f;
+          zz += q[d] * low;
+        }
+        z[r * kgs + grp] = zz * f;
+      }
+    }
+    int r = 0;
+    for (; r + 3 <= R; r += 3) score_rows<3>(qk.data(), z.data(), kc.data(), D, C, kgs, k_group, r, s.data());
+    for (; r < R; ++r) score_rows<1>(qk.data(), z.data(), kc.data(), D, C, kgs, k_group, r, s.data());
+    for (int d = 0; d < D; ++d) codes_to_float<BITS>(g.vp + (ph * D + d) * M, M, vc.data() + d * C);
+    const float vscale = g.vf[ph];
+    for (r = 0; r < R; ++r) {
+      const int a = std::max(0, lo[r]);
+      if (a >= C) continue;
+      float* sr = s.data() + static_cast<size_t>(r) * C;
+      float mx = kNeg;
+      for (int t = a; t < C; ++t) mx = std::max(mx, sr[t]);
+      const float m_new = std::max(m[r], mx);
+      const float alpha = std::exp(m[r] - m_new);
+      l[r] = l[r] * alpha + sm.weights(sr, a, C, m_new, zeros);  // sr[:a] = 0
+      seen += C - a;
+      m[r] = m_new;
+      // wv[grp, t] = w_t S_grp,t vf;  zv[grp] = vf sum_t w_t low_grp,t
+      for (int grp = 0; grp < vgs; ++grp) {
+        float zz = 0.f;
+        for (int t = 0; t < C; ++t) {
+          const int64_t at = (ph * vgs + grp) * C + t;
+          const float sc = BITS == 8 ? 1.f : g.vsc[at], low = BITS == 8 ? 0.f : g.vlo[at];
+          wv[grp * C + t] = sr[t] * sc * vscale;
+          zz += sr[t] * low;
+        }
+        zv[grp] = zz * vscale;
+      }
+      float* acc = accp.data() + static_cast<size_t>(r) * D * 8;
+      const __m256 va = _mm256_set1_ps(alpha);
+      for (int d = 0; d < D; ++d) {  // 8 lanes of sum_t wv[t] code_dt (+ zv / 8 per lane)
+        const float* w = wv.data() + (d / v_group) * C;
+        __m256 x = _mm256_mul_ps(_mm256_loadu_ps(acc + 8 * d), va);
+        x = _mm256_add_ps(x, _mm256_set1_ps(zv[d / v_group] * 0.125f));
+        for (int t = 0; t < C; t += 8)
+          x = _mm256_fmadd_ps(_mm256_loadu_ps(w + t), _mm256_loadu_ps(vc.data() + d * C + t), x);
+        _mm256_storeu_ps(acc + 8 * d, x);
+      }
+    }
+  }
+  Rows st(R, D);
+  st.m = m;
+  st.l = l;
+  for (int r = 0; r < R; ++r)
+    for (int d = 0; d < D; ++d)
+      st.acc[static_cast<size_t>(r) * D + d] = hsum(_mm256_loadu_ps(accp.data() + (static_cast<size_t>(r) * D + d) * 8));
+  store_partial(c, b, hk, sp, st);
+  counts[0] += zeros;
+  counts[1] += seen;
+}
+
+// The AVX2 pass reads whole 8-token blocks of codes, 8 channels a step.
+inline bool avx2_fits(const Group& g, int C, int D) {
+  const int M = C * g.bits / 8;
+  return M % 8 == 0 && C % 8 == 0 && D % 8 == 0 &&
+         (g.bits == 8 || (g.k_group % 8 == 0 && C % g.k_group == 0 && D % g.v_group == 0));
+}
+
 void buffer_job(const Call& c, int b, int hk, const Softmax& sm, int64_t* counts) {
   const int D = c.D, R = c.group * c.Lq, n_rows = c.blen[b];
   constexpr int kBlock = 64;
@@ -249,6 +476,7 @@ void buffer_job(const Call& c, int b, int hk, const Softmax& sm, int64_t* counts
       for (int t = 0; t < nt; ++t) {
         const int8_t* row = c.bk + (base + start + t) * D;
         float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
         for (int d = 0; d < D; ++d) dot += q[d] * row[d];
         sr[t] = dot * qsr[r] * c.bks[base + start + t] * c.sm_scale;
       }
@@ -368,7 +596,11 @@ std::tuple<at::Tensor, at::Tensor> decode_attention(
         const auto [j, i, b] = jobs[job / c.splits];
         const int sp = job % c.splits;
         const Group& g = groups[j];
-        if (g.bits == 4) pages_job<4>(c, g, b, i, sp, sm, cnt);
+        if (avx2_fits(g, c.chunk, c.D)) {
+          if (g.bits == 4) pages_job_avx2<4>(c, g, b, i, sp, sm, cnt);
+          else if (g.bits == 2) pages_job_avx2<2>(c, g, b, i, sp, sm, cnt);
+          else pages_job_avx2<8>(c, g, b, i, sp, sm, cnt);
+        } else if (g.bits == 4) pages_job<4>(c, g, b, i, sp, sm, cnt);
         else if (g.bits == 2) pages_job<2>(c, g, b, i, sp, sm, cnt);
         else pages_job<8>(c, g, b, i, sp, sm, cnt);
       } else {

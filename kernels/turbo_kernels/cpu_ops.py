@@ -1,7 +1,8 @@
 """The C++ CPU ops (``kernels/csrc``, registered as ``torch.ops.turbo.*``): build, load, call.
 
 Built once, ahead of time — ``scripts/env.sh`` runs ``python -m turbo_kernels.cpu_ops`` after
-installing — with ``-O3 -mavx2 -mfma -mf16c`` (never ``-march=native``: the library runs on other
+installing — with ``-O3 -mavx2 -mfma -mf16c -fopenmp-simd`` (``omp simd`` reductions vectorize in order-free
+loops without ``-ffast-math``; never ``-march=native``: the library runs on other
 hosts of the same ISA) into ``$TURBO_OPS_DIR`` (default ``<venv>/turbo-ops``), stamped with a
 hash of the sources, the flags and the torch version. At run time :func:`load` only loads a
 library whose stamp matches; it never compiles (a request must not wait for g++). Without one,
@@ -33,7 +34,7 @@ log = logging.getLogger(__name__)
 NAME = "turbo_cpu_ops"
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 SOURCES = ("torch_bindings.cpp", "decode_attention.cpp")
-FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c")
+FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp-simd")
 PAGES_PER_SPLIT = 8  # as the numba kernel: a sequence's sums do not depend on its batch
 
 
