@@ -171,3 +171,21 @@ def test_attention_features_the_turbo_path_lacks_are_refused_when_applied(make, 
     model = make().eval()
     with pytest.raises(ValueError, match=named):
         enable(model, EXACT)
+
+
+def test_generate_with_left_padding_over_a_windowed_cache_is_transformers_own(family):
+    """``generate`` (left padding, 30 new tokens past the window) over the windowed float
+    TurboCache picks the very tokens transformers' own generate picks."""
+    _, lm = family
+    model = lm.model
+    gen = torch.Generator().manual_seed(4)
+    ids = torch.randint(0, VOCAB, (2, 60), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[0, :10] = 0
+    args = dict(attention_mask=mask, max_new_tokens=30, do_sample=False, pad_token_id=0)
+    model.set_attn_implementation("sdpa")
+    with torch.no_grad():
+        want = model.generate(ids, **args)
+        enable(model, EXACT)
+        got = model.generate(ids, **args, cache=TurboCache.for_model(model, lm.shape, None))
+    assert torch.equal(want, got)
