@@ -27,6 +27,8 @@
 #include <immintrin.h>
 #include <torch/library.h>
 
+#include "ops.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -185,6 +187,17 @@ inline void store_partial(const Call& c, int b, int hk, int slot, const Rows& st
     }
 }
 
+// With a sliding window: lo[r] = the first key of held page ci that row r sees (key t sits at
+// first_pos + ci * chunk + t; row r is new token r % Lq); returns the smallest.
+inline int window_starts(const Call& c, int b, int ci, int R, int* lo) {
+  int first = c.chunk;
+  for (int r = 0; r < R; ++r) {
+    lo[r] = static_cast<int>(c.qpos0[b] + r % c.Lq - c.window + 1 - (c.first_pos[b] + ci * c.chunk));
+    first = std::min(first, lo[r]);
+  }
+  return first;
+}
+
 template <int BITS>
 void pages_job(const Call& c, const Group& g, int b, int i, int sp, const Softmax& sm,
                int64_t* counts) {
@@ -202,14 +215,7 @@ void pages_job(const Call& c, const Group& g, int b, int i, int sp, const Softma
   const int kgs = C / std::max(1, g.k_group), vgs = D / std::max(1, g.v_group);
   for (int ci = c_lo; ci < c_hi; ++ci) {
     const int64_t p = c.table[static_cast<int64_t>(b) * c.table_cols + ci];
-    if (c.window > 0) {  // key t of this page sits at first_pos + ci * C + t
-      int first = C;
-      for (int r = 0; r < R; ++r) {
-        lo[r] = static_cast<int>(c.qpos0[b] + r % c.Lq - c.window + 1 - (c.first_pos[b] + ci * C));
-        first = std::min(first, lo[r]);
-      }
-      if (first >= C) continue;  // no row of this job sees the page
-    }
+    if (c.window > 0 && window_starts(c, b, ci, R, lo.data()) >= C) continue;  // nobody sees it
     const int64_t ph = p * g.n + i;  // (page, head row) of the pool tensors
     for (int d = 0; d < D; ++d) {   // K (D, C): S and low per (channel, token group)
       if constexpr (BITS != 8)
@@ -362,15 +368,7 @@ void pages_job_avx2(const Call& c, const Group& g, int b, int i, int sp, const S
   int64_t zeros = 0, seen = 0;
   for (int ci = c_lo; ci < c_hi; ++ci) {
     const int64_t p = c.table[static_cast<int64_t>(b) * c.table_cols + ci];
-    int first = 0;
-    if (c.window > 0) {  // key t of this page sits at first_pos + ci * C + t
-      first = C;
-      for (int r = 0; r < R; ++r) {
-        lo[r] = static_cast<int>(c.qpos0[b] + r % c.Lq - c.window + 1 - (c.first_pos[b] + ci * C));
-        first = std::min(first, lo[r]);
-      }
-      if (first >= C) continue;  // no row of this job sees the page
-    }
+    if (c.window > 0 && window_starts(c, b, ci, R, lo.data()) >= C) continue;  // nobody sees it
     const int64_t ph = p * g.n + i;  // (page, head row) of the pool tensors
     for (int d = 0; d < D; ++d) codes_to_float<BITS>(g.kp + (ph * D + d) * M, M, kc.data() + d * C);
     // qk[r, grp, d] = q_rd S_d,grp;  z[r, grp] = sum_d q_rd low_d,grp  (times the page's scales)

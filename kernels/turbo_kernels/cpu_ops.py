@@ -19,6 +19,7 @@ import hashlib
 import logging
 import math
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -28,12 +29,14 @@ from turbo_core.attention.config import AttentionMath
 from turbo_core.attention.packed import PackedKV, check_query
 from turbo_core.attention.quant import quantize_int8_blockwise
 from turbo_core.attention.sas import kernel_args
+from turbo_core.fileio import write_atomic
 
 log = logging.getLogger(__name__)
 
 NAME = "turbo_cpu_ops"
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
-SOURCES = ("torch_bindings.cpp", "decode_attention.cpp")
+SOURCES = ("torch_bindings.cpp", "decode_attention.cpp")  # + ops.h, in the stamp
+HEADERS = ("ops.h",)
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp-simd")
 PAGES_PER_SPLIT = 8  # as the numba kernel: a sequence's sums do not depend on its batch
 
@@ -45,21 +48,29 @@ def ops_dir() -> Path:
 def source_stamp() -> str:
     """What a built library must match: the sources, the flags and the torch version."""
     h = hashlib.sha256(" ".join(FLAGS).encode() + torch.__version__.encode())
-    for name in SOURCES:
+    for name in (*SOURCES, *HEADERS):
         h.update((CSRC / name).read_bytes())
     return h.hexdigest()
 
 
 def build(verbose: bool = False) -> Path:
-    """Compile the ops into :func:`ops_dir` (a minute on two cores) and load them."""
+    """Compile the ops (about 20 s on two cores) in ``ops_dir()/build`` and move the library
+    into :func:`ops_dir` by rename, with its stamp: a process that has the old one loaded keeps
+    its mapping, and a reader never sees a half-written library."""
     from torch.utils import cpp_extension
 
     out = ops_dir()
-    out.mkdir(parents=True, exist_ok=True)
+    work = out / "build"
+    work.mkdir(parents=True, exist_ok=True)
     cpp_extension.load(name=NAME, sources=[str(CSRC / s) for s in SOURCES],
-                       extra_cflags=list(FLAGS), build_directory=str(out),
+                       extra_cflags=list(FLAGS), build_directory=str(work),
                        is_python_module=False, verbose=verbose)
-    (out / "stamp").write_text(source_stamp() + "\n")
+    stamp = out / "stamp"
+    stamp.unlink(missing_ok=True)  # no library is current while the two are swapped
+    tmp = out / f".{NAME}.so.tmp"
+    shutil.copyfile(work / f"{NAME}.so", tmp)
+    os.replace(tmp, out / f"{NAME}.so")
+    write_atomic(stamp, source_stamp() + "\n")
     load.cache_clear()
     return out / f"{NAME}.so"
 
