@@ -508,20 +508,41 @@ void merge(const Call& c, float* out) {
   });
 }
 
+// quant.quantize_int8_blockwise(q, block_size) for rows (sequence, head) of L tokens x D:
+// s = max|x| / 127 over each block of block_size tokens (1 for an all-zero block),
+// code = clamp(round_half_even(x / s), +-127) held in float, the scale repeated per token.
+void quantize_queries(const float* x, int64_t rows, int L, int D, int64_t block_size, float* codes,
+                      float* scale) {
+  const int64_t blk = block_size >= L ? L : block_size;
+  at::parallel_for(0, rows, 16, [&](int64_t from, int64_t to) {
+    for (int64_t row = from; row < to; ++row)
+      for (int64_t t0 = 0; t0 < L; t0 += blk) {
+        const int64_t t1 = std::min<int64_t>(L, t0 + blk);
+        const float* xs = x + (row * L + t0) * D;
+        float amax = 0.f;
+        for (int64_t k = 0; k < (t1 - t0) * D; ++k) amax = std::max(amax, std::fabs(xs[k]));
+        const float sc = amax > 0.f ? amax / 127.f : 1.f;
+        for (int64_t k = 0; k < (t1 - t0) * D; ++k)
+          codes[(row * L + t0) * D + k] = std::min(std::max(std::nearbyint(xs[k] / sc), -127.f), 127.f);
+        for (int64_t t = t0; t < t1; ++t) scale[row * L + t] = sc;
+      }
+  });
+}
+
 template <typename T>
 const T* ptr(const at::Tensor& t) {
   return t.defined() && t.numel() ? t.data_ptr<T>() : nullptr;
 }
 
 std::tuple<at::Tensor, at::Tensor> decode_attention(
-    const at::Tensor& q, const at::Tensor& qs, const std::vector<at::Tensor>& heads,
+    const at::Tensor& q, bool qk_int8, int64_t block_size, const std::vector<at::Tensor>& heads,
     const std::vector<at::Tensor>& k_packed, const std::vector<at::Tensor>& k_scale,
     const std::vector<at::Tensor>& k_low, const std::vector<at::Tensor>& k_first,
     const std::vector<at::Tensor>& v_packed, const std::vector<at::Tensor>& v_scale,
     const std::vector<at::Tensor>& v_low, const std::vector<at::Tensor>& v_first,
     std::vector<int64_t> bits, std::vector<int64_t> k_group, std::vector<int64_t> v_group,
-    const at::Tensor& page_table, const at::Tensor& n_chunks, const at::Tensor& first_pos,
-    const at::Tensor& tail_shift, const at::Tensor& qpos0, const at::Tensor& buffer_k,
+    const at::Tensor& page_table, const at::Tensor& n_chunks, const at::Tensor& chunk_base,
+    const at::Tensor& buffer_k,
     const at::Tensor& buffer_k_scale, const at::Tensor& buffer_v, const at::Tensor& buffer_v_scale,
     const at::Tensor& buffer_len, int64_t chunk, int64_t sinks, int64_t window,
     int64_t pages_per_split, double sm_scale, const at::Tensor& lut, std::vector<double> coeffs,
@@ -530,8 +551,10 @@ std::tuple<at::Tensor, at::Tensor> decode_attention(
   // call from reading out of bounds
   TORCH_CHECK(q.dim() == 4 && q.scalar_type() == at::kFloat && q.is_contiguous(),
               "q must be a contiguous float32 (B, H_q, L_q, D) tensor");
-  TORCH_CHECK(qs.scalar_type() == at::kFloat && qs.is_contiguous() && qs.numel() == q.numel() / q.size(3),
-              "qs must be a contiguous float32 (B, H_q, L_q) tensor");
+  TORCH_CHECK(block_size >= 1, "block_size must be >= 1");
+  for (const auto* t : {&n_chunks, &chunk_base, &buffer_len})
+    TORCH_CHECK(t->scalar_type() == at::kInt && t->is_contiguous() && t->numel() == q.size(0),
+                "n_chunks, chunk_base and buffer_len must be int32 (B,)");
   TORCH_CHECK(buffer_k.dim() == 4 && q.size(1) % buffer_k.size(1) == 0 && buffer_k.size(3) == q.size(3),
               "buffer_k must be (B, H_kv, rows, D) with H_q a multiple of H_kv");
   TORCH_CHECK(page_table.scalar_type() == at::kInt && page_table.is_contiguous() &&
@@ -556,11 +579,24 @@ std::tuple<at::Tensor, at::Tensor> decode_attention(
   c.step = pages_per_split;
   c.splits = std::max<int>(1, (most + c.step - 1) / c.step);
   c.window = window; c.sinks = sinks; c.sm_scale = sm_scale;
-  c.q = q.data_ptr<float>(); c.qs = qs.data_ptr<float>();
+  // the queries as the reference takes them: INT8 codes (held in float) with one scale per
+  // block of block_size tokens per (sequence, head) — quant.quantize_int8_blockwise — or float
+  at::Tensor qv = qk_int8 ? at::empty_like(q) : q, qsv = at::ones({c.B, c.Hq, c.Lq}, q.options());
+  if (qk_int8) quantize_queries(q.data_ptr<float>(), c.B * c.Hq, c.Lq, c.D, block_size,
+                                qv.data_ptr<float>(), qsv.data_ptr<float>());
+  c.q = qv.data_ptr<float>(); c.qs = qsv.data_ptr<float>();
   c.table = page_table.data_ptr<int32_t>(); c.table_cols = page_table.size(1);
   c.n_chunks = n_chunks.data_ptr<int32_t>(); c.blen = buffer_len.data_ptr<int32_t>();
-  c.first_pos = first_pos.data_ptr<int64_t>(); c.tail_shift = tail_shift.data_ptr<int64_t>();
-  c.qpos0 = qpos0.data_ptr<int64_t>();
+  // positions (packed.py): held page 0 starts at sinks + base * chunk, buffer row r >= sinks
+  // sits at (base + n) * chunk + r, new token 0 at the sequence's length - L_q
+  std::vector<int64_t> first_pos(c.B), tail_shift(c.B), qpos0(c.B);
+  for (int b = 0; b < c.B; ++b) {
+    const int64_t base = chunk_base.data_ptr<int32_t>()[b], n = c.n_chunks[b];
+    first_pos[b] = sinks + base * chunk;
+    tail_shift[b] = (base + n) * chunk;
+    qpos0[b] = tail_shift[b] + c.blen[b] - c.Lq;
+  }
+  c.first_pos = first_pos.data(); c.tail_shift = tail_shift.data(); c.qpos0 = qpos0.data();
   c.bk = buffer_k.data_ptr<int8_t>(); c.bv = buffer_v.data_ptr<int8_t>();
   c.bks = buffer_k_scale.data_ptr<float>(); c.bvs = buffer_v_scale.data_ptr<float>();
   const int S1 = c.splits + 1;
@@ -612,8 +648,8 @@ std::tuple<at::Tensor, at::Tensor> decode_attention(
   int64_t zeros = 0, seen = 0;
   for (size_t k = 0; k < counts.size(); k += 2) { zeros += counts[k]; seen += counts[k + 1]; }
   at::Tensor total = at::empty({2}, at::kLong);
-  total[0] = zeros;
-  total[1] = seen;
+  total.data_ptr<int64_t>()[0] = zeros;
+  total.data_ptr<int64_t>()[1] = seen;
   return {out, total};
 }
 

@@ -11,14 +11,14 @@ namespace turbo {
 // The newest tokens of each sequence over one layer of the packed KV cache
 // (decode_attention.cpp); returns the output (B, H_q, L_q, D) and (SAS zeros, valid keys).
 std::tuple<at::Tensor, at::Tensor> decode_attention(
-    const at::Tensor& q, const at::Tensor& qs, const std::vector<at::Tensor>& heads,
+    const at::Tensor& q, bool qk_int8, int64_t block_size, const std::vector<at::Tensor>& heads,
     const std::vector<at::Tensor>& k_packed, const std::vector<at::Tensor>& k_scale,
     const std::vector<at::Tensor>& k_low, const std::vector<at::Tensor>& k_first,
     const std::vector<at::Tensor>& v_packed, const std::vector<at::Tensor>& v_scale,
     const std::vector<at::Tensor>& v_low, const std::vector<at::Tensor>& v_first,
     std::vector<int64_t> bits, std::vector<int64_t> k_group, std::vector<int64_t> v_group,
-    const at::Tensor& page_table, const at::Tensor& n_chunks, const at::Tensor& first_pos,
-    const at::Tensor& tail_shift, const at::Tensor& qpos0, const at::Tensor& buffer_k,
+    const at::Tensor& page_table, const at::Tensor& n_chunks, const at::Tensor& chunk_base,
+    const at::Tensor& buffer_k,
     const at::Tensor& buffer_k_scale, const at::Tensor& buffer_v, const at::Tensor& buffer_v_scale,
     const at::Tensor& buffer_len, int64_t chunk, int64_t sinks, int64_t window,
     int64_t pages_per_split, double sm_scale, const at::Tensor& lut, std::vector<double> coeffs,

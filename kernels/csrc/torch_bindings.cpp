@@ -6,10 +6,10 @@
 
 TORCH_LIBRARY(turbo, m) {
   m.def(
-      "decode_attention(Tensor q, Tensor qs, Tensor[] heads, Tensor[] k_packed, Tensor[] k_scale, "
+      "decode_attention(Tensor q, bool qk_int8, int block_size, Tensor[] heads, Tensor[] k_packed, Tensor[] k_scale, "
       "Tensor[] k_low, Tensor[] k_first, Tensor[] v_packed, Tensor[] v_scale, Tensor[] v_low, "
       "Tensor[] v_first, int[] bits, int[] k_group, int[] v_group, Tensor page_table, "
-      "Tensor n_chunks, Tensor first_pos, Tensor tail_shift, Tensor qpos0, Tensor buffer_k, "
+      "Tensor n_chunks, Tensor chunk_base, Tensor buffer_k, "
       "Tensor buffer_k_scale, Tensor buffer_v, Tensor buffer_v_scale, Tensor buffer_len, "
       "int chunk, int sinks, int window, int pages_per_split, float sm_scale, Tensor lut, "
       "float[] coeffs, float lut_max, bool use_sas) -> (Tensor, Tensor)");

@@ -135,7 +135,7 @@ def test_the_cpp_op_refuses_malformed_input_by_name():
     with pytest.raises(RuntimeError, match="page_table"):
         cpu_ops.decode_attention(q, bad_table, math_cfg=EXACT)
     wide_table = view.__class__(**{**view.__dict__, "page_table": view.page_table.long()})
-    with pytest.raises(ValueError, match=r"page_table must be torch\.int32"):
+    with pytest.raises(ValueError, match=r"page_table must be a CPU torch\.int32"):
         cpu_ops.decode_attention(q, wide_table, math_cfg=EXACT)
     with pytest.raises(ValueError, match="head_dim 64"):
         cpu_ops.decode_attention(torch.randn(1, 2, 1, 32), view, math_cfg=EXACT)

@@ -27,7 +27,6 @@ import torch
 
 from turbo_core.attention.config import AttentionMath
 from turbo_core.attention.packed import PackedKV, check_query
-from turbo_core.attention.quant import quantize_int8_blockwise
 from turbo_core.attention.sas import kernel_args
 from turbo_core.fileio import write_atomic
 
@@ -112,64 +111,68 @@ def _register_fakes() -> None:
     _register_fakes.done = True
 
 
-def _contiguous(name: str, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    if t.dtype != dtype:
-        raise ValueError(f"{name} must be {dtype}, got {t.dtype}")
-    if t.device.type != "cpu":
-        raise ValueError(f"{name} must be on the CPU, got {t.device}")
-    return t.contiguous()
+@functools.cache
+def _sas_args(sas) -> tuple[torch.Tensor, list[float], float]:
+    """LUT with one 0 past its end (weights beyond T cut without a branch), coefficients, T."""
+    coeffs, lut = kernel_args(sas, torch.device("cpu"))
+    if lut is None:
+        return torch.zeros(1), [float(c) for c in coeffs], 0.0
+    return torch.cat([lut.float(), lut.new_zeros(1)]).contiguous(), [float(c) for c in coeffs], \
+        float(sas.lut_max)
+
+
+_PARTS = ("k_packed", "k_scale", "k_low", "k_first", "v_packed", "v_scale", "v_low", "v_first")
+_DTYPES = {"heads": torch.int64, "k_packed": torch.uint8, "v_packed": torch.uint8,
+           "k_scale": torch.uint8, "v_scale": torch.uint8, "k_low": torch.int8,
+           "v_low": torch.int8, "k_first": torch.float32, "v_first": torch.float32,
+           "page_table": torch.int32, "n_chunks": torch.int32, "chunk_base": torch.int32,
+           "buffer_len": torch.int32, "buffer_k": torch.int8, "buffer_v": torch.int8,
+           "buffer_k_scale": torch.float32, "buffer_v_scale": torch.float32}
+_EMPTY = {torch.uint8: torch.empty(0, dtype=torch.uint8), torch.int8: torch.empty(0, dtype=torch.int8)}
+
+
+def _checked(name: str, t: torch.Tensor) -> torch.Tensor:
+    """``t`` as the op reads it: the dtype of ``name``, on the CPU, contiguous (copied if not)."""
+    if t.dtype != _DTYPES[name] or t.device.type != "cpu":
+        raise ValueError(f"{name} must be a CPU {_DTYPES[name]} tensor, got {t.dtype} on {t.device}")
+    return t if t.is_contiguous() else t.contiguous()
 
 
 def decode_attention(q: torch.Tensor, cache: PackedKV, *, math_cfg: AttentionMath,
                      scale: float | None = None) -> tuple[torch.Tensor, int, int]:
     """Attention of the ``L_q`` newest tokens of each sequence over ``cache`` (which holds them),
     through ``torch.ops.turbo.decode_attention``; same contract as
-    ``turbo_kernels.cpu_decode.decode_attention_cpu`` with ``count=True``. Needs :func:`load`."""
+    ``turbo_kernels.cpu_decode.decode_attention_cpu`` with ``count=True``: returns the output
+    ``(B, H_q, L_q, D)`` in ``q.dtype``, the weights SAS zeroed and the valid positions. The op
+    quantizes the queries itself (``quantize_int8_blockwise``, with ``math_cfg.qk_int8``).
+    Needs :func:`load`."""
     check_query(q, cache, math_cfg)
     if q.device.type != "cpu":
         raise ValueError(f"turbo.decode_attention takes CPU tensors, got {q.device}")
-    b, hq, lq, d = q.shape
-    if math_cfg.qk_int8:  # the same blockwise INT8 of the queries as the reference
-        qi = quantize_int8_blockwise(q, math_cfg.block_size)
-        qf, qs = qi.values.float().contiguous(), qi.scale.float().contiguous()
-    else:
-        qf, qs = q.float().contiguous(), torch.ones(b, hq, lq)
-    empty = torch.empty(0, dtype=torch.uint8)
-    lists: dict[str, list[torch.Tensor]] = {k: [] for k in (
-        "heads", "k_packed", "k_scale", "k_low", "k_first", "v_packed", "v_scale", "v_low", "v_first")}
+    parts: dict[str, list[torch.Tensor]] = {"heads": [], **{k: [] for k in _PARTS}}
     for g in cache.groups:
-        lists["heads"].append(_contiguous("heads", g.heads, torch.int64))
-        for side in ("k", "v"):
-            lists[f"{side}_packed"].append(_contiguous(f"{side}_packed", getattr(g, f"{side}_packed"),
-                                                       torch.uint8))
-            first = getattr(g, f"{side}_first")
-            if first.dim() != 2:
-                raise ValueError(f"{side}_first must be (pages, heads) (per-channel scales are "
-                                 f"read by the reference only)")
-            lists[f"{side}_first"].append(_contiguous(f"{side}_first", first, torch.float32))
-            low_bit = g.bits != 8
-            lists[f"{side}_scale"].append(_contiguous(f"{side}_scale", getattr(g, f"{side}_scale"),
-                                                      torch.uint8) if low_bit else empty)
-            lists[f"{side}_low"].append(_contiguous(f"{side}_low", getattr(g, f"{side}_low"),
-                                                    torch.int8) if low_bit else empty.view(torch.int8))
-    first_pos, tail_shift = cache.offsets()
-    qpos0 = torch.tensor(cache.seq_lens, dtype=torch.int64) - lq
-    sas = math_cfg.sas
-    coeffs, lut = kernel_args(sas, torch.device("cpu"))
-    lut = torch.cat([lut, lut.new_zeros(1)]) if lut is not None else torch.zeros(1)
+        parts["heads"].append(_checked("heads", g.heads))
+        for name in _PARTS:
+            t = getattr(g, name)
+            if t is None:  # 8-bit heads: no second level
+                parts[name].append(_EMPTY[_DTYPES[name]])
+                continue
+            if name.endswith("_first") and t.dim() != 2:
+                raise ValueError(f"{name} must be (pages, heads): per-channel first-level scales "
+                                 f"(k_channel_scale) are read by the reference only")
+            parts[name].append(_checked(name, t))
+    lut, coeffs, lut_max = _sas_args(math_cfg.sas)
     kb, vb = cache.buffer_k, cache.buffer_v
     out, counts = torch.ops.turbo.decode_attention(
-        qf, qs, *lists.values(), [g.bits for g in cache.groups], [g.k_group for g in cache.groups],
-        [g.v_group for g in cache.groups], _contiguous("page_table", cache.page_table, torch.int32),
-        _contiguous("n_chunks", cache.n_chunks, torch.int32), first_pos.contiguous(),
-        tail_shift.contiguous(), qpos0, _contiguous("buffer_k", kb.values, torch.int8),
-        _contiguous("buffer_k_scale", kb.scale, torch.float32),
-        _contiguous("buffer_v", vb.values, torch.int8),
-        _contiguous("buffer_v_scale", vb.scale, torch.float32),
-        _contiguous("buffer_len", cache.buffer_len, torch.int32), cache.chunk, cache.sinks,
-        cache.window or 0, PAGES_PER_SPLIT, 1.0 / math.sqrt(d) if scale is None else scale,
-        lut.float().contiguous(), [float(c) for c in coeffs], float(sas.lut_max) if sas else 0.0,
-        sas is not None)
+        q.float().contiguous(), math_cfg.qk_int8, math_cfg.block_size, *parts.values(),
+        [g.bits for g in cache.groups], [g.k_group for g in cache.groups],
+        [g.v_group for g in cache.groups], _checked("page_table", cache.page_table),
+        _checked("n_chunks", cache.n_chunks), _checked("chunk_base", cache.chunk_base),
+        _checked("buffer_k", kb.values), _checked("buffer_k_scale", kb.scale),
+        _checked("buffer_v", vb.values), _checked("buffer_v_scale", vb.scale),
+        _checked("buffer_len", cache.buffer_len), cache.chunk, cache.sinks, cache.window or 0,
+        PAGES_PER_SPLIT, 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale, lut, coeffs,
+        lut_max, math_cfg.sas is not None)
     return out.to(q.dtype), int(counts[0]), int(counts[1])
 
 
