@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from functools import partial
 
@@ -113,15 +113,61 @@ class _Runner:
     chunk: int
 
     @torch.no_grad()
-    def logits(self, lm: LoadedModel, window: torch.Tensor) -> tuple[torch.Tensor, object | None]:
+    def logit_slices(self, lm: LoadedModel, window: torch.Tensor,
+                     filled: list[object]) -> Iterator[torch.Tensor]:
+        """The window's logits ``(chunk, vocab)`` slice by slice — never the whole window's at
+        once (4096 tokens x a 262k vocabulary is 4.3 GB) — fed through a new cache in slices of
+        ``chunk`` tokens, which ends up in ``filled``; without a cache, one full-window forward
+        whose head runs slice by slice."""
         lm.model.set_attn_implementation(self.attn)
         ids = window.unsqueeze(0)
         if self.new_cache is None:
-            return lm.model(ids, use_cache=False).logits[0], None
+            yield from head_slices(lm, ids, self.chunk)
+            return
         cache = self.new_cache()
-        parts = [lm.model(ids[:, s:s + self.chunk], cache=cache, use_cache=True).logits[0]
-                 for s in range(0, ids.shape[1], self.chunk)]
-        return torch.cat(parts), cache
+        filled.append(cache)
+        for s in range(0, ids.shape[1], self.chunk):
+            yield lm.model(ids[:, s:s + self.chunk], cache=cache, use_cache=True).logits[0]
+
+    @torch.no_grad()
+    def fill(self, lm: LoadedModel, window: torch.Tensor) -> object:
+        """A new cache holding ``window`` (fed as for :meth:`logit_slices`, last logits only)."""
+        lm.model.set_attn_implementation(self.attn)
+        cache = self.new_cache()
+        for s in range(0, window.numel(), self.chunk):
+            lm.model(window[None, s:s + self.chunk], cache=cache, use_cache=True, logits_to_keep=1)
+        return cache
+
+
+@torch.no_grad()
+def head_slices(lm: LoadedModel, ids: torch.Tensor, step: int) -> Iterator[torch.Tensor]:
+    """Logits ``(step, vocab)`` of one plain forward of ``ids (1, L)`` in slices of positions:
+    the decoder runs once, the output head (and a final logit soft-cap, Gemma's) per slice."""
+    hidden = lm.model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state[0]
+    head = lm.model.get_output_embeddings()
+    cap = getattr(_text_config(lm), "final_logit_softcapping", None)
+    for s in range(0, hidden.shape[0], step):
+        logits = head(hidden[s:s + step])
+        yield logits if cap is None else torch.tanh(logits / cap) * cap
+
+
+def _text_config(lm: LoadedModel) -> object:
+    config = lm.model.config
+    return getattr(config, "get_text_config", lambda: config)()
+
+
+@torch.no_grad()
+def check_head_slices(lm: LoadedModel, ids: torch.Tensor) -> None:
+    """Refuse, naming it, a model whose logits are not its output head over the decoder's last
+    hidden state (a scale or processing :func:`head_slices` does not know): compared with the
+    model's own forward on ``ids (1, L)``."""
+    want = lm.model(ids).logits[0]
+    got = torch.cat(list(head_slices(lm, ids, 16)))
+    if not torch.allclose(want, got, atol=1e-4 * max(1.0, float(want.abs().max())), rtol=1e-4):
+        raise ValueError(f"{type(lm.model).__name__}'s logits are not its output head over the "
+                         f"decoder's last hidden state (max difference "
+                         f"{float((want - got).abs().max()):.3g}); evaluating it slice by slice "
+                         f"is not supported")
 
 
 def _measure(lm: LoadedModel, runner: _Runner, contender, split: TextSplit,
@@ -135,17 +181,24 @@ def _measure(lm: LoadedModel, runner: _Runner, contender, split: TextSplit,
     kl = []
     held = None
     try:
+        lm.model.set_attn_implementation("sdpa")
+        check_head_slices(lm, windows[0][None, :32])
         for w in tqdm(windows, desc=f"evaluate {runner.name}", unit="window", disable=not progress):
             lm.model.set_attn_implementation("sdpa")
-            with torch.no_grad():
-                ref = lm.model(w.unsqueeze(0), use_cache=False).logits[0]
-            out, cache = runner.logits(lm, w)
-            base.add(ref[:-1], w[1:])
-            var.add(out[:-1], w[1:])
-            agree += int((ref[:-1].argmax(-1) == out[:-1].argmax(-1)).sum())
-            kl.append(token_kl(ref[:-1], out[:-1]))
-            if cache is not None:
-                held = cache_bytes(cache)
+            refs = head_slices(lm, w.unsqueeze(0), runner.chunk)
+            filled: list[object] = []
+            # slice by slice: the next token of position s + i is w[s + i + 1]; the last has none
+            for s, (ref, out) in zip(range(0, w.numel(), runner.chunk),
+                                     zip(refs, runner.logit_slices(lm, w, filled), strict=True),
+                                     strict=True):
+                n = min(ref.shape[0], w.numel() - 1 - s)
+                ref, out, nxt = ref[:n], out[:n], w[s + 1: s + 1 + n]
+                base.add(ref, nxt)
+                var.add(out, nxt)
+                agree += int((ref.argmax(-1) == out.argmax(-1)).sum())
+                kl.append(token_kl(ref, out))
+            if filled:
+                held = cache_bytes(filled[0])
         sas_zero = sas_zero_fraction(lm.model) if runner.attn == ATTN_NAME else 0.0
         # a context that is not a multiple of the chunk: half a chunk short of the window
         ragged = settings.window - (runner.chunk // 2 if settings.window > runner.chunk else 1)
@@ -153,7 +206,7 @@ def _measure(lm: LoadedModel, runner: _Runner, contender, split: TextSplit,
             held, held_ragged = (_dynamic_cache_bytes(lm, windows[-1][:n])
                                  for n in (settings.window, ragged))
         else:
-            held_ragged = cache_bytes(runner.logits(lm, windows[-1][:ragged])[1])
+            held_ragged = cache_bytes(runner.fill(lm, windows[-1][:ragged]))
         extra = _speed_and_recall(lm, contender(), ids, split, settings, progress)
     finally:
         lm.model.set_attn_implementation("sdpa")
