@@ -339,10 +339,11 @@ inline void score_rows(const float* qk, const float* z, const float* kc, int D, 
   }
 }
 
-template <int BITS>
+// CC: the chunk as a compile-time constant (64, the default: every token loop unrolls) or 0
+template <int BITS, int CC>
 void pages_job_avx2(const Call& c, const Group& g, int b, int i, int sp, const Softmax& sm,
                     int64_t* counts) {
-  const int D = c.D, C = c.chunk, R = c.group * c.Lq, M = C * BITS / 8;
+  const int D = c.D, C = CC ? CC : c.chunk, R = c.group * c.Lq, M = C * BITS / 8;
   const int hk = static_cast<int>(g.heads[i]);
   const int nc = c.n_chunks[b];
   const int c_lo = std::min(nc, sp * c.step), c_hi = std::min(nc, sp * c.step + c.step);
@@ -375,6 +376,22 @@ void pages_job_avx2(const Call& c, const Group& g, int b, int i, int sp, const S
     for (int r = 0; r < R; ++r) {
       const float f = qsr[r] * g.kf[ph] * c.sm_scale;
       const float* q = qr.data() + static_cast<size_t>(r) * D;
+      if (BITS != 8 && kgs == 1) {  // S, low contiguous along the channels: 8 at a time
+        float* out = qk.data() + static_cast<size_t>(r) * D;
+        const uint8_t* ks = g.ksc + ph * D;
+        const int8_t* kl = g.klo + ph * D;
+        const __m256 f8 = _mm256_set1_ps(f);
+        __m256 zz = _mm256_setzero_ps();
+        for (int d = 0; d < D; d += 8) {
+          const __m256 qv = _mm256_loadu_ps(q + d);
+          const __m256 sc = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(ks + d))));
+          const __m256 low = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(kl + d))));
+          _mm256_storeu_ps(out + d, _mm256_mul_ps(_mm256_mul_ps(qv, sc), f8));
+          zz = _mm256_fmadd_ps(qv, low, zz);
+        }
+        z[r] = hsum(zz) * f;
+        continue;
+      }
       for (int grp = 0; grp < kgs; ++grp) {
         float* out = qk.data() + (static_cast<size_t>(r) * kgs + grp) * D;
         float zz = 0.f;
@@ -405,14 +422,23 @@ void pages_job_avx2(const Call& c, const Group& g, int b, int i, int sp, const S
       m[r] = m_new;
       // wv[grp, t] = w_t S_grp,t vf;  zv[grp] = vf sum_t w_t low_grp,t
       for (int grp = 0; grp < vgs; ++grp) {
-        float zz = 0.f;
-        for (int t = 0; t < C; ++t) {
-          const int64_t at = (ph * vgs + grp) * C + t;
-          const float sc = BITS == 8 ? 1.f : g.vsc[at], low = BITS == 8 ? 0.f : g.vlo[at];
-          wv[grp * C + t] = sr[t] * sc * vscale;
-          zz += sr[t] * low;
+        if constexpr (BITS == 8) {
+          for (int t = 0; t < C; ++t) wv[t] = sr[t] * vscale;
+          zv[grp] = 0.f;
+          continue;
         }
-        zv[grp] = zz * vscale;
+        const uint8_t* vs = g.vsc + (ph * vgs + grp) * C;
+        const int8_t* vl = g.vlo + (ph * vgs + grp) * C;
+        const __m256 vf8 = _mm256_set1_ps(vscale);
+        __m256 zz = _mm256_setzero_ps();
+        for (int t = 0; t < C; t += 8) {  // 8 tokens: S, low (u8, i8) -> float
+          const __m256 w = _mm256_loadu_ps(sr + t);
+          const __m256 sc = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(vs + t))));
+          const __m256 low = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(vl + t))));
+          _mm256_storeu_ps(wv.data() + grp * C + t, _mm256_mul_ps(_mm256_mul_ps(w, sc), vf8));
+          zz = _mm256_fmadd_ps(w, low, zz);
+        }
+        zv[grp] = hsum(zz) * vscale;
       }
       float* acc = accp.data() + static_cast<size_t>(r) * D * 8;
       const __m256 va = _mm256_set1_ps(alpha);
@@ -452,6 +478,7 @@ void buffer_job(const Call& c, int b, int hk, const Softmax& sm, int64_t* counts
   Rows st(R, D);
   std::vector<float> s(static_cast<size_t>(R) * kBlock), v(static_cast<size_t>(D) * kBlock);
   std::vector<int> lo(R, 0), hi(R);
+  std::vector<float> krow(D);
   int64_t zeros = 0, seen = 0;
   const int64_t base = (static_cast<int64_t>(b) * c.Hkv + hk) * c.rows_cap;  // row 0 of (b, hk)
   for (int start = 0; start < n_rows; start += kBlock) {
@@ -469,14 +496,23 @@ void buffer_job(const Call& c, int b, int hk, const Softmax& sm, int64_t* counts
         const int64_t at = first < c.sinks ? first : std::max<int64_t>(c.sinks, first - c.tail_shift[b]);
         lo[r] = static_cast<int>(std::max<int64_t>(-1, std::min<int64_t>(at - start, kBlock)));
       }
-      float* sr = s.data() + static_cast<size_t>(r) * kBlock;
-      const float* q = qr.data() + static_cast<size_t>(r) * D;
-      for (int t = 0; t < nt; ++t) {
-        const int8_t* row = c.bk + (base + start + t) * D;
+    }
+    for (int t = 0; t < nt; ++t) {  // each INT8 key row in float once, then every query row
+      const int8_t* row = c.bk + (base + start + t) * D;
+      if (D % 8 == 0) {
+        for (int d = 0; d < D; d += 8)
+          _mm256_storeu_ps(krow.data() + d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
+                                                _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + d)))));
+      } else {
+        for (int d = 0; d < D; ++d) krow[d] = row[d];
+      }
+      const float ks = c.bks[base + start + t] * c.sm_scale;
+      for (int r = 0; r < R; ++r) {
+        const float* q = qr.data() + static_cast<size_t>(r) * D;
         float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
-        for (int d = 0; d < D; ++d) dot += q[d] * row[d];
-        sr[t] = dot * qsr[r] * c.bks[base + start + t] * c.sm_scale;
+        for (int d = 0; d < D; ++d) dot += q[d] * krow[d];
+        s[static_cast<size_t>(r) * kBlock + t] = dot * qsr[r] * ks;
       }
     }
     st.update(s.data(), kBlock, v.data(), lo.data(), hi.data(), sm, zeros, seen);
@@ -631,9 +667,10 @@ std::tuple<at::Tensor, at::Tensor> decode_attention(
         const int sp = job % c.splits;
         const Group& g = groups[j];
         if (avx2_fits(g, c.chunk, c.D)) {
-          if (g.bits == 4) pages_job_avx2<4>(c, g, b, i, sp, sm, cnt);
-          else if (g.bits == 2) pages_job_avx2<2>(c, g, b, i, sp, sm, cnt);
-          else pages_job_avx2<8>(c, g, b, i, sp, sm, cnt);
+          const bool c64 = c.chunk == 64;
+          if (g.bits == 4) c64 ? pages_job_avx2<4, 64>(c, g, b, i, sp, sm, cnt) : pages_job_avx2<4, 0>(c, g, b, i, sp, sm, cnt);
+          else if (g.bits == 2) c64 ? pages_job_avx2<2, 64>(c, g, b, i, sp, sm, cnt) : pages_job_avx2<2, 0>(c, g, b, i, sp, sm, cnt);
+          else c64 ? pages_job_avx2<8, 64>(c, g, b, i, sp, sm, cnt) : pages_job_avx2<8, 0>(c, g, b, i, sp, sm, cnt);
         } else if (g.bits == 4) pages_job<4>(c, g, b, i, sp, sm, cnt);
         else if (g.bits == 2) pages_job<2>(c, g, b, i, sp, sm, cnt);
         else pages_job<8>(c, g, b, i, sp, sm, cnt);
