@@ -146,7 +146,7 @@ def run(quick: bool = False, repeats: int = 5, device: str | None = None,
             for ctx in grid["contexts"]:
                 results += _case(SHAPES[name], batch, ctx, dev, repeats, bw, log)
     return {"benchmark": "decode", "mode": "quick" if quick else "full", "device": describe_device(dev),
-            "repeats": repeats, "copy_bandwidth_gb_s": bw / 1e9,
+            "threads": torch.get_num_threads(), "repeats": repeats, "copy_bandwidth_gb_s": bw / 1e9,
             "shapes": {n: asdict(SHAPES[n]) for n in grid["shapes"]}, "results": results,
             "step": "append one token to the cache + attend one query per sequence over all of it"}
 
@@ -157,7 +157,8 @@ def table(doc: dict, fmt: str = "simple") -> str:
     keys = ["shape", "batch", "context", "contender", "backend", "median_ms", "ratio_vs_sdpa",
             "limit_ms", "kv_bytes"]
     rows = [[r[k] if k != "kv_bytes" else f"{r[k] / 2**20:.2f} MiB" for k in keys] for r in doc["results"]]
-    head = (f"device {doc['device']['name']} ({doc['device']['type']}), copy bandwidth "
+    head = (f"device {doc['device']['name']} ({doc['device']['type']}), "
+            f"{doc.get('threads', '?')} threads, copy bandwidth "
             f"{doc['copy_bandwidth_gb_s']:.1f} GB/s, median of {doc['repeats']}; "
             f"ratio_vs_sdpa > 1 is faster than SDPA\n")
     text = head + tabulate(rows, headers=keys, tablefmt=fmt, floatfmt=".3f")

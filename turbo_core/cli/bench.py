@@ -63,6 +63,10 @@ def _bench_decode(args: argparse.Namespace) -> int:
         raise ValueError("turbo bench decode: --device cuda but no CUDA device is available")
     if args.no_e2e and args.e2e_only:
         raise ValueError("--no-e2e and --e2e-only exclude each other")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     log = lambda m: print(m, file=sys.stderr)  # noqa: E731
     doc = ({"benchmark": "decode", "results": []} if args.e2e_only else
            decode.run(quick=args.quick, repeats=args.repeats, device=args.device, log=log))
@@ -190,6 +194,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     dec.add_argument("--model", default="smollm2", help="model for the end-to-end rows")
     dec.add_argument("--no-e2e", action="store_true", help="attention-layer rows only")
     dec.add_argument("--e2e-only", action="store_true", help="end-to-end rows only")
+    dec.add_argument("--threads", type=int,
+                     help="torch threads for every contender (default: torch's; 1 compares "
+                          "kernels on a shared machine where a descheduled worker stalls a pool)")
     dec.add_argument("--json", metavar="PATH")
     dec.add_argument("--markdown", metavar="PATH")
     dec.set_defaults(func=_bench_decode)
