@@ -174,18 +174,17 @@ class QuantizedKVLayer(SequenceSlots):
         if compress:
             self.compress_full_chunks(seqs)
 
+    def _unseen_chunks(self, length: int) -> int:
+        """Chunks of a sequence of ``length`` tokens that no token from the next one on sees:
+        chunk ``g`` ends at position ``sinks + (g + 1)·c - 1``, and a token at position
+        ``>= length`` sees keys ``> length - window``."""
+        return max(0, (length - self.window + 1 - self.cfg.sinks) // self.cfg.chunk)
+
     def _release_outside_window(self, seqs: list[int]) -> None:
-        """Free the leading pages of ``seqs`` that no token from the next one on can see: held
-        page ``i`` ends at position ``sinks + (base + i + 1)·c - 1``, and a token at position
-        ``>= L`` sees keys ``> L - window``."""
-        c, sinks = self.cfg.chunk, self.cfg.sinks
+        """Free the leading pages of ``seqs`` that :meth:`_unseen_chunks` counts."""
         for s in seqs:
-            oldest_seen = self.seq_lens([s])[0] - self.window + 1
-            gone = 0
-            while gone < self._n_chunks[s] and \
-                    sinks + (self._base[s] + gone + 1) * c - 1 < oldest_seen:
-                gone += 1
-            if not gone:
+            gone = min(self._n_chunks[s], self._unseen_chunks(self.seq_lens([s])[0]) - self._base[s])
+            if gone <= 0:
                 continue
             held = self._n_chunks[s]
             self._free_pages += self._table[s, :gone].tolist()
@@ -338,10 +337,10 @@ class QuantizedKVLayer(SequenceSlots):
         k, v = float_rows(view, 0)
         if self.cfg.rotate:
             k, v = unrotate(k), unrotate(v)
-        order = packed_positions(view, 0).argsort(stable=True).to(k.device)
+        pos, order = packed_positions(view, 0).to(k.device).sort()
         k, v = k.index_select(1, order), v.index_select(1, order)
         if self.cfg.pre_rope:
-            cos, sin = self.rope(self.positions(seq).to(k.device))
+            cos, sin = self.rope(pos)
             k = apply_rope(k, cos, sin)
         return k, v
 
@@ -373,8 +372,8 @@ class QuantizedKVLayer(SequenceSlots):
 
         def at_rest(n: int) -> int:  # after a decode step that made the sequence n tokens long
             pages = max(0, n - sinks - 1) // c
-            # released before the last append (length n - 1): pages ending before n - window
-            gone = 0 if self.window is None else min(pages, max(0, n - self.window - sinks) // c)
+            # released before the last append, at length n - 1
+            gone = 0 if self.window is None else min(pages, self._unseen_chunks(n - 1))
             return (pages - gone) * page + (n - pages * c) * row
 
         if self.window is None:

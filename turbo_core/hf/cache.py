@@ -18,7 +18,7 @@ from turbo_core.attention.config import KVQuantConfig
 from turbo_core.attention.floatcache import FloatKVLayer
 from turbo_core.attention.kvcache import QuantizedKVLayer, Rope
 from turbo_core.attention.plan import BitPlan, ModelShape
-from turbo_core.hf.features import layer_windows
+from turbo_core.hf.features import layer_windows, text_config
 
 LAYER_ATTR = "turbo_cache_layer"  # attribute on the K/V handles TurboCache returns
 
@@ -139,7 +139,7 @@ class TurboCache(Cache):
     def for_model(cls, model: torch.nn.Module, shape: ModelShape, bits: BitPlan | int | None,
                   cfg: KVQuantConfig | None = None, dtype: torch.dtype = torch.float32) -> TurboCache:
         """A cache for ``model``: its layers' sliding windows and RoPE come from the model."""
-        types = getattr(_text_config(model), "layer_types", None)
+        types = getattr(text_config(model.config), "layer_types", None)
         ropes = [model_rope(model, t) for t in types] if types and _rope_per_layer_type(model) \
             else model_rope(model)
         return cls(shape, bits, cfg, dtype=dtype, rope=ropes, windows=layer_windows(model.config))
@@ -185,10 +185,6 @@ class TurboCache(Cache):
         ``seqs`` or of every open sequence."""
         for layer in self.layers:
             layer.flush(seqs)
-
-
-def _text_config(model: torch.nn.Module) -> object:
-    return getattr(model.config, "get_text_config", lambda: model.config)()
 
 
 def _rotary(model: torch.nn.Module) -> torch.nn.Module | None:

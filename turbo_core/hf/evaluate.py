@@ -27,7 +27,7 @@ from turbo_core.hf.cache import TurboCache, cache_bytes
 from turbo_core.hf.calibrate import token_ids
 from turbo_core.hf.contenders import EngineContender, HFCacheContender
 from turbo_core.hf.data import TextSplit
-from turbo_core.hf.features import layer_windows
+from turbo_core.hf.features import layer_windows, text_config
 from turbo_core.hf.models import LoadedModel
 from turbo_core.hf.retrieval import RetrievalSettings
 from turbo_core.hf.speed import SpeedSettings
@@ -145,15 +145,10 @@ def head_slices(lm: LoadedModel, ids: torch.Tensor, step: int) -> Iterator[torch
     the decoder runs once, the output head (and a final logit soft-cap, Gemma's) per slice."""
     hidden = lm.model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state[0]
     head = lm.model.get_output_embeddings()
-    cap = getattr(_text_config(lm), "final_logit_softcapping", None)
+    cap = getattr(text_config(lm.model.config), "final_logit_softcapping", None)
     for s in range(0, hidden.shape[0], step):
         logits = head(hidden[s:s + step])
         yield logits if cap is None else torch.tanh(logits / cap) * cap
-
-
-def _text_config(lm: LoadedModel) -> object:
-    config = lm.model.config
-    return getattr(config, "get_text_config", lambda: config)()
 
 
 @torch.no_grad()

@@ -15,13 +15,14 @@ from __future__ import annotations
 SERVED_LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
-def _text_config(config: object) -> object:
+def text_config(config: object) -> object:
+    """The text part of a transformers config (itself for a text-only model)."""
     return getattr(config, "get_text_config", lambda: config)()
 
 
 def layer_windows(config: object) -> tuple[int | None, ...]:
     """The sliding window of each layer (``None``: full attention), as transformers masks it."""
-    text = _text_config(config)
+    text = text_config(config)
     n = text.num_hidden_layers
     window = getattr(text, "sliding_window", None)
     types = getattr(text, "layer_types", None)
@@ -40,7 +41,7 @@ def layer_windows(config: object) -> tuple[int | None, ...]:
 
 def unsupported(model: object) -> list[str]:
     """The attention features of ``model`` that the turbo path does not implement, named."""
-    text = _text_config(model.config)
+    text = text_config(model.config)
     found = []
     if getattr(text, "attn_logit_softcapping", None) is not None:
         found.append(f"attention logit soft-capping (attn_logit_softcapping="

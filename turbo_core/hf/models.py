@@ -20,6 +20,7 @@ from pathlib import Path
 
 from turbo_core.attention.plan import ModelShape
 from turbo_core.fileio import data_dir
+from turbo_core.hf.features import text_config
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +154,7 @@ def resolve(spec: str | os.PathLike[str] | None) -> tuple[str, Path]:
 
 def shape_of(config: object, name: str) -> ModelShape:
     """Attention geometry of a transformers config."""
-    text = getattr(config, "get_text_config", lambda: config)()
+    text = text_config(config)
     heads = text.num_attention_heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
     return ModelShape(
