@@ -33,8 +33,8 @@ fi
 export PATH="$VENV/bin:$PATH"
 export VIRTUAL_ENV="$VENV"
 cd "$ROOT"
-# The C++ CPU ops (kernels/csrc): built here, once per change of their sources, never at run time.
+# The C++ CPU ops (kernels/turbo_kernels/csrc): built here, once per change of their sources, never at run time.
 if ! "$VENV/bin/python" -m turbo_kernels.cpu_ops --if-stale >"$VENV/turbo-ops-build.log" 2>&1; then
     tail -n 30 "$VENV/turbo-ops-build.log" >&2
-    echo "[env] building the C++ CPU ops failed (g++ needed); the CPU path falls back" >&2
+    echo "[env] building the C++ CPU ops failed (g++ needed); CPU attention over the packed cache falls back to the pure-PyTorch reference (slow)" >&2
 fi

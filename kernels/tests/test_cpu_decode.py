@@ -1,12 +1,11 @@
-"""The fused CPU kernels — numba and the C++ op ``torch.ops.turbo.decode_attention`` — over the
-packed cache's view, against the pure-PyTorch reference:
+"""The C++ CPU attention ops — ``torch.ops.turbo.decode_attention`` and ``prefill_attention``,
+each on every case — over the packed cache's view, against the pure-PyTorch reference:
 ragged batches, INT2/INT4/INT8 heads mixed in one layer, GQA 1/3/8, head_dim 64/128/256, the
 INT8 buffer empty and not, several new tokens (chunked prefill), exact and TurboAttention math."""
 
 import pytest
 import torch
 from turbo_kernels import cpu_ops
-from turbo_kernels.cpu_decode import decode_attention_cpu
 
 from turbo_core.attention.config import EXACT, TURBO_DEFAULT, AttentionMath, KVQuantConfig, SASConfig
 from turbo_core.attention.kvcache import QuantizedKVLayer
@@ -19,19 +18,18 @@ MATHS = {"exact": EXACT, "turbo": TURBO_DEFAULT,
 ATOL = {"exact": 2e-5, "turbo": 6e-3, "sas-quadratic": 2e-2}
 
 
-def _cpp(q, view, *, math_cfg, splits=None, count=False):
-    out, dropped, candidates = cpu_ops.decode_attention(q, view, math_cfg=math_cfg)
-    return (out, dropped, candidates) if count else out
-
-
-@pytest.fixture(params=["numba", "cpp"])
+@pytest.fixture(params=["decode", "prefill"])
 def decode(request):
-    """Each CPU decode implementation, called like ``decode_attention_cpu`` (the C++ op has fixed
-    context splits of 8 pages and ignores ``splits``)."""
-    if request.param == "numba":
-        return decode_attention_cpu
+    """Each C++ attention op, called as ``op(q, view, math_cfg=..., count=False)``: the output,
+    or with ``count`` also the SAS zeros and the valid positions."""
     assert cpu_ops.load(), "the C++ ops are not built: python -m turbo_kernels.cpu_ops"
-    return _cpp
+    op = cpu_ops.decode_attention if request.param == "decode" else cpu_ops.prefill_attention
+
+    def call(q, view, *, math_cfg, count=False):
+        out, dropped, candidates = op(q, view, math_cfg=math_cfg)
+        return (out, dropped, candidates) if count else out
+
+    return call
 
 
 def ragged(bits, lengths, d=64, new=1, cfg=None, seed=0):
@@ -54,7 +52,7 @@ def test_one_new_token_matches_reference(bits, lengths, group, name, decode):
     cache = ragged(bits, lengths)
     q = torch.randn(len(lengths), 3 * group, 1, 64, generator=torch.Generator().manual_seed(1))
     view = cache.view()
-    out = decode(q, view, math_cfg=MATHS[name], splits=2)
+    out = decode(q, view, math_cfg=MATHS[name])
     assert_close(decode_attention_reference(q, view, math_cfg=MATHS[name]).out, out, atol=ATOL[name])
 
 
@@ -127,18 +125,29 @@ def test_sinks_and_int2_groups_match_reference(lengths, new, name, decode):
     assert_close(decode_attention_reference(q, view, math_cfg=MATHS[name]).out, out, atol=ATOL[name])
 
 
-def test_the_cpp_op_refuses_malformed_input_by_name():
+@pytest.mark.parametrize("op", ["decode_attention", "prefill_attention"])
+def test_the_cpp_ops_refuse_malformed_input_by_name(op):
     assert cpu_ops.load(), "the C++ ops are not built: python -m turbo_kernels.cpu_ops"
+    call = getattr(cpu_ops, op)
     view = ragged([4, 4], [200]).view()
     q = torch.randn(1, 2, 1, 64)
     bad_table = view.__class__(**{**view.__dict__, "page_table": view.page_table + 1000})
     with pytest.raises(RuntimeError, match="page_table"):
-        cpu_ops.decode_attention(q, bad_table, math_cfg=EXACT)
+        call(q, bad_table, math_cfg=EXACT)
     wide_table = view.__class__(**{**view.__dict__, "page_table": view.page_table.long()})
     with pytest.raises(ValueError, match=r"page_table must be a CPU torch\.int32"):
-        cpu_ops.decode_attention(q, wide_table, math_cfg=EXACT)
+        call(q, wide_table, math_cfg=EXACT)
     with pytest.raises(ValueError, match="head_dim 64"):
-        cpu_ops.decode_attention(torch.randn(1, 2, 1, 32), view, math_cfg=EXACT)
+        call(torch.randn(1, 2, 1, 32), view, math_cfg=EXACT)
+    short = view.__class__(**{**view.__dict__, "n_chunks": view.n_chunks + 5})
+    with pytest.raises(RuntimeError, match="n_chunks"):
+        call(q, short, math_cfg=EXACT)
     strided = torch.randn(1, 2, 1, 128)[..., ::2]  # non-contiguous queries are copied, not refused
     assert_close(decode_attention_reference(strided, view, math_cfg=EXACT).out,
-                 cpu_ops.decode_attention(strided, view, math_cfg=EXACT)[0], atol=2e-5)
+                 call(strided, view, math_cfg=EXACT)[0], atol=2e-5)
+    # a direct call of the op (no wrapper) with a wrong buffer shape is refused, not read
+    args = cpu_ops._view_args(q, view, EXACT, op)
+    args[18] = args[18][:, :1]  # buffer_k with one head fewer than buffer_v
+    tail = [cpu_ops.PAGES_PER_SPLIT] if op == "decode_attention" else []
+    with pytest.raises(RuntimeError, match="buffer_k"):
+        getattr(torch.ops.turbo, op)(*args, *tail, *cpu_ops._softmax_args(q, EXACT, None))

@@ -1,21 +1,36 @@
-"""Prompt chunks over the packed cache on CPU (BLAS products + the fused softmax pass) against
-the pure-PyTorch reference: ragged sequences, mixed INT2/INT4/INT8 heads, GQA, SAS cubic and
-quadratic, INT8 Q·Kᵀ on and off, a first chunk (nothing compressed yet) and later ones."""
+"""Prompt chunks over the packed cache on CPU — the C++ op ``torch.ops.turbo.prefill_attention``
+(two sgemm per tile of pages) — against the pure-PyTorch reference: ragged sequences, mixed
+INT2/INT4/INT8 heads, GQA, SAS cubic and quadratic, INT8 Q·Kᵀ on and off, a first chunk (nothing
+compressed yet) and later ones, tiles partly seen (causal diagonal, sinks)."""
 
 import pytest
 import torch
-from turbo_kernels.cpu_prefill import prefill_attention_cpu
+from turbo_kernels import cpu_ops
 
 from turbo_core.attention.config import EXACT, TURBO_DEFAULT, AttentionMath, SASConfig
 from turbo_core.attention.reference import decode_attention_reference
+from turbo_core.attention.sas import poly_max_rel_error
 from turbo_core.testing import assert_close
 
 from .test_cpu_decode import ragged
 
 MATHS = {"exact": EXACT, "turbo": TURBO_DEFAULT, "sas-no-int8": AttentionMath(sas=SASConfig()),
          "sas-quadratic": AttentionMath(sas=SASConfig(degree=2, lut_max=6), qk_int8=True)}
-# the same row max as the reference, so only float rounding differs (FMA in the polynomial)
-ATOL = 2e-5
+VMAX = 5.0  # the cached values are standard normal: |v| < 5 at these sizes
+
+
+def atol(math_cfg: AttentionMath) -> float:
+    """Float rounding, plus under SAS: the op evaluates each weight against a running maximum
+    (one per tile of keys, as the decode op does), the reference against the final one; both
+    are within the polynomial's max relative error eps of e^x, so a weight differs by < 2 eps,
+    the normalised output by < 4 eps max|v|."""
+    eps = 0.0 if math_cfg.sas is None else poly_max_rel_error(math_cfg.sas)
+    return 4 * eps * VMAX + 2e-5
+
+
+def prefill_attention_cpu(q, view, *, math_cfg):
+    assert cpu_ops.load(), "the C++ ops are not built: python -m turbo_kernels.cpu_ops"
+    return cpu_ops.prefill_attention(q, view, math_cfg=math_cfg)
 
 
 @pytest.mark.parametrize("bits", [[4, 4, 4], [2, 4, 8]])
@@ -29,14 +44,16 @@ def test_prompt_chunk_matches_reference(bits, lengths, new, group, name):
     q = 4 * torch.randn(len(lengths), 3 * group, new, 64, generator=torch.Generator().manual_seed(2))
     out, dropped, valid = prefill_attention_cpu(q, view, math_cfg=MATHS[name])
     ref = decode_attention_reference(q, view, math_cfg=MATHS[name])
-    assert_close(ref.out, out, atol=ATOL)
+    assert_close(ref.out, out, atol=atol(MATHS[name]))
     assert valid == ref.candidates
-    assert dropped == ref.sas_dropped
+    # cut against running maxima (never above the final one): a subset of the reference's
+    assert 0.8 * ref.sas_dropped <= dropped <= ref.sas_dropped
     if MATHS[name].sas is not None and max(lengths) > 300:
-        assert dropped > 0  # long rows: SAS really cut weights, and counted the same ones
+        assert dropped > 0  # long rows: SAS really cut weights
 
 
 def test_int8_pv_is_refused():
+    assert cpu_ops.load()
     cache = ragged([4], [200], new=200)
     with pytest.raises(ValueError, match="INT8 P·V"):
         prefill_attention_cpu(torch.randn(1, 1, 200, 64), cache.view(),
@@ -51,5 +68,5 @@ def test_prompt_chunk_over_sinks_and_int2_groups_matches_reference():
     q = 4 * torch.randn(2, 6, 140, 64, generator=torch.Generator().manual_seed(7))
     out, dropped, valid = prefill_attention_cpu(q, view, math_cfg=TURBO_DEFAULT)
     ref = decode_attention_reference(q, view, math_cfg=TURBO_DEFAULT)
-    assert_close(ref.out, out, atol=ATOL)
-    assert (dropped, valid) == (ref.sas_dropped, ref.candidates)
+    assert_close(ref.out, out, atol=atol(TURBO_DEFAULT))
+    assert valid == ref.candidates and 0.8 * ref.sas_dropped <= dropped <= ref.sas_dropped

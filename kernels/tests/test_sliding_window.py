@@ -1,13 +1,11 @@
 """Every kernel honours a sliding window, against the pure-PyTorch reference: the CPU decode
-kernels (numba and the C++ op), the CPU prefill path and the Triton decode kernel over windowed
+and prefill ops (C++) and the Triton decode kernel over windowed
 packed stores (pages released, sinks, ragged batches, GQA, one and several new tokens), and the
 Triton prefill kernel and SDPA over plain tensors. Windows are shorter than the sequences, so they bind."""
 
 import pytest
 import torch
 from turbo_kernels import cpu_ops
-from turbo_kernels.cpu_decode import decode_attention_cpu
-from turbo_kernels.cpu_prefill import prefill_attention_cpu
 from turbo_kernels.decode import decode_attention
 from turbo_kernels.prefill import prefill_attention
 
@@ -40,9 +38,9 @@ def test_cpu_decode_kernel_honours_the_window(cfg, window, new, name):
     assert int(view.chunk_base.max()) > 0  # pages were released
     q = torch.randn(3, 6, new, 64, generator=torch.Generator().manual_seed(1))
     ref = decode_attention_reference(q, view, math_cfg=MATHS[name]).out
-    assert_close(ref, decode_attention_cpu(q, view, math_cfg=MATHS[name]), atol=ATOL[name])
     assert cpu_ops.load(), "the C++ ops are not built: python -m turbo_kernels.cpu_ops"
     assert_close(ref, cpu_ops.decode_attention(q, view, math_cfg=MATHS[name])[0], atol=ATOL[name])
+    assert_close(ref, cpu_ops.prefill_attention(q, view, math_cfg=MATHS[name])[0], atol=ATOL[name])
 
 
 @pytest.mark.parametrize("cfg", list(CFGS), ids=list(CFGS))
@@ -54,7 +52,8 @@ def test_cpu_prefill_path_honours_the_window(cfg, window, name):
     view = store.view()
     q = torch.randn(2, 6, new, 64, generator=torch.Generator().manual_seed(2))
     ref = decode_attention_reference(q, view, math_cfg=MATHS[name]).out
-    out, _, _ = prefill_attention_cpu(q, view, math_cfg=MATHS[name])
+    assert cpu_ops.load(), "the C++ ops are not built: python -m turbo_kernels.cpu_ops"
+    out, _, _ = cpu_ops.prefill_attention(q, view, math_cfg=MATHS[name])
     assert_close(ref, out, atol=ATOL[name])
 
 

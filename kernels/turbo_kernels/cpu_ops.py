@@ -1,4 +1,4 @@
-"""The C++ CPU ops (``kernels/csrc``, registered as ``torch.ops.turbo.*``): build, load, call.
+"""The C++ CPU ops (``turbo_kernels/csrc``, registered as ``torch.ops.turbo.*``): build, load, call.
 
 Built once, ahead of time — ``scripts/env.sh`` runs ``python -m turbo_kernels.cpu_ops`` after
 installing — with ``-O3 -mavx2 -mfma -mf16c -fopenmp-simd`` (``omp simd`` reductions vectorize in order-free
@@ -8,8 +8,15 @@ hash of the sources, the flags and the torch version. At run time :func:`load` o
 library whose stamp matches; it never compiles (a request must not wait for g++). Without one,
 :func:`load` returns False and says once what is missing, and the caller takes another path.
 
-Ops: ``decode_attention`` (``csrc/decode_attention.cpp``): the newest tokens over one layer of
-the packed cache. Reference: ``turbo_core.attention.reference.decode_attention_reference``.
+Ops (reference: ``turbo_core.attention.reference.decode_attention_reference``):
+
+* ``decode_attention`` (``csrc/decode_attention.cpp``): a few newest tokens over one layer of
+  the packed cache, register-blocked loops over each page's codes;
+* ``prefill_attention`` (``csrc/prefill_attention.cpp``): a prompt chunk over it, two sgemm per
+  tile of decoded pages;
+* ``append`` (``csrc/append.cpp``): one layer's cache write per step, in place — full chunks
+  compressed into their pages, new rows quantized into the INT8 buffer (called by
+  ``QuantizedKVLayer.update``).
 """
 
 from __future__ import annotations
@@ -33,9 +40,10 @@ from turbo_core.fileio import write_atomic
 log = logging.getLogger(__name__)
 
 NAME = "turbo_cpu_ops"
-CSRC = Path(__file__).resolve().parent.parent / "csrc"
-SOURCES = ("torch_bindings.cpp", "decode_attention.cpp")  # + ops.h, in the stamp
-HEADERS = ("ops.h",)
+CSRC = Path(__file__).resolve().parent / "csrc"  # shipped in the wheel (package data)
+SOURCES = ("torch_bindings.cpp", "attention_common.cpp", "decode_attention.cpp",
+           "prefill_attention.cpp", "append.cpp")
+HEADERS = ("ops.h", "attention_common.h")  # in the stamp
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp-simd")
 PAGES_PER_SPLIT = 8  # as the numba kernel: a sequence's sums do not depend on its batch
 
@@ -99,14 +107,18 @@ def load() -> bool:
     return False
 
 
+def _fake_attention(q, *args, **kwargs):
+    return torch.empty_like(q), q.new_empty(2, dtype=torch.long)
+
+
 def _register_fakes() -> None:
     """Shapes without computing, for ``torch.compile`` (outputs: ``q``'s shape, two counts)."""
     if getattr(_register_fakes, "done", False):
         return
 
-    @torch.library.register_fake("turbo::decode_attention")
-    def _(q, qs, *args, **kwargs):
-        return torch.empty_like(q), q.new_empty(2, dtype=torch.long)
+    for op in ("decode_attention", "prefill_attention"):
+        torch.library.register_fake(f"turbo::{op}")(_fake_attention)
+    torch.library.register_fake("turbo::append")(lambda *args, **kwargs: None)
 
     _register_fakes.done = True
 
@@ -138,17 +150,11 @@ def _checked(name: str, t: torch.Tensor) -> torch.Tensor:
     return t if t.is_contiguous() else t.contiguous()
 
 
-def decode_attention(q: torch.Tensor, cache: PackedKV, *, math_cfg: AttentionMath,
-                     scale: float | None = None) -> tuple[torch.Tensor, int, int]:
-    """Attention of the ``L_q`` newest tokens of each sequence over ``cache`` (which holds them),
-    through ``torch.ops.turbo.decode_attention``; same contract as
-    ``turbo_kernels.cpu_decode.decode_attention_cpu`` with ``count=True``: returns the output
-    ``(B, H_q, L_q, D)`` in ``q.dtype``, the weights SAS zeroed and the valid positions. The op
-    quantizes the queries itself (``quantize_int8_blockwise``, with ``math_cfg.qk_int8``).
-    Needs :func:`load`."""
+def _view_args(q: torch.Tensor, cache: PackedKV, math_cfg: AttentionMath, op: str) -> list:
+    """The arguments both attention ops take, from ``q`` to ``chunk, sinks, window``, checked."""
     check_query(q, cache, math_cfg)
     if q.device.type != "cpu":
-        raise ValueError(f"turbo.decode_attention takes CPU tensors, got {q.device}")
+        raise ValueError(f"turbo.{op} takes CPU tensors, got {q.device}")
     parts: dict[str, list[torch.Tensor]] = {"heads": [], **{k: [] for k in _PARTS}}
     for g in cache.groups:
         parts["heads"].append(_checked("heads", g.heads))
@@ -161,19 +167,67 @@ def decode_attention(q: torch.Tensor, cache: PackedKV, *, math_cfg: AttentionMat
                 raise ValueError(f"{name} must be (pages, heads): per-channel first-level scales "
                                  f"(k_channel_scale) are read by the reference only")
             parts[name].append(_checked(name, t))
-    lut, coeffs, lut_max = _sas_args(math_cfg.sas)
     kb, vb = cache.buffer_k, cache.buffer_v
+    return [q.float().contiguous(), math_cfg.qk_int8, math_cfg.block_size, *parts.values(),
+            [g.bits for g in cache.groups], [g.k_group for g in cache.groups],
+            [g.v_group for g in cache.groups], _checked("page_table", cache.page_table),
+            _checked("n_chunks", cache.n_chunks), _checked("chunk_base", cache.chunk_base),
+            _checked("buffer_k", kb.values), _checked("buffer_k_scale", kb.scale),
+            _checked("buffer_v", vb.values), _checked("buffer_v_scale", vb.scale),
+            _checked("buffer_len", cache.buffer_len), cache.chunk, cache.sinks, cache.window or 0]
+
+
+def _softmax_args(q: torch.Tensor, math_cfg: AttentionMath, scale: float | None) -> list:
+    lut, coeffs, lut_max = _sas_args(math_cfg.sas)
+    return [1.0 / math.sqrt(q.shape[-1]) if scale is None else scale, lut, coeffs, lut_max,
+            math_cfg.sas is not None]
+
+
+def decode_attention(q: torch.Tensor, cache: PackedKV, *, math_cfg: AttentionMath,
+                     scale: float | None = None) -> tuple[torch.Tensor, int, int]:
+    """Attention of the ``L_q`` newest tokens of each sequence over ``cache`` (which holds them),
+    through ``torch.ops.turbo.decode_attention`` (a few new tokens: up to
+    ``functional.CPU_MAX_NEW_TOKENS``). Returns the output ``(B, H_q, L_q, D)`` in ``q.dtype``,
+    the weights SAS zeroed and the valid positions (as the reference counts them, SAS zeros
+    against running maxima: a lower bound). The op quantizes the queries itself
+    (``quantize_int8_blockwise``, with ``math_cfg.qk_int8``). Needs :func:`load`."""
     out, counts = torch.ops.turbo.decode_attention(
-        q.float().contiguous(), math_cfg.qk_int8, math_cfg.block_size, *parts.values(),
-        [g.bits for g in cache.groups], [g.k_group for g in cache.groups],
-        [g.v_group for g in cache.groups], _checked("page_table", cache.page_table),
-        _checked("n_chunks", cache.n_chunks), _checked("chunk_base", cache.chunk_base),
-        _checked("buffer_k", kb.values), _checked("buffer_k_scale", kb.scale),
-        _checked("buffer_v", vb.values), _checked("buffer_v_scale", vb.scale),
-        _checked("buffer_len", cache.buffer_len), cache.chunk, cache.sinks, cache.window or 0,
-        PAGES_PER_SPLIT, 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale, lut, coeffs,
-        lut_max, math_cfg.sas is not None)
+        *_view_args(q, cache, math_cfg, "decode_attention"), PAGES_PER_SPLIT,
+        *_softmax_args(q, math_cfg, scale))
     return out.to(q.dtype), int(counts[0]), int(counts[1])
+
+
+def prefill_attention(q: torch.Tensor, cache: PackedKV, *, math_cfg: AttentionMath,
+                      scale: float | None = None) -> tuple[torch.Tensor, int, int]:
+    """:func:`decode_attention`'s contract for a prompt chunk (hundreds of new tokens), through
+    ``torch.ops.turbo.prefill_attention``: two sgemm per tile of history, no copy of the whole
+    history. Needs :func:`load`."""
+    out, counts = torch.ops.turbo.prefill_attention(
+        *_view_args(q, cache, math_cfg, "prefill_attention"), *_softmax_args(q, math_cfg, scale))
+    return out.to(q.dtype), int(counts[0]), int(counts[1])
+
+
+_POOL_PARTS = ("k_packed", "k_scale", "k_low", "k_first", "v_packed", "v_scale", "v_low", "v_first")
+
+
+def append(k: torch.Tensor, v: torch.Tensor, seqs: list[int], rows: list[int],
+           buffers: dict[str, torch.Tensor], jobs: list[tuple[int, int, int, int]],
+           pages: torch.Tensor, pools: dict, cfg) -> None:
+    """``torch.ops.turbo.append``: compress ``jobs`` — ``(slot, first row, full chunks, rows
+    after them)`` — of the INT8 ``buffers`` into ``pages`` of ``pools`` (``PagePool`` per bit
+    width), move the rows after them down, then quantize ``k, v (N, H_kv, T, D)`` into buffer
+    rows ``rows[i]..`` of slot ``seqs[i]``. In place; ``QuantizedKVLayer.update`` plans it."""
+    groups = list(pools.values())
+    parts = {name: [g.t.get(name, _EMPTY[torch.uint8]) for g in groups] for name in _POOL_PARTS}
+    for name in ("k_low", "v_low"):
+        parts[name] = [g.t.get(name, _EMPTY[torch.int8]) for g in groups]
+    torch.ops.turbo.append(
+        k.float().contiguous(), v.float().contiguous(), torch.tensor(seqs, dtype=torch.long),
+        torch.tensor(rows, dtype=torch.long), buffers["k_values"], buffers["k_scale"],
+        buffers["v_values"], buffers["v_scale"],
+        torch.tensor(jobs, dtype=torch.long).reshape(-1, 4), pages.long().contiguous(),
+        [g.heads for g in groups], *parts.values(), [g.bits for g in groups],
+        [g.k_group for g in groups], [g.v_group for g in groups], cfg.chunk, cfg.protect)
 
 
 if __name__ == "__main__":  # python -m turbo_kernels.cpu_ops [--if-stale] [-v]

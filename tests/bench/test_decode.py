@@ -30,7 +30,8 @@ def test_each_contender_attends_over_its_whole_cache():
 
 
 def test_rows_and_table(monkeypatch):
-    monkeypatch.setattr(decode, "QUICK", {"shapes": ["smollm2"], "batches": [2], "contexts": [128]})
+    monkeypatch.setattr(decode, "QUICK", {"shapes": ["smollm2"], "batches": [2], "contexts": [128],
+                                          "prefill": [600]})
     doc = decode.run(quick=True, repeats=1, device="cpu", log=lambda m: None)
     rows = doc["results"]
     assert [r["contender"] for r in rows] == ["sdpa", "turbo-int4", "turbo-mix", "quanto-int4"]
@@ -40,3 +41,11 @@ def test_rows_and_table(monkeypatch):
     assert rows[2]["kv_bytes"] < rows[1]["kv_bytes"] < rows[0]["kv_bytes"]  # mix < int4 < float
     assert doc["copy_bandwidth_gb_s"] > 0.5 and doc["device"]["type"] == "cpu"
     assert "turbo-mix" in decode.table(doc)
+    # the cache write and the prefill rows: every contender, the float engine as the base
+    assert {r["contender"] for r in doc["append"]} == {"sdpa-fp32", "turbo-int4", "turbo-mix",
+                                                       "turbo-int4-pytorch"}
+    assert all(r["median_us_per_step"] > 0 and r["batch"] == 2 for r in doc["append"])
+    prefill = {r["contender"]: r for r in doc["prefill"]}
+    assert set(prefill) == {"sdpa-fp32", "turbo-int4", "turbo-mix"}
+    assert prefill["sdpa-fp32"]["ratio_vs_sdpa"] == 1.0 and prefill["turbo-int4"]["prompt"] == 600
+    assert "Prefill through one layer" in decode.table(doc) and "Cache write" in decode.table(doc)

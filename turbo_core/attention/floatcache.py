@@ -82,6 +82,10 @@ class FloatKVLayer(SequenceSlots):
         for s in seqs:
             self._lens[s] += t
 
+    def update(self, k: torch.Tensor, v: torch.Tensor, seqs: Sequence[int] | None = None) -> None:
+        """One attention step's write (the packed store's signature): :meth:`append`."""
+        self.append(k, v, seqs=seqs)
+
     def _drop_outside_window(self, seqs: list[int]) -> None:
         """Forget the rows no token from the next one on sees (positions ``<= L - window``);
         once a whole block of them piles up, the held rows move down over it."""

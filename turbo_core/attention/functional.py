@@ -2,15 +2,16 @@
 
 Backends:
 * ``triton`` — the fused kernels in ``turbo_kernels`` (prefill; decode over the packed cache);
-* ``cpu`` — the fused CPU kernel (numba) for new tokens over the packed cache, in place;
+* ``cpu`` — the C++ CPU ops (``torch.ops.turbo.decode_attention`` / ``prefill_attention``,
+  ``turbo_kernels.cpu_ops``) for new tokens over the packed cache, in place;
 * ``sdpa`` — PyTorch's ``scaled_dot_product_attention`` for exact attention (every switch off);
 * ``reference`` — pure PyTorch (``turbo_core.attention.reference``), the ground truth.
 
 ``TURBO_ATTENTION_BACKEND`` = ``auto`` (default: the fastest implementation that serves the
-call: Triton on CUDA, the CPU kernel over a packed cache on CPU, SDPA for exact math, else the
-reference), ``triton`` / ``cpu`` (that implementation for every call it serves — Triton also on
-CPU tensors under ``TRITON_INTERPRET=1`` —, other calls run the reference with a WARNING naming
-why) or ``reference``. Each distinct choice is logged once with its reason.
+call: Triton on CUDA, the CPU ops over a packed cache on CPU — when they are built —, SDPA for
+exact math, else the reference), ``triton`` / ``cpu`` (that implementation for every call it
+serves — Triton also on CPU tensors under ``TRITON_INTERPRET=1`` —, other calls run the
+reference with a WARNING naming why) or ``reference``. Each distinct choice is logged once with its reason.
 """
 
 from __future__ import annotations
@@ -42,10 +43,10 @@ log = logging.getLogger(__name__)
 
 BACKEND_ENV = "TURBO_ATTENTION_BACKEND"
 _BACKENDS = ("auto", "triton", "cpu", "reference")
-# New tokens at once that the fused CPU decode kernel takes over a packed cache; a longer prompt
-# chunk runs turbo_kernels.cpu_prefill (BLAS products + one fused softmax pass: the kernel's
-# loops lose to BLAS at prefill sizes).
-CPU_MAX_NEW_TOKENS = 128
+# Query rows per KV head (GQA group x new tokens) up to which the CPU decode op (register-blocked
+# loops over each page) beats the prefill op (two sgemm per tile of pages); measured on two
+# cores at 1k and 4k contexts: the prefill op is 1.1x at 24 rows, 0.5x at 3 (issue 24's note).
+CPU_DECODE_MAX_ROWS = 16
 TRITON_MAX_ROWS = 256  # turbo_kernels.decode.MAX_ROWS (not imported: triton stays lazy)
 _logged: set[tuple[str, str]] = set()
 
@@ -86,6 +87,11 @@ def _cache_blocker(q: torch.Tensor, store: QuantizedKVLayer, opts: AttentionOpti
         return f"{rows} query rows per KV head over a quantized cache (> {TRITON_MAX_ROWS})"
     if backend == "cpu" and q.is_cuda:
         return f"{q.device.type} tensors"
+    if backend == "cpu":
+        from turbo_kernels import cpu_ops
+
+        if not cpu_ops.load():
+            return f"the C++ CPU ops are not built ({cpu_ops.stale()}; scripts/env.sh builds them)"
     return _common_blocker(opts)
 
 
@@ -233,23 +239,12 @@ def _over_cache(q: torch.Tensor, store: QuantizedKVLayer, seqs: Sequence[int] | 
 def _over_packed(q: torch.Tensor, store: QuantizedKVLayer, seqs: Sequence[int] | None,
                  backend: str, opts: AttentionOptions) -> AttentionResult:
     math_cfg, scale = opts.get("math_cfg", EXACT), opts.get("scale")
-    if backend == "cpu" and q.shape[2] > CPU_MAX_NEW_TOKENS:
-        from turbo_kernels.cpu_prefill import prefill_attention_cpu
-
-        out, dropped, candidates = prefill_attention_cpu(q, store.view(seqs), math_cfg=math_cfg,
-                                                         scale=scale)
-        return AttentionResult(out=out, probs=None, sas_dropped=dropped, candidates=candidates)
     if backend == "cpu":
         from turbo_kernels import cpu_ops
 
-        if cpu_ops.load():  # the C++ op; numba's kernel until the ops are built
-            out, dropped, candidates = cpu_ops.decode_attention(q, store.view(seqs),
-                                                                math_cfg=math_cfg, scale=scale)
-        else:
-            from turbo_kernels.cpu_decode import decode_attention_cpu
-
-            out, dropped, candidates = decode_attention_cpu(q, store.view(seqs), math_cfg=math_cfg,
-                                                            scale=scale, count=True)
+        rows = q.shape[1] // store.num_heads * q.shape[2]
+        op = cpu_ops.decode_attention if rows <= CPU_DECODE_MAX_ROWS else cpu_ops.prefill_attention
+        out, dropped, candidates = op(q, store.view(seqs), math_cfg=math_cfg, scale=scale)
         return AttentionResult(out=out, probs=None, sas_dropped=dropped, candidates=candidates)
     if backend == "triton":
         from turbo_kernels.decode import decode_attention

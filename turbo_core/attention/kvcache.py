@@ -28,6 +28,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from turbo_core.attention.config import KVQuantConfig, check_bits, check_window
+from turbo_core.attention.kvstorage import PackedStorage
 from turbo_core.attention.packed import PackedKV, float_rows, int8_rows
 from turbo_core.attention.packed import positions as packed_positions
 from turbo_core.attention.pool import PagePool, compress_pages
@@ -35,12 +36,11 @@ from turbo_core.attention.quant import Int8Rows, quantize_int8_blockwise
 from turbo_core.attention.rotation import apply_rope, rotate, undo_rope, unrotate
 from turbo_core.attention.slots import SequenceSlots
 
-PAGE_BLOCK = 16  # the page pool grows by at least this many pages (1024 tokens at chunk 64)
 # positions (int64 (L,)) -> the model's RoPE (cos, sin), float (L, D); what pre_rope needs
 Rope = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
-class QuantizedKVLayer(SequenceSlots):
+class QuantizedKVLayer(PackedStorage, SequenceSlots):
     """Packed INT4/INT2 (+ INT8) KV storage of one attention layer with a per-head bit plan.
 
     Sequences are slots: :meth:`add_sequence` / :meth:`release`; :meth:`append` without
@@ -146,15 +146,8 @@ class QuantizedKVLayer(SequenceSlots):
         """
         self._check(k, v)
         seqs = self._rows_for(k.shape[0], seqs)
-        if self.window is not None:
-            self._release_outside_window(seqs)
-        if self.cfg.pre_rope:  # K arrives after RoPE: store it as it was before
-            k = self._undo_rope(k, seqs)
-        if self.cfg.rotate:  # stored rotated; readers rotate queries alike (functional._over_cache)
-            k, v = rotate(k), rotate(v)
-        self._ensure_storage(k.device)
+        k, v = self._prepare(k, v, seqs)
         t = k.shape[2]
-        self._reserve_rows(max(self._buf_len[s] for s in seqs) + t)
         if t == 1:  # a decode step: one scatter per tensor for the whole batch
             slot = torch.tensor(seqs, device=k.device)[:, None]
             pos = torch.tensor([self._buf_len[s] for s in seqs], device=k.device)[:, None]
@@ -173,6 +166,48 @@ class QuantizedKVLayer(SequenceSlots):
             self._buf_len[s] += t
         if compress:
             self.compress_full_chunks(seqs)
+
+    def _prepare(self, k: torch.Tensor, v: torch.Tensor,
+                 seqs: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Before ``k, v`` go into the buffers: pages outside the window released, K and V as
+        stored (RoPE undone with ``pre_rope``, rotated with ``rotate``), room for the rows."""
+        if self.window is not None:
+            self._release_outside_window(seqs)
+        if self.cfg.pre_rope:  # K arrives after RoPE: store it as it was before
+            k = self._undo_rope(k, seqs)
+        if self.cfg.rotate:  # stored rotated; readers rotate queries alike (functional._over_cache)
+            k, v = rotate(k), rotate(v)
+        self._ensure_storage(k.device)
+        self._reserve_rows(max(self._buf_len[s] for s in seqs) + k.shape[2])
+        return k, v
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, seqs: Sequence[int] | None = None) -> None:
+        """One attention step's write: :meth:`compress_full_chunks` (what the previous step left),
+        then :meth:`append` without compressing (the new tokens attend at INT8). On CPU with the
+        C++ ops built, both are one ``torch.ops.turbo.append`` call (byte for byte the same)."""
+        self._check(k, v)
+        seqs = self._rows_for(k.shape[0], seqs)
+        from turbo_kernels import cpu_ops  # lazy: the kernels package stays out of imports
+
+        from turbo_core.attention.functional import requested_backend  # lazy: functional imports us
+
+        if k.device.type != "cpu" or self.cfg.k_channel_scale or \
+                requested_backend() not in ("auto", "cpu") or not cpu_ops.load():
+            self.compress_full_chunks(seqs)
+            self.append(k, v, compress=False, seqs=seqs)
+            return
+        todo = self._full_chunks(seqs)
+        jobs = [(s, self._sinks(s), n, self._buf_len[s] - self._sinks(s) - n * self.cfg.chunk)
+                for s, n in todo]
+        pages = self._take_pages(sum(n for _, n in todo)) if todo else torch.zeros(0, dtype=torch.long)
+        self._record_pages(todo, pages)  # the table and lengths as after compression
+        k, v = self._prepare(k, v, seqs)
+        cpu_ops.append(k, v, seqs, [self._buf_len[s] for s in seqs], self._buf, jobs, pages,
+                       self._pools, self.cfg)
+        for s in seqs:
+            self._buf_len[s] += k.shape[2]
+        if todo:
+            self._shrink_rows()
 
     def _unseen_chunks(self, length: int) -> int:
         """Chunks of a sequence of ``length`` tokens that no token from the next one on sees:
@@ -205,13 +240,13 @@ class QuantizedKVLayer(SequenceSlots):
     def compress_full_chunks(self, seqs: Sequence[int] | None = None) -> None:
         """Move every full ``chunk`` of buffered tokens into packed low-bit pages."""
         c = self.cfg.chunk
-        todo = [(s, (self._buf_len[s] - self._sinks(s)) // c) for s in self._pick(seqs)]
-        todo = [(s, n) for s, n in todo if n > 0]
+        todo = self._full_chunks(self._pick(seqs))
         if not todo:
             return
         parts: dict[str, list[torch.Tensor]] = {"k": [], "v": []}
+        starts = {s: self._sinks(s) for s, _ in todo}
         for s, n_full in todo:
-            at = self._sinks(s)
+            at = starts[s]
             for name in ("k", "v"):
                 rows = Int8Rows(self._buf[f"{name}_values"][s, :, at: at + n_full * c],
                                 self._buf[f"{name}_scale"][s, :, at: at + n_full * c])
@@ -221,74 +256,27 @@ class QuantizedKVLayer(SequenceSlots):
         k, v = torch.cat(parts["k"]), torch.cat(parts["v"])  # (N, H, c, D)
         for bits, sides in compress_pages(k, v, self._pools, self.cfg).items():
             self._pools[bits].write(pages, sides)
+        self._record_pages(todo, pages)
+        for s, n_full in todo:  # the sinks stay at the front, the tail (< chunk) moves next
+            keep, rest = starts[s], self._buf_len[s] - starts[s]
+            for t in self._buf.values():
+                t[s, :, keep: keep + rest] = t[s, :, keep + n_full * c: keep + n_full * c + rest].clone()
+        self._shrink_rows()
+
+    def _full_chunks(self, seqs: list[int]) -> list[tuple[int, int]]:
+        """``(sequence, full chunks)`` of buffered rows past the sinks, for those that have any."""
+        todo = [(s, (self._buf_len[s] - self._sinks(s)) // self.cfg.chunk) for s in seqs]
+        return [(s, n) for s, n in todo if n > 0]
+
+    def _record_pages(self, todo: list[tuple[int, int]], pages: torch.Tensor) -> None:
+        """The page table and lengths once ``todo``'s chunks sit in ``pages`` (in order)."""
         at = 0
         for s, n_full in todo:
             self._reserve_table(self._n_chunks[s] + n_full)
             self._table[s, self._n_chunks[s]: self._n_chunks[s] + n_full] = pages[at:at + n_full].cpu()
             at += n_full
             self._n_chunks[s] += n_full
-            keep = self._sinks(s)  # the sinks stay at the front, the tail (< chunk) moves next
-            rest = self._buf_len[s] - keep - n_full * c
-            for t in self._buf.values():
-                t[s, :, keep: keep + rest] = t[s, :, keep + n_full * c: keep + n_full * c + rest].clone()
-            self._buf_len[s] = keep + rest
-        self._shrink_rows()
-
-    # -- storage growth ----------------------------------------------------------------------
-    def _ensure_storage(self, device: torch.device) -> None:
-        if self._device is None:
-            self._device = device
-            self._pools = {b: PagePool(b, h, self.head_dim, self.cfg, device)
-                           for b, h in self.groups.items()}
-            shape = (0, self.num_heads, 0)
-            self._buf = {"k_values": torch.empty(*shape, self.head_dim, dtype=torch.int8, device=device),
-                         "k_scale": torch.empty(*shape, dtype=torch.float32, device=device)}
-            self._buf |= {"v_values": torch.empty_like(self._buf["k_values"]),
-                          "v_scale": torch.empty_like(self._buf["k_scale"])}
-        elif device != self._device:
-            raise ValueError(f"cache layer lives on {self._device}, new tokens are on {device}")
-
-    def _reserve_rows(self, rows: int) -> None:
-        """Buffer capacity for every slot: ``rows`` tokens (rounded up to a chunk)."""
-        slots, cap = self._buf["k_values"].shape[0], self._buf["k_values"].shape[2]
-        want_slots = max(slots, len(self._n_chunks))
-        want_rows = max(cap, -(-rows // self.cfg.chunk) * self.cfg.chunk)
-        if (want_slots, want_rows) != (slots, cap):
-            self._resize_buffer(want_slots, want_rows)
-
-    def _shrink_rows(self) -> None:
-        """After compression the buffers hold < chunk rows: give back what a prefill grew."""
-        need = max(self._buf_len, default=0)
-        rows = max(self.cfg.chunk, -(-need // self.cfg.chunk) * self.cfg.chunk)
-        if self._buf["k_values"].shape[2] > rows:
-            self._resize_buffer(self._buf["k_values"].shape[0], rows)
-
-    def _resize_buffer(self, slots: int, rows: int) -> None:
-        for name, old in self._buf.items():
-            new = torch.zeros(slots, old.shape[1], rows, *old.shape[3:], dtype=old.dtype,
-                              device=old.device)
-            keep = min(rows, old.shape[2])
-            new[: old.shape[0], :, :keep] = old[:, :, :keep]
-            self._buf[name] = new
-
-    def _take_pages(self, n: int) -> torch.Tensor:
-        if len(self._free_pages) < n:
-            have = next(iter(self._pools.values())).capacity
-            want = have + max(PAGE_BLOCK, have // 4, n - len(self._free_pages))
-            want = -(-want // PAGE_BLOCK) * PAGE_BLOCK
-            for pool in self._pools.values():
-                pool.grow(want)
-            self._free_pages += range(have, want)
-        taken, self._free_pages = self._free_pages[:n], self._free_pages[n:]
-        return torch.tensor(taken, dtype=torch.long, device=self._device)
-
-    def _reserve_table(self, pages: int) -> None:
-        slots, cols = self._table.shape
-        want = (max(slots, len(self._n_chunks)), max(cols, pages))
-        if want != (slots, cols):
-            new = torch.zeros(*want, dtype=torch.int32)
-            new[:slots, :cols] = self._table
-            self._table = new
+            self._buf_len[s] -= n_full * self.cfg.chunk
 
     # -- reading -----------------------------------------------------------------------------
     def view(self, seqs: Sequence[int] | None = None) -> PackedKV:

@@ -43,8 +43,9 @@ class Shape:
 
 
 SHAPES = {"smollm2": Shape("smollm2", 9, 3, 64), "llama8b": Shape("llama8b", 32, 8, 128)}
-FULL = {"shapes": ["smollm2", "llama8b"], "batches": [1, 8], "contexts": [1024, 4096, 16384]}
-QUICK = {"shapes": ["smollm2"], "batches": [1, 8], "contexts": [1024, 4096]}
+FULL = {"shapes": ["smollm2", "llama8b"], "batches": [1, 4, 8], "contexts": [1024, 4096, 16384],
+        "prefill": [2048, 8192]}
+QUICK = {"shapes": ["smollm2"], "batches": [1, 4, 8], "contexts": [1024, 4096], "prefill": [2048, 8192]}
 
 
 def copy_bandwidth(device: torch.device, mib: int = 256, repeats: int = 5) -> float:
@@ -60,8 +61,7 @@ def _turbo(bits: list[int], k, v, q, new_k, new_v) -> tuple[Callable[[], object]
     cache.append(k, v)
 
     def step() -> torch.Tensor:  # exactly TurboCacheLayer.update + the "turbo" attention
-        cache.compress_full_chunks()
-        cache.append(new_k, new_v, compress=False)
+        cache.update(new_k, new_v)
         return turbo_attention(q, None, None, kv_store=cache, math_cfg=TURBO_DEFAULT).out
 
     backend = choose_backend(q, None, None, kv_store=cache, math_cfg=TURBO_DEFAULT)[0]
@@ -145,10 +145,18 @@ def run(quick: bool = False, repeats: int = 5, device: str | None = None,
         for batch in grid["batches"]:
             for ctx in grid["contexts"]:
                 results += _case(SHAPES[name], batch, ctx, dev, repeats, bw, log)
-    return {"benchmark": "decode", "mode": "quick" if quick else "full", "device": describe_device(dev),
-            "threads": torch.get_num_threads(), "repeats": repeats, "copy_bandwidth_gb_s": bw / 1e9,
-            "shapes": {n: asdict(SHAPES[n]) for n in grid["shapes"]}, "results": results,
-            "step": "append one token to the cache + attend one query per sequence over all of it"}
+    doc = {"benchmark": "decode", "mode": "quick" if quick else "full", "device": describe_device(dev),
+           "threads": torch.get_num_threads(), "repeats": repeats, "copy_bandwidth_gb_s": bw / 1e9,
+           "shapes": {n: asdict(SHAPES[n]) for n in grid["shapes"]}, "results": results,
+           "step": "append one token to the cache + attend one query per sequence over all of it"}
+    if dev.type == "cpu":  # the C++ ops' other two rows (the CUDA path writes with torch ops)
+        from turbo_core.bench import cache_ops
+
+        smol = SHAPES["smollm2"]
+        mix = round(MIX_INT2_FRACTION * smol.kv_heads)
+        doc["append"] = cache_ops.append_rows(smol, grid["batches"], 1024, repeats, mix, log)
+        doc["prefill"] = cache_ops.prefill_rows(smol, grid["prefill"], max(1, repeats // 3), mix, log)
+    return doc
 
 
 def table(doc: dict, fmt: str = "simple") -> str:
@@ -162,6 +170,10 @@ def table(doc: dict, fmt: str = "simple") -> str:
             f"{doc['copy_bandwidth_gb_s']:.1f} GB/s, median of {doc['repeats']}; "
             f"ratio_vs_sdpa > 1 is faster than SDPA\n")
     text = head + tabulate(rows, headers=keys, tablefmt=fmt, floatfmt=".3f")
+    if doc.get("append") or doc.get("prefill"):
+        from turbo_core.bench import cache_ops
+
+        text += "\n\n" + cache_ops.table(doc, fmt)
     if "end_to_end" in doc:
         from turbo_core.bench import decode_e2e
 

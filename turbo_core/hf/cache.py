@@ -58,8 +58,7 @@ class TurboCacheLayer(CacheLayerMixin):
         if not self.attended:
             raise ValueError("TurboCache was read by an attention other than 'turbo'; switch the "
                              "model with turbo_core.hf.attention.enable() before using TurboCache")
-        self.store.compress_full_chunks(self.seqs)
-        self.store.append(key_states, value_states, compress=False, seqs=self.seqs)
+        self.store.update(key_states, value_states, seqs=self.seqs)
         for handle in (key_states, value_states):
             setattr(handle, LAYER_ATTR, self)
         self.attended = False

@@ -16,7 +16,7 @@ from pathlib import Path
 from turbo_core.tracking.runs import code_version
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository
-LOCAL_BASE = "turbo-base:bookworm-py311"
+LOCAL_BASE = "turbo-base:bookworm-py311-gxx"
 
 
 def _slug(text: str) -> str:

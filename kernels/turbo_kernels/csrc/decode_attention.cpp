@@ -22,76 +22,12 @@
 //   sum_t w_t v8[d, t] = sum_t (w_t S_gt) code_dt + sum_t w_t low_gt     (V: g = channel group)
 // so a page's codes are only converted to float, once, for all the rows that read them.
 
-#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <immintrin.h>
-#include <torch/library.h>
 
+#include "attention_common.h"
 #include "ops.h"
 
-#include <algorithm>
-#include <cmath>
-#include <cstdint>
-#include <vector>
-
 namespace turbo {
-
-constexpr float kNeg = -3.0e38f;  // a finite "minus infinity"
-
-inline float hsum(__m256 v) {  // the sum of 8 lanes
-  __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  x = _mm_add_ps(x, _mm_movehl_ps(x, x));
-  return _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x)));
-}
-
-struct Softmax {
-  bool sas;
-  const float* lut;  // T + 2 entries, the last 0: weights past the table cut without a branch
-  float c0, c1, c2, c3, lut_max;
-
-  // s[lo:hi] -> e^(s - top) in place (and 0 before lo); returns their sum, adds SAS zeros.
-  inline float weights(float* s, int lo, int hi, float top, int64_t& zeros) const {
-    for (int t = 0; t < lo; ++t) s[t] = 0.f;
-    float total = 0.f;
-    if (sas) {
-      const float cut = lut_max + 1.f;
-      // 8 at a time: neg = min(top - s, T + 1), n = floor(neg), w = LUT[n] P(neg - n)
-      const __m256 vtop = _mm256_set1_ps(top), vcut = _mm256_set1_ps(cut), vmax = _mm256_set1_ps(lut_max);
-      __m256 vtot = _mm256_setzero_ps();
-      int t = lo;
-      for (; t + 8 <= hi; t += 8) {
-        const __m256 neg = _mm256_min_ps(_mm256_sub_ps(vtop, _mm256_loadu_ps(s + t)), vcut);
-        const __m256 n = _mm256_floor_ps(neg);
-        const __m256 f = _mm256_sub_ps(neg, n);
-        __m256 poly = _mm256_fmadd_ps(_mm256_set1_ps(c3), f, _mm256_set1_ps(c2));
-        poly = _mm256_fmadd_ps(poly, f, _mm256_set1_ps(c1));
-        poly = _mm256_fmadd_ps(poly, f, _mm256_set1_ps(c0));
-        const __m256 w = _mm256_mul_ps(_mm256_i32gather_ps(lut, _mm256_cvttps_epi32(n), 4), poly);
-        _mm256_storeu_ps(s + t, w);
-        vtot = _mm256_add_ps(vtot, w);
-        zeros += __builtin_popcount(_mm256_movemask_ps(_mm256_cmp_ps(n, vmax, _CMP_GT_OQ)));
-      }
-      total = hsum(vtot);
-      for (; t < hi; ++t) {
-        const float neg = std::min(top - s[t], cut);
-        const float n = std::floor(neg);
-        const float f = neg - n;
-        const float w = lut[static_cast<int>(n)] * (((c3 * f + c2) * f + c1) * f + c0);
-        s[t] = w;
-        total += w;
-        zeros += n > lut_max;
-      }
-    } else {
-#pragma omp simd reduction(+ : total)
-      for (int t = lo; t < hi; ++t) {
-        const float w = std::exp(s[t] - top);
-        s[t] = w;
-        total += w;
-      }
-    }
-    return total;
-  }
-};
 
 struct Rows {  // the running state of the R query rows of one job
   int R, D;
@@ -124,32 +60,6 @@ struct Rows {  // the running state of the R query rows of one job
       m[r] = m_new;
     }
   }
-};
-
-// Planar codes of one channel -> INT8 values in float: byte j of plane p holds token p*M + j.
-template <int BITS>
-inline void unpack_channel(const uint8_t* src, int M, const float* scale, const float* low,
-                           float* dst) {
-  if constexpr (BITS == 8) {
-    for (int j = 0; j < M; ++j) dst[j] = static_cast<float>(static_cast<int8_t>(src[j]));
-  } else {
-    constexpr int kMask = (1 << BITS) - 1;
-    for (int p = 0; p < 8 / BITS; ++p)
-#pragma omp simd
-      for (int j = 0; j < M; ++j) {
-        const float code = static_cast<float>((src[j] >> (p * BITS)) & kMask);
-        const int t = p * M + j;
-        dst[t] = std::min(std::max(code * scale[t] + low[t], -127.f), 127.f);
-      }
-  }
-}
-
-struct Group {  // the KV heads stored at one bit width (PackedHeads)
-  int bits, n, k_group, v_group;
-  const int64_t* heads;
-  const uint8_t *kp, *ksc, *vp, *vsc;
-  const int8_t *klo, *vlo;
-  const float *kf, *vf;
 };
 
 struct Call {
@@ -201,7 +111,7 @@ inline int window_starts(const Call& c, int b, int ci, int R, int* lo) {
 template <int BITS>
 void pages_job(const Call& c, const Group& g, int b, int i, int sp, const Softmax& sm,
                int64_t* counts) {
-  const int D = c.D, C = c.chunk, R = c.group * c.Lq, M = C * BITS / 8;
+  const int D = c.D, C = c.chunk, R = c.group * c.Lq;
   const int hk = static_cast<int>(g.heads[i]);
   const int nc = c.n_chunks[b];
   const int c_lo = std::min(nc, sp * c.step), c_hi = std::min(nc, sp * c.step + c.step);
@@ -209,23 +119,14 @@ void pages_job(const Call& c, const Group& g, int b, int i, int sp, const Softma
   load_query(c, b, hk, qr, qsr);
   Rows st(R, D);
   std::vector<float> k8(static_cast<size_t>(D) * C), v8(static_cast<size_t>(D) * C),
-      s(static_cast<size_t>(R) * C), sc(C), lo_t(C);
+      s(static_cast<size_t>(R) * C), sc(2 * C), lo_t(2 * C);
   std::vector<int> lo(R, 0), hi(R, C);
   int64_t zeros = 0, seen = 0;
-  const int kgs = C / std::max(1, g.k_group), vgs = D / std::max(1, g.v_group);
   for (int ci = c_lo; ci < c_hi; ++ci) {
     const int64_t p = c.table[static_cast<int64_t>(b) * c.table_cols + ci];
     if (c.window > 0 && window_starts(c, b, ci, R, lo.data()) >= C) continue;  // nobody sees it
     const int64_t ph = p * g.n + i;  // (page, head row) of the pool tensors
-    for (int d = 0; d < D; ++d) {   // K (D, C): S and low per (channel, token group)
-      if constexpr (BITS != 8)
-        for (int gi = 0; gi < kgs; ++gi) {
-          const int64_t at = (ph * D + d) * kgs + gi;
-          std::fill(sc.begin() + gi * g.k_group, sc.begin() + (gi + 1) * g.k_group, float(g.ksc[at]));
-          std::fill(lo_t.begin() + gi * g.k_group, lo_t.begin() + (gi + 1) * g.k_group, float(g.klo[at]));
-        }
-      unpack_channel<BITS>(g.kp + (ph * D + d) * M, M, sc.data(), lo_t.data(), k8.data() + d * C);
-    }
+    decode_page<BITS>(g, ph, D, C, k8.data(), v8.data(), C, sc.data(), lo_t.data());
     for (int r = 0; r < R; ++r) {  // s = q . k8, tokens inner
       float* sr = s.data() + static_cast<size_t>(r) * C;
       std::fill(sr, sr + C, 0.f);
@@ -237,21 +138,6 @@ void pages_job(const Call& c, const Group& g, int b, int i, int sp, const Softma
       }
       const float f = qsr[r] * g.kf[ph] * c.sm_scale;
       for (int t = 0; t < C; ++t) sr[t] *= f;
-    }
-    const float vscale = g.vf[ph];
-    for (int d = 0; d < D; ++d) {  // V (D, C): S and low per (channel group, token)
-      if constexpr (BITS != 8) {
-        if (d % g.v_group == 0) {  // once per channel group
-          const int64_t at = (ph * vgs + d / g.v_group) * C;
-          for (int t = 0; t < C; ++t) {
-            sc[t] = g.vsc[at + t];
-            lo_t[t] = g.vlo[at + t];
-          }
-        }
-      }
-      float* vd = v8.data() + static_cast<size_t>(d) * C;
-      unpack_channel<BITS>(g.vp + (ph * D + d) * M, M, sc.data(), lo_t.data(), vd);
-      for (int t = 0; t < C; ++t) vd[t] *= vscale;
     }
     st.update(s.data(), C, v8.data(), lo.data(), hi.data(), sm, zeros, seen);
   }
@@ -544,32 +430,6 @@ void merge(const Call& c, float* out) {
   });
 }
 
-// quant.quantize_int8_blockwise(q, block_size) for rows (sequence, head) of L tokens x D:
-// s = max|x| / 127 over each block of block_size tokens (1 for an all-zero block),
-// code = clamp(round_half_even(x / s), +-127) held in float, the scale repeated per token.
-void quantize_queries(const float* x, int64_t rows, int L, int D, int64_t block_size, float* codes,
-                      float* scale) {
-  const int64_t blk = block_size >= L ? L : block_size;
-  at::parallel_for(0, rows, 16, [&](int64_t from, int64_t to) {
-    for (int64_t row = from; row < to; ++row)
-      for (int64_t t0 = 0; t0 < L; t0 += blk) {
-        const int64_t t1 = std::min<int64_t>(L, t0 + blk);
-        const float* xs = x + (row * L + t0) * D;
-        float amax = 0.f;
-        for (int64_t k = 0; k < (t1 - t0) * D; ++k) amax = std::max(amax, std::fabs(xs[k]));
-        const float sc = amax > 0.f ? amax / 127.f : 1.f;
-        for (int64_t k = 0; k < (t1 - t0) * D; ++k)
-          codes[(row * L + t0) * D + k] = std::min(std::max(std::nearbyint(xs[k] / sc), -127.f), 127.f);
-        for (int64_t t = t0; t < t1; ++t) scale[row * L + t] = sc;
-      }
-  });
-}
-
-template <typename T>
-const T* ptr(const at::Tensor& t) {
-  return t.defined() && t.numel() ? t.data_ptr<T>() : nullptr;
-}
-
 std::tuple<at::Tensor, at::Tensor> decode_attention(
     const at::Tensor& q, bool qk_int8, int64_t block_size, const std::vector<at::Tensor>& heads,
     const std::vector<at::Tensor>& k_packed, const std::vector<at::Tensor>& k_scale,
@@ -583,35 +443,16 @@ std::tuple<at::Tensor, at::Tensor> decode_attention(
     const at::Tensor& buffer_len, int64_t chunk, int64_t sinks, int64_t window,
     int64_t pages_per_split, double sm_scale, const at::Tensor& lut, std::vector<double> coeffs,
     double lut_max, bool use_sas) {
-  // the Python wrapper (turbo_kernels.cpu_ops) names bad arguments first; these keep a direct
-  // call from reading out of bounds
-  TORCH_CHECK(q.dim() == 4 && q.scalar_type() == at::kFloat && q.is_contiguous(),
-              "q must be a contiguous float32 (B, H_q, L_q, D) tensor");
-  TORCH_CHECK(block_size >= 1, "block_size must be >= 1");
-  for (const auto* t : {&n_chunks, &chunk_base, &buffer_len})
-    TORCH_CHECK(t->scalar_type() == at::kInt && t->is_contiguous() && t->numel() == q.size(0),
-                "n_chunks, chunk_base and buffer_len must be int32 (B,)");
-  TORCH_CHECK(buffer_k.dim() == 4 && q.size(1) % buffer_k.size(1) == 0 && buffer_k.size(3) == q.size(3),
-              "buffer_k must be (B, H_kv, rows, D) with H_q a multiple of H_kv");
-  TORCH_CHECK(page_table.scalar_type() == at::kInt && page_table.is_contiguous() &&
-              page_table.dim() == 2 && page_table.size(0) == q.size(0), "page_table must be int32 (B, pages)");
-  for (size_t j = 0; j < heads.size(); ++j) {
-    TORCH_CHECK(k_packed[j].is_contiguous() && v_packed[j].is_contiguous(), "k_packed/v_packed must be contiguous");
-    const int64_t cap = k_packed[j].size(0);
-    for (int64_t b = 0; b < page_table.size(0); ++b) {
-      const int32_t n = n_chunks.data_ptr<int32_t>()[b];
-      TORCH_CHECK(n >= 0 && n <= page_table.size(1), "n_chunks[", b, "] = ", n, " is out of the page table");
-      for (int32_t ci = 0; ci < n; ++ci) {
-        const int32_t p = page_table.data_ptr<int32_t>()[b * page_table.size(1) + ci];
-        TORCH_CHECK(p >= 0 && p < cap, "page_table[", b, ", ", ci, "] = ", p, " is outside the pool of ", cap, " pages");
-      }
-    }
-  }
+  TORCH_CHECK(block_size >= 1 && pages_per_split >= 1, "block_size and pages_per_split must be >= 1");
+  const Packed pk = packed_view(q, heads, k_packed, k_scale, k_low, k_first, v_packed, v_scale, v_low,
+                                v_first, bits, k_group, v_group, page_table, n_chunks, chunk_base,
+                                buffer_k, buffer_k_scale, buffer_v, buffer_v_scale, buffer_len, chunk,
+                                sinks, window, lut, coeffs, lut_max, use_sas);
   Call c{};
   c.B = q.size(0); c.Hq = q.size(1); c.Lq = q.size(2); c.D = q.size(3);
-  c.Hkv = buffer_k.size(1); c.group = c.Hq / c.Hkv; c.chunk = chunk;
-  c.rows_cap = buffer_k.size(2);
-  const int most = n_chunks.numel() ? n_chunks.max().item<int32_t>() : 0;
+  c.Hkv = pk.Hkv; c.group = c.Hq / c.Hkv; c.chunk = chunk;
+  c.rows_cap = pk.rows_cap;
+  const int most = pk.most_chunks;
   c.step = pages_per_split;
   c.splits = std::max<int>(1, (most + c.step - 1) / c.step);
   c.window = window; c.sinks = sinks; c.sm_scale = sm_scale;
@@ -621,36 +462,18 @@ std::tuple<at::Tensor, at::Tensor> decode_attention(
   if (qk_int8) quantize_queries(q.data_ptr<float>(), c.B * c.Hq, c.Lq, c.D, block_size,
                                 qv.data_ptr<float>(), qsv.data_ptr<float>());
   c.q = qv.data_ptr<float>(); c.qs = qsv.data_ptr<float>();
-  c.table = page_table.data_ptr<int32_t>(); c.table_cols = page_table.size(1);
-  c.n_chunks = n_chunks.data_ptr<int32_t>(); c.blen = buffer_len.data_ptr<int32_t>();
-  // positions (packed.py): held page 0 starts at sinks + base * chunk, buffer row r >= sinks
-  // sits at (base + n) * chunk + r, new token 0 at the sequence's length - L_q
-  std::vector<int64_t> first_pos(c.B), tail_shift(c.B), qpos0(c.B);
-  for (int b = 0; b < c.B; ++b) {
-    const int64_t base = chunk_base.data_ptr<int32_t>()[b], n = c.n_chunks[b];
-    first_pos[b] = sinks + base * chunk;
-    tail_shift[b] = (base + n) * chunk;
-    qpos0[b] = tail_shift[b] + c.blen[b] - c.Lq;
-  }
-  c.first_pos = first_pos.data(); c.tail_shift = tail_shift.data(); c.qpos0 = qpos0.data();
-  c.bk = buffer_k.data_ptr<int8_t>(); c.bv = buffer_v.data_ptr<int8_t>();
-  c.bks = buffer_k_scale.data_ptr<float>(); c.bvs = buffer_v_scale.data_ptr<float>();
+  c.table = pk.table; c.table_cols = pk.table_cols;
+  c.n_chunks = pk.n_chunks; c.blen = pk.blen;
+  c.first_pos = pk.first_pos.data(); c.tail_shift = pk.tail_shift.data(); c.qpos0 = pk.qpos0.data();
+  c.bk = pk.bk; c.bv = pk.bv; c.bks = pk.bks; c.bvs = pk.bvs;
   const int S1 = c.splits + 1;
   auto opts = q.options().dtype(at::kFloat);
   at::Tensor m = at::full({c.B, c.Hq, c.Lq, S1}, kNeg, opts);
   at::Tensor l = at::zeros({c.B, c.Hq, c.Lq, S1}, opts);
   at::Tensor acc = at::zeros({c.B, c.Hq, c.Lq, S1, c.D}, opts);
   c.m_out = m.data_ptr<float>(); c.l_out = l.data_ptr<float>(); c.acc_out = acc.data_ptr<float>();
-  Softmax sm{use_sas, ptr<float>(lut), static_cast<float>(coeffs[0]), static_cast<float>(coeffs[1]),
-             static_cast<float>(coeffs[2]), static_cast<float>(coeffs[3]), static_cast<float>(lut_max)};
-  std::vector<Group> groups;
-  for (size_t j = 0; j < heads.size(); ++j)
-    groups.push_back(Group{static_cast<int>(bits[j]), static_cast<int>(heads[j].numel()),
-                           static_cast<int>(k_group[j]), static_cast<int>(v_group[j]),
-                           heads[j].data_ptr<int64_t>(), ptr<uint8_t>(k_packed[j]),
-                           ptr<uint8_t>(k_scale[j]), ptr<uint8_t>(v_packed[j]), ptr<uint8_t>(v_scale[j]),
-                           ptr<int8_t>(k_low[j]), ptr<int8_t>(v_low[j]), ptr<float>(k_first[j]),
-                           ptr<float>(v_first[j])});
+  const Softmax& sm = pk.sm;
+  const std::vector<Group>& groups = pk.groups;
   // one job per (group row, sequence, split), then per (sequence, KV head) for the buffer
   std::vector<std::tuple<int, int, int>> jobs;  // (group, head row, sequence), split outer
   for (size_t j = 0; j < groups.size(); ++j)

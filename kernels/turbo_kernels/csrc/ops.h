@@ -1,0 +1,54 @@
+// The turbo ops' C++ entry points (one source file each), registered in torch_bindings.cpp.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <tuple>
+#include <vector>
+
+namespace turbo {
+
+// The newest tokens of each sequence over one layer of the packed KV cache
+// (decode_attention.cpp); returns the output (B, H_q, L_q, D) and (SAS zeros, valid keys).
+std::tuple<at::Tensor, at::Tensor> decode_attention(
+    const at::Tensor& q, bool qk_int8, int64_t block_size, const std::vector<at::Tensor>& heads,
+    const std::vector<at::Tensor>& k_packed, const std::vector<at::Tensor>& k_scale,
+    const std::vector<at::Tensor>& k_low, const std::vector<at::Tensor>& k_first,
+    const std::vector<at::Tensor>& v_packed, const std::vector<at::Tensor>& v_scale,
+    const std::vector<at::Tensor>& v_low, const std::vector<at::Tensor>& v_first,
+    std::vector<int64_t> bits, std::vector<int64_t> k_group, std::vector<int64_t> v_group,
+    const at::Tensor& page_table, const at::Tensor& n_chunks, const at::Tensor& chunk_base,
+    const at::Tensor& buffer_k,
+    const at::Tensor& buffer_k_scale, const at::Tensor& buffer_v, const at::Tensor& buffer_v_scale,
+    const at::Tensor& buffer_len, int64_t chunk, int64_t sinks, int64_t window,
+    int64_t pages_per_split, double sm_scale, const at::Tensor& lut, std::vector<double> coeffs,
+    double lut_max, bool use_sas);
+
+// A prompt chunk (the L_q newest tokens, causal among themselves) over one layer of the packed
+// KV cache (prefill_attention.cpp); the same arguments but the context splits.
+std::tuple<at::Tensor, at::Tensor> prefill_attention(
+    const at::Tensor& q, bool qk_int8, int64_t block_size, const std::vector<at::Tensor>& heads,
+    const std::vector<at::Tensor>& k_packed, const std::vector<at::Tensor>& k_scale,
+    const std::vector<at::Tensor>& k_low, const std::vector<at::Tensor>& k_first,
+    const std::vector<at::Tensor>& v_packed, const std::vector<at::Tensor>& v_scale,
+    const std::vector<at::Tensor>& v_low, const std::vector<at::Tensor>& v_first,
+    std::vector<int64_t> bits, std::vector<int64_t> k_group, std::vector<int64_t> v_group,
+    const at::Tensor& page_table, const at::Tensor& n_chunks, const at::Tensor& chunk_base,
+    const at::Tensor& buffer_k, const at::Tensor& buffer_k_scale, const at::Tensor& buffer_v,
+    const at::Tensor& buffer_v_scale, const at::Tensor& buffer_len, int64_t chunk, int64_t sinks,
+    int64_t window, double sm_scale, const at::Tensor& lut, std::vector<double> coeffs,
+    double lut_max, bool use_sas);
+
+// One layer's cache write for one step (append.cpp): the listed full chunks of the INT8 buffer
+// compressed into their pages, the rows behind them moved down, the new rows quantized in.
+void append(const at::Tensor& k, const at::Tensor& v, const at::Tensor& slots, const at::Tensor& rows,
+            const at::Tensor& buffer_k, const at::Tensor& buffer_k_scale, const at::Tensor& buffer_v,
+            const at::Tensor& buffer_v_scale, const at::Tensor& jobs, const at::Tensor& pages,
+            const std::vector<at::Tensor>& heads, const std::vector<at::Tensor>& k_packed,
+            const std::vector<at::Tensor>& k_scale, const std::vector<at::Tensor>& k_low,
+            const std::vector<at::Tensor>& k_first, const std::vector<at::Tensor>& v_packed,
+            const std::vector<at::Tensor>& v_scale, const std::vector<at::Tensor>& v_low,
+            const std::vector<at::Tensor>& v_first, std::vector<int64_t> bits,
+            std::vector<int64_t> k_group, std::vector<int64_t> v_group, int64_t chunk, int64_t protect);
+
+}  // namespace turbo

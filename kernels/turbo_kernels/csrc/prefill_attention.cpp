@@ -1,0 +1,233 @@
+// turbo::prefill_attention — a prompt chunk (the L_q newest tokens of each sequence, causal
+// among themselves) over one layer of the packed KV cache, on CPU. Same math as the reference
+// (turbo_core.attention.reference.decode_attention_reference) with running maxima, like
+// turbo::decode_attention; that op suits a few new tokens, this one hundreds.
+//
+// A chunk has hundreds of query rows per KV head — GEMM sizes. Jobs (at::parallel_for) are
+// (sequence, KV head, block of up to 256 query rows: tokens x the GQA group, token-major, so a
+// block covers consecutive positions). A job walks its keys in tiles of 4 pages (or up to 256
+// rows of the INT8 buffer), each decoded once into float (D, n) tiles — K as INT8 values, V
+// times its scale — and never into a whole-history copy:
+//   S = Q K (one sgemm; the INT8 query codes and key values are integers held in float, so the
+//   products are exact), then per row the key scales, the causal and window range, a running
+//   max, the tile's weights (SAS or exp) and the rescale of the row's accumulator, then
+//   acc += P Vᵀ (a second sgemm). Tiles that no row of the block sees are skipped.
+#include <ATen/Parallel.h>
+#include <ATen/ops/addmm_cpu_dispatch.h>
+#include <ATen/ops/mm_cpu_dispatch.h>
+
+#include "attention_common.h"
+#include "ops.h"
+
+namespace turbo {
+namespace {
+
+constexpr int kTilePages = 4;   // pages per key tile
+constexpr int kBufferTile = 256;  // INT8 buffer rows per key tile
+constexpr int kRowBlock = 256;  // query rows per job
+
+struct Job {
+  int b, hk, i0, i1;  // tokens [i0, i1) of sequence b, KV head hk
+};
+
+struct Block {  // one job's query rows and their running state
+  int R, D;
+  std::vector<float> q, qs, m, l, acc;
+  std::vector<int64_t> pos;  // each row's token position
+};
+
+// dst[d] = src[d] * w (INT8 -> float)
+inline void int8_to_float(const int8_t* src, int D, float w, float* dst) {
+  int d = 0;
+  const __m256 vw = _mm256_set1_ps(w);
+  for (; d + 8 <= D; d += 8)
+    _mm256_storeu_ps(dst + d, _mm256_mul_ps(vw, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
+                                                  _mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + d))))));
+  for (; d < D; ++d) dst[d] = src[d] * w;
+}
+
+// s[t] *= f * ks[t] for t in [lo, hi); returns their max
+inline float scale_max(float* s, const float* ks, float f, int lo, int hi) {
+  const __m256 vf = _mm256_set1_ps(f);
+  __m256 vmx = _mm256_set1_ps(kNeg);
+  int t = lo;
+  for (; t + 8 <= hi; t += 8) {
+    const __m256 x = _mm256_mul_ps(_mm256_loadu_ps(s + t), _mm256_mul_ps(vf, _mm256_loadu_ps(ks + t)));
+    _mm256_storeu_ps(s + t, x);
+    vmx = _mm256_max_ps(vmx, x);
+  }
+  __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(vmx), _mm256_extractf128_ps(vmx, 1));
+  m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+  float mx = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+  for (; t < hi; ++t) {
+    s[t] *= f * ks[t];
+    mx = std::max(mx, s[t]);
+  }
+  return mx;
+}
+
+// A tile of n keys at positions p0 .. p0 + n - 1: K and V in float, element (d, t) at
+// d * sd + t * sk (pages: channel-major, sd = row stride, st = 1; buffer rows: token-major),
+// key t's scale ks[t]. Updates the block's running state.
+void tile(Block& st, const Packed& pk, float sm_scale, int64_t p0, int n, const float* k,
+          const float* v, int64_t sd, int64_t sk, const float* ks, float* s, int64_t& zeros,
+          int64_t& seen) {
+  const int R = st.R, D = st.D;
+  const auto f32 = at::TensorOptions().dtype(at::kFloat);
+  at::Tensor S = at::from_blob(s, {R, n}, f32);
+  at::cpu::mm_out(S, at::from_blob(st.q.data(), {R, D}, f32),
+                  at::from_blob(const_cast<float*>(k), {D, n}, {sd, sk}, f32));
+  for (int r = 0; r < R; ++r) {
+    float* sr = s + static_cast<int64_t>(r) * n;
+    const int hi = static_cast<int>(std::min<int64_t>(n, st.pos[r] - p0 + 1));
+    const int lo = pk.window > 0 ? static_cast<int>(std::max<int64_t>(0, st.pos[r] - pk.window + 1 - p0)) : 0;
+    if (hi <= lo) {
+      std::fill(sr, sr + n, 0.f);
+      continue;
+    }
+    const float f = st.qs[r] * sm_scale;
+    const float mx = scale_max(sr, ks, f, lo, hi);
+    const float m_new = std::max(st.m[r], mx);
+    const float alpha = std::exp(st.m[r] - m_new);
+    st.l[r] = st.l[r] * alpha + pk.sm.weights(sr, lo, hi, m_new, zeros);  // sr[:lo] = 0
+    std::fill(sr + hi, sr + n, 0.f);
+    seen += hi - lo;
+    st.m[r] = m_new;
+    if (alpha != 1.f) {
+      float* ar = st.acc.data() + static_cast<int64_t>(r) * D;
+      for (int d = 0; d < D; ++d) ar[d] *= alpha;
+    }
+  }
+  at::Tensor acc = at::from_blob(st.acc.data(), {R, D}, f32);
+  at::cpu::addmm_(acc, S, at::from_blob(const_cast<float*>(v), {n, D}, {sk, sd}, f32));
+}
+
+void run_job(const Packed& pk, const Job& jb, const float* qv, const float* qsv, int Hq, int Lq,
+             float sm_scale, const Group& g, int gi, float* out, int64_t* counts) {
+  const int D = pk.D, C = pk.chunk, grp = Hq / pk.Hkv, b = jb.b, hk = jb.hk;
+  const int NT = std::max(kTilePages * C, kBufferTile);
+  thread_local Block st;
+  thread_local std::vector<float> k, v, ks, s, sc, lo;
+  st.R = (jb.i1 - jb.i0) * grp;
+  st.D = D;
+  const int R = st.R;
+  st.q.resize(static_cast<size_t>(R) * D);
+  st.qs.resize(R);
+  st.pos.resize(R);
+  st.m.assign(R, kNeg);
+  st.l.assign(R, 0.f);
+  st.acc.assign(static_cast<size_t>(R) * D, 0.f);
+  for (int i = jb.i0; i < jb.i1; ++i)
+    for (int j = 0; j < grp; ++j) {
+      const int r = (i - jb.i0) * grp + j;
+      const int64_t at = (static_cast<int64_t>(b) * Hq + hk * grp + j) * Lq + i;
+      std::copy(qv + at * D, qv + (at + 1) * D, st.q.begin() + static_cast<int64_t>(r) * D);
+      st.qs[r] = qsv[at];
+      st.pos[r] = pk.qpos0[b] + i;
+    }
+  k.resize(static_cast<size_t>(D) * NT);
+  v.resize(static_cast<size_t>(D) * NT);
+  ks.resize(NT);
+  s.resize(static_cast<size_t>(R) * NT);
+  sc.resize(2 * C);
+  lo.resize(2 * C);
+  const int64_t first = pk.qpos0[b] + jb.i0, last = pk.qpos0[b] + jb.i1 - 1;
+  const int64_t oldest = pk.window > 0 ? first - pk.window + 1 : 0;  // the block sees [oldest, last]
+  int64_t zeros = 0, seen = 0;
+  const int nc = pk.n_chunks[b];
+  for (int c0 = 0; c0 < nc; c0 += kTilePages) {  // pages, kTilePages at a time
+    const int np = std::min(kTilePages, nc - c0), n = np * C;
+    const int64_t p0 = pk.first_pos[b] + static_cast<int64_t>(c0) * C;
+    if (p0 > last || p0 + n - 1 < oldest) continue;
+    for (int p = 0; p < np; ++p) {
+      const int64_t ph = static_cast<int64_t>(pk.table[b * pk.table_cols + c0 + p]) * g.n + gi;
+      float* kd = k.data() + p * C;
+      float* vd = v.data() + p * C;
+      if (g.bits == 4) decode_page<4>(g, ph, D, C, kd, vd, NT, sc.data(), lo.data());
+      else if (g.bits == 2) decode_page<2>(g, ph, D, C, kd, vd, NT, sc.data(), lo.data());
+      else decode_page<8>(g, ph, D, C, kd, vd, NT, sc.data(), lo.data());
+      std::fill(ks.begin() + p * C, ks.begin() + (p + 1) * C, g.kf[ph]);
+    }
+    tile(st, pk, sm_scale, p0, n, k.data(), v.data(), NT, 1, ks.data(), s.data(), zeros, seen);
+  }
+  // the INT8 buffer: the sinks (rows r < sinks at r), then the tail (rows at tail_shift + r)
+  const int blen = pk.blen[b], sink_rows = std::min(pk.sinks, blen);
+  const int64_t base = (static_cast<int64_t>(b) * pk.Hkv + hk) * pk.rows_cap;
+  for (int seg = 0; seg < 2; ++seg) {
+    const int r0 = seg ? sink_rows : 0, r1 = seg ? blen : sink_rows;
+    const int64_t shift = seg ? pk.tail_shift[b] : 0;
+    for (int a = r0; a < r1; a += kBufferTile) {
+      const int n = std::min(kBufferTile, r1 - a);
+      const int64_t p0 = shift + a;
+      if (p0 > last || p0 + n - 1 < oldest) continue;
+      for (int t = 0; t < n; ++t) {  // rows (n, D), token-major
+        const int64_t row = base + a + t;
+        int8_to_float(pk.bk + row * D, D, 1.f, k.data() + static_cast<int64_t>(t) * D);
+        int8_to_float(pk.bv + row * D, D, pk.bvs[row], v.data() + static_cast<int64_t>(t) * D);
+        ks[t] = pk.bks[row];
+      }
+      tile(st, pk, sm_scale, p0, n, k.data(), v.data(), 1, D, ks.data(), s.data(), zeros, seen);
+    }
+  }
+  for (int i = jb.i0; i < jb.i1; ++i)
+    for (int j = 0; j < grp; ++j) {
+      const int r = (i - jb.i0) * grp + j;
+      const float inv = 1.f / st.l[r];
+      const float* ar = st.acc.data() + static_cast<int64_t>(r) * D;
+      float* o = out + ((static_cast<int64_t>(b) * Hq + hk * grp + j) * Lq + i) * D;
+      for (int d = 0; d < D; ++d) o[d] = ar[d] * inv;
+    }
+  counts[0] += zeros;
+  counts[1] += seen;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> prefill_attention(
+    const at::Tensor& q, bool qk_int8, int64_t block_size, const std::vector<at::Tensor>& heads,
+    const std::vector<at::Tensor>& k_packed, const std::vector<at::Tensor>& k_scale,
+    const std::vector<at::Tensor>& k_low, const std::vector<at::Tensor>& k_first,
+    const std::vector<at::Tensor>& v_packed, const std::vector<at::Tensor>& v_scale,
+    const std::vector<at::Tensor>& v_low, const std::vector<at::Tensor>& v_first,
+    std::vector<int64_t> bits, std::vector<int64_t> k_group, std::vector<int64_t> v_group,
+    const at::Tensor& page_table, const at::Tensor& n_chunks, const at::Tensor& chunk_base,
+    const at::Tensor& buffer_k, const at::Tensor& buffer_k_scale, const at::Tensor& buffer_v,
+    const at::Tensor& buffer_v_scale, const at::Tensor& buffer_len, int64_t chunk, int64_t sinks,
+    int64_t window, double sm_scale, const at::Tensor& lut, std::vector<double> coeffs,
+    double lut_max, bool use_sas) {
+  TORCH_CHECK(block_size >= 1, "block_size must be >= 1");
+  const Packed pk = packed_view(q, heads, k_packed, k_scale, k_low, k_first, v_packed, v_scale, v_low,
+                                v_first, bits, k_group, v_group, page_table, n_chunks, chunk_base,
+                                buffer_k, buffer_k_scale, buffer_v, buffer_v_scale, buffer_len, chunk,
+                                sinks, window, lut, coeffs, lut_max, use_sas);
+  const int B = q.size(0), Hq = q.size(1), Lq = q.size(2), D = q.size(3), grp = Hq / pk.Hkv;
+  at::Tensor qv = qk_int8 ? at::empty_like(q) : q, qsv = at::ones({B, Hq, Lq}, q.options());
+  if (qk_int8) quantize_queries(q.data_ptr<float>(), B * Hq, Lq, D, block_size, qv.data_ptr<float>(),
+                                qsv.data_ptr<float>());
+  // where each KV head is stored: (group, row in the group)
+  std::vector<std::pair<int, int>> where(pk.Hkv);
+  for (size_t j = 0; j < pk.groups.size(); ++j)
+    for (int i = 0; i < pk.groups[j].n; ++i) where[pk.groups[j].heads[i]] = {static_cast<int>(j), i};
+  const int tokens_per_job = std::max(1, kRowBlock / grp);
+  std::vector<Job> jobs;
+  for (int b = 0; b < B; ++b)
+    for (int hk = 0; hk < pk.Hkv; ++hk)
+      for (int i0 = 0; i0 < Lq; i0 += tokens_per_job) jobs.push_back(Job{b, hk, i0, std::min(Lq, i0 + tokens_per_job)});
+  at::Tensor out = at::empty({B, Hq, Lq, D}, q.options());
+  std::vector<int64_t> counts(2 * jobs.size(), 0);
+  at::parallel_for(0, static_cast<int64_t>(jobs.size()), 1, [&](int64_t from, int64_t to) {
+    for (int64_t j = from; j < to; ++j) {
+      const auto [gi, row] = where[jobs[j].hk];
+      run_job(pk, jobs[j], qv.data_ptr<float>(), qsv.data_ptr<float>(), Hq, Lq, static_cast<float>(sm_scale),
+              pk.groups[gi], row, out.data_ptr<float>(), counts.data() + 2 * j);
+    }
+  });
+  at::Tensor total = at::zeros({2}, at::kLong);
+  for (size_t k = 0; k < counts.size(); k += 2) {
+    total.data_ptr<int64_t>()[0] += counts[k];
+    total.data_ptr<int64_t>()[1] += counts[k + 1];
+  }
+  return {out, total};
+}
+
+}  // namespace turbo
