@@ -45,7 +45,7 @@ SOURCES = ("torch_bindings.cpp", "attention_common.cpp", "decode_attention.cpp",
            "prefill_attention.cpp", "append.cpp")
 HEADERS = ("ops.h", "attention_common.h")  # in the stamp
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp-simd")
-PAGES_PER_SPLIT = 8  # as the numba kernel: a sequence's sums do not depend on its batch
+PAGES_PER_SPLIT = 8  # fixed context splits: a sequence's sums do not depend on its batch
 
 
 def ops_dir() -> Path:
@@ -187,10 +187,11 @@ def decode_attention(q: torch.Tensor, cache: PackedKV, *, math_cfg: AttentionMat
                      scale: float | None = None) -> tuple[torch.Tensor, int, int]:
     """Attention of the ``L_q`` newest tokens of each sequence over ``cache`` (which holds them),
     through ``torch.ops.turbo.decode_attention`` (a few new tokens: up to
-    ``functional.CPU_MAX_NEW_TOKENS``). Returns the output ``(B, H_q, L_q, D)`` in ``q.dtype``,
-    the weights SAS zeroed and the valid positions (as the reference counts them, SAS zeros
-    against running maxima: a lower bound). The op quantizes the queries itself
-    (``quantize_int8_blockwise``, with ``math_cfg.qk_int8``). Needs :func:`load`."""
+    ``functional.CPU_DECODE_MAX_ROWS`` query rows per KV head). Returns the output
+    ``(B, H_q, L_q, D)`` in ``q.dtype``, the weights SAS zeroed and the valid positions (as the
+    reference counts them, SAS zeros against running maxima: a lower bound). The op quantizes
+    the queries itself (``quantize_int8_blockwise``, with ``math_cfg.qk_int8``). Needs
+    :func:`load`."""
     out, counts = torch.ops.turbo.decode_attention(
         *_view_args(q, cache, math_cfg, "decode_attention"), PAGES_PER_SPLIT,
         *_softmax_args(q, math_cfg, scale))
@@ -207,9 +208,6 @@ def prefill_attention(q: torch.Tensor, cache: PackedKV, *, math_cfg: AttentionMa
     return out.to(q.dtype), int(counts[0]), int(counts[1])
 
 
-_POOL_PARTS = ("k_packed", "k_scale", "k_low", "k_first", "v_packed", "v_scale", "v_low", "v_first")
-
-
 def append(k: torch.Tensor, v: torch.Tensor, seqs: list[int], rows: list[int],
            buffers: dict[str, torch.Tensor], jobs: list[tuple[int, int, int, int]],
            pages: torch.Tensor, pools: dict, cfg) -> None:
@@ -217,10 +215,9 @@ def append(k: torch.Tensor, v: torch.Tensor, seqs: list[int], rows: list[int],
     after them)`` — of the INT8 ``buffers`` into ``pages`` of ``pools`` (``PagePool`` per bit
     width), move the rows after them down, then quantize ``k, v (N, H_kv, T, D)`` into buffer
     rows ``rows[i]..`` of slot ``seqs[i]``. In place; ``QuantizedKVLayer.update`` plans it."""
-    groups = list(pools.values())
-    parts = {name: [g.t.get(name, _EMPTY[torch.uint8]) for g in groups] for name in _POOL_PARTS}
-    for name in ("k_low", "v_low"):
-        parts[name] = [g.t.get(name, _EMPTY[torch.int8]) for g in groups]
+    groups = list(pools.values())  # 8-bit pools have no second level: fresh empty tensors
+    parts = {name: [g.t[name] if name in g.t else torch.empty(0, dtype=_DTYPES[name])
+                    for g in groups] for name in _PARTS}
     torch.ops.turbo.append(
         k.float().contiguous(), v.float().contiguous(), torch.tensor(seqs, dtype=torch.long),
         torch.tensor(rows, dtype=torch.long), buffers["k_values"], buffers["k_scale"],

@@ -16,6 +16,7 @@ import functools
 import os
 import time
 from collections.abc import Callable
+from unittest import mock
 
 import torch
 
@@ -29,18 +30,9 @@ PREFILL_CHUNK = 512  # the engine's prefill_chunk (serving.engine.Limits)
 
 
 def _with_backend(value: str | None, fn: Callable[[], object]) -> object:
-    old = os.environ.get(BACKEND_ENV)
-    if value is None:
-        os.environ.pop(BACKEND_ENV, None)
-    else:
-        os.environ[BACKEND_ENV] = value
-    try:
+    """``fn()`` under ``TURBO_ATTENTION_BACKEND=value`` (``None``: as the environment has it)."""
+    with mock.patch.dict(os.environ, {} if value is None else {BACKEND_ENV: value}):
         return fn()
-    finally:
-        if old is None:
-            os.environ.pop(BACKEND_ENV, None)
-        else:
-            os.environ[BACKEND_ENV] = old
 
 
 def _stores(kv_heads: int, head_dim: int, mix: int) -> dict[str, tuple[Callable[[], object], str | None]]:

@@ -18,16 +18,6 @@
 namespace turbo {
 namespace {
 
-// x (n, D) floats -> codes with one scale over all of them (qmax: 127 rows, protect pages)
-inline float quantize_block(const float* x, int64_t n, float qmax, int8_t* codes) {
-  float amax = 0.f;
-  for (int64_t k = 0; k < n; ++k) amax = std::max(amax, std::fabs(x[k]));
-  const float sc = amax > 0.f ? amax / qmax : 1.f;
-  for (int64_t k = 0; k < n; ++k)
-    codes[k] = static_cast<int8_t>(std::min(std::max(std::nearbyint(x[k] / sc), -qmax), qmax));
-  return sc;
-}
-
 // integer asymmetric codes of n values (stride step) -> (S, lo); codes into out (stride 1)
 inline void lowbit_group(const int8_t* c8, int n, int step, int levels, uint8_t* out, uint8_t& S,
                          int8_t& lo) {

@@ -56,22 +56,23 @@ float Softmax::weights(float* s, int lo, int hi, float top, int64_t& zeros) cons
   return total;
 }
 
-void quantize_queries(const float* x, int64_t rows, int L, int D, int64_t block_size, float* codes,
-                      float* scale) {
+std::pair<at::Tensor, at::Tensor> query_codes(const at::Tensor& q, bool qk_int8, int64_t block_size) {
+  const int64_t rows = q.size(0) * q.size(1), L = q.size(2), D = q.size(3);
+  at::Tensor qv = qk_int8 ? at::empty_like(q) : q, qsv = at::ones({q.size(0), q.size(1), L}, q.options());
+  if (!qk_int8) return {qv, qsv};
+  const float* x = q.data_ptr<float>();
+  float* codes = qv.data_ptr<float>();
+  float* scale = qsv.data_ptr<float>();
   const int64_t blk = block_size >= L ? L : block_size;
   at::parallel_for(0, rows, 16, [&](int64_t from, int64_t to) {
     for (int64_t row = from; row < to; ++row)
       for (int64_t t0 = 0; t0 < L; t0 += blk) {
-        const int64_t t1 = std::min<int64_t>(L, t0 + blk);
-        const float* xs = x + (row * L + t0) * D;
-        float amax = 0.f;
-        for (int64_t k = 0; k < (t1 - t0) * D; ++k) amax = std::max(amax, std::fabs(xs[k]));
-        const float sc = amax > 0.f ? amax / 127.f : 1.f;
-        for (int64_t k = 0; k < (t1 - t0) * D; ++k)
-          codes[(row * L + t0) * D + k] = std::min(std::max(std::nearbyint(xs[k] / sc), -127.f), 127.f);
-        for (int64_t t = t0; t < t1; ++t) scale[row * L + t] = sc;
+        const int64_t t1 = std::min<int64_t>(L, t0 + blk), at = (row * L + t0) * D;
+        const float sc = quantize_block(x + at, (t1 - t0) * D, 127.f, codes + at);
+        std::fill(scale + row * L + t0, scale + row * L + t1, sc);
       }
   });
+  return {qv, qsv};
 }
 
 Packed packed_view(const at::Tensor& q, const std::vector<at::Tensor>& heads,

@@ -93,11 +93,23 @@ Packed packed_view(const at::Tensor& q, const std::vector<at::Tensor>& heads,
                    const at::Tensor& lut, const std::vector<double>& coeffs, double lut_max,
                    bool use_sas);
 
-// quant.quantize_int8_blockwise(q, block_size) for rows (sequence, head) of L tokens x D:
-// s = max|x| / 127 over each block of block_size tokens (1 for an all-zero block),
-// code = clamp(round_half_even(x / s), +-127) held in float, the scale repeated per token.
-void quantize_queries(const float* x, int64_t rows, int L, int D, int64_t block_size, float* codes,
-                      float* scale);
+// n floats -> symmetric codes with one scale over all of them (quant.quantize_int8_blockwise
+// of one block): s = max|x| / qmax (1 if all zero), code = clamp(round_half_even(x / s), +-qmax)
+// as T (int8, or float holding the integer); returns s.
+template <typename T>
+inline float quantize_block(const float* x, int64_t n, float qmax, T* codes) {
+  float amax = 0.f;
+  for (int64_t k = 0; k < n; ++k) amax = std::max(amax, std::fabs(x[k]));
+  const float sc = amax > 0.f ? amax / qmax : 1.f;
+  for (int64_t k = 0; k < n; ++k)
+    codes[k] = static_cast<T>(std::min(std::max(std::nearbyint(x[k] / sc), -qmax), qmax));
+  return sc;
+}
+
+// The queries (B, H_q, L_q, D) as the reference takes them, with their scales (B, H_q, L_q):
+// with qk_int8 quant.quantize_int8_blockwise(q, block_size) — quantize_block per block of
+// block_size tokens of one (sequence, head), codes held in float —, else q and scales of 1.
+std::pair<at::Tensor, at::Tensor> query_codes(const at::Tensor& q, bool qk_int8, int64_t block_size);
 
 // Planar codes of one channel -> INT8 values in float: byte j of plane p holds token p*M + j.
 template <int BITS>

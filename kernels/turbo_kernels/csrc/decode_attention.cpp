@@ -62,15 +62,10 @@ struct Rows {  // the running state of the R query rows of one job
   }
 };
 
-struct Call {
-  int B, Hq, Lq, D, Hkv, group, chunk, splits, step, window, sinks, rows_cap;
+struct Call : Packed {  // the view, and this call's queries, splits and partial results
+  int Hq, Lq, group, splits, step;
   float sm_scale;
   const float *q, *qs;
-  const int32_t *table, *n_chunks, *blen;
-  int64_t table_cols;
-  const int64_t *first_pos, *tail_shift, *qpos0;
-  const int8_t *bk, *bv;
-  const float *bks, *bvs;
   float *m_out, *l_out, *acc_out;  // (B, Hq, Lq, S + 1[, D])
 };
 
@@ -444,36 +439,26 @@ std::tuple<at::Tensor, at::Tensor> decode_attention(
     int64_t pages_per_split, double sm_scale, const at::Tensor& lut, std::vector<double> coeffs,
     double lut_max, bool use_sas) {
   TORCH_CHECK(block_size >= 1 && pages_per_split >= 1, "block_size and pages_per_split must be >= 1");
-  const Packed pk = packed_view(q, heads, k_packed, k_scale, k_low, k_first, v_packed, v_scale, v_low,
-                                v_first, bits, k_group, v_group, page_table, n_chunks, chunk_base,
-                                buffer_k, buffer_k_scale, buffer_v, buffer_v_scale, buffer_len, chunk,
-                                sinks, window, lut, coeffs, lut_max, use_sas);
   Call c{};
-  c.B = q.size(0); c.Hq = q.size(1); c.Lq = q.size(2); c.D = q.size(3);
-  c.Hkv = pk.Hkv; c.group = c.Hq / c.Hkv; c.chunk = chunk;
-  c.rows_cap = pk.rows_cap;
-  const int most = pk.most_chunks;
+  static_cast<Packed&>(c) = packed_view(q, heads, k_packed, k_scale, k_low, k_first, v_packed, v_scale,
+                                        v_low, v_first, bits, k_group, v_group, page_table, n_chunks,
+                                        chunk_base, buffer_k, buffer_k_scale, buffer_v, buffer_v_scale,
+                                        buffer_len, chunk, sinks, window, lut, coeffs, lut_max, use_sas);
+  c.Hq = q.size(1); c.Lq = q.size(2); c.group = c.Hq / c.Hkv;
+  const int most = c.most_chunks;
   c.step = pages_per_split;
   c.splits = std::max<int>(1, (most + c.step - 1) / c.step);
-  c.window = window; c.sinks = sinks; c.sm_scale = sm_scale;
-  // the queries as the reference takes them: INT8 codes (held in float) with one scale per
-  // block of block_size tokens per (sequence, head) — quant.quantize_int8_blockwise — or float
-  at::Tensor qv = qk_int8 ? at::empty_like(q) : q, qsv = at::ones({c.B, c.Hq, c.Lq}, q.options());
-  if (qk_int8) quantize_queries(q.data_ptr<float>(), c.B * c.Hq, c.Lq, c.D, block_size,
-                                qv.data_ptr<float>(), qsv.data_ptr<float>());
+  c.sm_scale = sm_scale;
+  const auto [qv, qsv] = query_codes(q, qk_int8, block_size);
   c.q = qv.data_ptr<float>(); c.qs = qsv.data_ptr<float>();
-  c.table = pk.table; c.table_cols = pk.table_cols;
-  c.n_chunks = pk.n_chunks; c.blen = pk.blen;
-  c.first_pos = pk.first_pos.data(); c.tail_shift = pk.tail_shift.data(); c.qpos0 = pk.qpos0.data();
-  c.bk = pk.bk; c.bv = pk.bv; c.bks = pk.bks; c.bvs = pk.bvs;
   const int S1 = c.splits + 1;
   auto opts = q.options().dtype(at::kFloat);
   at::Tensor m = at::full({c.B, c.Hq, c.Lq, S1}, kNeg, opts);
   at::Tensor l = at::zeros({c.B, c.Hq, c.Lq, S1}, opts);
   at::Tensor acc = at::zeros({c.B, c.Hq, c.Lq, S1, c.D}, opts);
   c.m_out = m.data_ptr<float>(); c.l_out = l.data_ptr<float>(); c.acc_out = acc.data_ptr<float>();
-  const Softmax& sm = pk.sm;
-  const std::vector<Group>& groups = pk.groups;
+  const Softmax& sm = c.sm;
+  const std::vector<Group>& groups = c.groups;
   // one job per (group row, sequence, split), then per (sequence, KV head) for the buffer
   std::vector<std::tuple<int, int, int>> jobs;  // (group, head row, sequence), split outer
   for (size_t j = 0; j < groups.size(); ++j)

@@ -201,9 +201,7 @@ std::tuple<at::Tensor, at::Tensor> prefill_attention(
                                 buffer_k, buffer_k_scale, buffer_v, buffer_v_scale, buffer_len, chunk,
                                 sinks, window, lut, coeffs, lut_max, use_sas);
   const int B = q.size(0), Hq = q.size(1), Lq = q.size(2), D = q.size(3), grp = Hq / pk.Hkv;
-  at::Tensor qv = qk_int8 ? at::empty_like(q) : q, qsv = at::ones({B, Hq, Lq}, q.options());
-  if (qk_int8) quantize_queries(q.data_ptr<float>(), B * Hq, Lq, D, block_size, qv.data_ptr<float>(),
-                                qsv.data_ptr<float>());
+  const auto [qv, qsv] = query_codes(q, qk_int8, block_size);
   // where each KV head is stored: (group, row in the group)
   std::vector<std::pair<int, int>> where(pk.Hkv);
   for (size_t j = 0; j < pk.groups.size(); ++j)
