@@ -66,6 +66,11 @@ def build(verbose: bool = False) -> Path:
     its mapping, and a reader never sees a half-written library."""
     from torch.utils import cpp_extension
 
+    # cpp_extension runs `ninja` from PATH; the ninja wheel puts it beside this interpreter,
+    # which is not on PATH when the venv is not activated (the image's builder stage)
+    here = str(Path(sys.executable).parent)
+    if here not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = here + os.pathsep + os.environ.get("PATH", "")
     out = ops_dir()
     work = out / "build"
     work.mkdir(parents=True, exist_ok=True)

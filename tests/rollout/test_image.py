@@ -61,6 +61,10 @@ def test_build_run_and_push_the_real_image(serving_image):
             body = json.loads(r.read())
         assert "Paris" in body["choices"][0]["text"], body
         assert container.attrs["Config"]["User"] == "10001"
+        # the C++ CPU ops were built by the image's builder stage and load without compiling
+        code, out = container.exec_run(["python3", "-c", "from turbo_kernels import cpu_ops; "
+                                        "print(cpu_ops.stale()); assert cpu_ops.load()"])
+        assert code == 0 and out.decode().strip() == "None", out.decode()[-2000:]
     finally:
         container.remove(force=True)
     digest = serving_image.digest
