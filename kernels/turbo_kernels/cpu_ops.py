@@ -1,10 +1,13 @@
 """The C++ CPU ops (``turbo_kernels/csrc``, registered as ``torch.ops.turbo.*``): build, load, call.
 
 Built once, ahead of time — ``scripts/env.sh`` runs ``python -m turbo_kernels.cpu_ops`` after
-installing — with ``-O3 -mavx2 -mfma -mf16c -fopenmp-simd`` (``omp simd`` reductions vectorize in order-free
-loops without ``-ffast-math``; never ``-march=native``: the library runs on other
-hosts of the same ISA) into ``$TURBO_OPS_DIR`` (default ``<venv>/turbo-ops``), stamped with a
-hash of the sources, the flags and the torch version. At run time :func:`load` only loads a
+installing — with ``-O3 -mavx2 -mfma -mf16c -fopenmp`` (never ``-march=native``: the library runs
+on other hosts of the same ISA; ``-fopenmp`` because ``at::parallel_for`` is a header template
+whose ``#pragma omp parallel`` is compiled into this library — without it every op ran on one
+thread — and ``omp simd`` reductions vectorize order-free loops without ``-ffast-math``; the
+library's ``libgomp.so.1`` resolves to the one torch has loaded: one OpenMP pool) into
+``$TURBO_OPS_DIR`` (default ``<venv>/turbo-ops``), stamped with a hash of the sources, the
+flags and the torch version. At run time :func:`load` only loads a
 library whose stamp matches; it never compiles (a request must not wait for g++). Without one,
 :func:`load` returns False and says once what is missing, and the caller takes another path.
 
@@ -44,7 +47,7 @@ CSRC = Path(__file__).resolve().parent / "csrc"  # shipped in the wheel (package
 SOURCES = ("torch_bindings.cpp", "attention_common.cpp", "decode_attention.cpp",
            "prefill_attention.cpp", "append.cpp")
 HEADERS = ("ops.h", "attention_common.h")  # in the stamp
-FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp-simd")
+FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp")
 PAGES_PER_SPLIT = 8  # fixed context splits: a sequence's sums do not depend on its batch
 
 
@@ -75,7 +78,8 @@ def build(verbose: bool = False) -> Path:
     work = out / "build"
     work.mkdir(parents=True, exist_ok=True)
     cpp_extension.load(name=NAME, sources=[str(CSRC / s) for s in SOURCES],
-                       extra_cflags=list(FLAGS), build_directory=str(work),
+                       extra_cflags=list(FLAGS), extra_ldflags=["-fopenmp"],
+                       build_directory=str(work),
                        is_python_module=False, verbose=verbose)
     stamp = out / "stamp"
     stamp.unlink(missing_ok=True)  # no library is current while the two are swapped
