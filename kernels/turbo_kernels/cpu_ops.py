@@ -17,6 +17,8 @@ Ops (reference: ``turbo_core.attention.reference.decode_attention_reference``):
   the packed cache, register-blocked loops over each page's codes;
 * ``prefill_attention`` (``csrc/prefill_attention.cpp``): a prompt chunk over it, two sgemm per
   tile of decoded pages;
+* ``attention`` (``csrc/prefill_attention.cpp``): the same tiles over plain float K/V (the
+  drop-in ``TurboAttention`` module's path);
 * ``append`` (``csrc/append.cpp``): one layer's cache write per step, in place — full chunks
   compressed into their pages, new rows quantized into the INT8 buffer (called by
   ``QuantizedKVLayer.update``).
@@ -125,7 +127,7 @@ def _register_fakes() -> None:
     if getattr(_register_fakes, "done", False):
         return
 
-    for op in ("decode_attention", "prefill_attention"):
+    for op in ("decode_attention", "prefill_attention", "attention"):
         torch.library.register_fake(f"turbo::{op}")(_fake_attention)
     torch.library.register_fake("turbo::append")(lambda *args, **kwargs: None)
 
@@ -214,6 +216,27 @@ def prefill_attention(q: torch.Tensor, cache: PackedKV, *, math_cfg: AttentionMa
     history. Needs :func:`load`."""
     out, counts = torch.ops.turbo.prefill_attention(
         *_view_args(q, cache, math_cfg, "prefill_attention"), *_softmax_args(q, math_cfg, scale))
+    return out.to(q.dtype), int(counts[0]), int(counts[1])
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, math_cfg: AttentionMath,
+              causal: bool = False, window: int | None = None,
+              scale: float | None = None) -> tuple[torch.Tensor, int, int]:
+    """``torch.ops.turbo.attention``: TurboAttention over plain float ``k, v (B, H_kv, L_k, D)``
+    (the drop-in module's path) — the prefill op's tiles, read in place; K quantized like the
+    queries with ``math_cfg.qk_int8`` (after ``smooth_k``'s mean removal), V in float (no INT8
+    P·V). Causality bottom-right, as the reference. Returns the output in ``q.dtype``, the SAS
+    zeros (against running maxima) and the valid positions. Needs :func:`load`."""
+    if math_cfg.pv_int8 or math_cfg.sparse_ratio is not None:
+        raise ValueError("turbo.attention has no INT8 P·V or top-k sparsity; use the reference")
+    if window is not None and not causal:
+        raise ValueError("a sliding window needs causal attention")
+    k = k.float()
+    if math_cfg.qk_int8 and math_cfg.smooth_k:  # as the reference: a per-row constant of the scores
+        k = k - k.mean(dim=-2, keepdim=True)
+    out, counts = torch.ops.turbo.attention(
+        q.float().contiguous(), k.contiguous(), v.float().contiguous(), math_cfg.qk_int8,
+        math_cfg.block_size, causal, window or 0, *_softmax_args(q, math_cfg, scale))
     return out.to(q.dtype), int(counts[0]), int(counts[1])
 
 

@@ -27,7 +27,8 @@ def test_bench_attention_writes_table_json_and_markdown(tmp_path, capsys):
     exact = doc["results"][3]
     assert exact["cosine_vs_mha"] > 0.99999  # the exact config is MHA's math
     assert doc["device"]["type"] == "cpu" and doc["device"]["torch"]
-    assert doc["turbo_backend"] == "reference"
+    # each row names what computed it: the C++ op for INT8 Q·Kᵀ + SAS, SDPA for exact math
+    assert [r["backend"] for r in doc["results"]] == ["torch", "sdpa", "cpu", "sdpa"]
     printed = capsys.readouterr().out
     assert "nn.MultiheadAttention" in printed and "vs MHA" in printed
     assert out_md.read_text().startswith("# Attention benchmark") and "| contender" in out_md.read_text()

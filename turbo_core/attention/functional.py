@@ -2,8 +2,9 @@
 
 Backends:
 * ``triton`` — the fused kernels in ``turbo_kernels`` (prefill; decode over the packed cache);
-* ``cpu`` — the C++ CPU ops (``torch.ops.turbo.decode_attention`` / ``prefill_attention``,
-  ``turbo_kernels.cpu_ops``) for new tokens over the packed cache, in place;
+* ``cpu`` — the C++ CPU ops (``turbo_kernels.cpu_ops``): ``decode_attention`` /
+  ``prefill_attention`` for new tokens over the packed cache, in place, and ``attention`` over
+  plain tensors (inference: the op has no backward);
 * ``sdpa`` — PyTorch's ``scaled_dot_product_attention`` for exact attention (every switch off);
 * ``reference`` — pure PyTorch (``turbo_core.attention.reference``), the ground truth.
 
@@ -30,6 +31,7 @@ from turbo_core.attention.kvcache import QuantizedKVLayer
 from turbo_core.attention.packed import visible
 from turbo_core.attention.reference import (
     KV,
+    MAX_INT8_HEAD_DIM,
     AttentionOptions,
     AttentionResult,
     _valid_mask,
@@ -109,6 +111,32 @@ def _prefill_blocker(q: torch.Tensor, k: KV, v: KV, opts: AttentionOptions) -> s
     return _common_blocker(opts)
 
 
+def _cpu_blocker(q: torch.Tensor, k: KV, v: KV, opts: AttentionOptions) -> str | None:
+    """Why the C++ op ``turbo.attention`` cannot serve a call over plain tensors."""
+    math_cfg = opts.get("math_cfg", EXACT)
+    if not isinstance(k, torch.Tensor) or not isinstance(v, torch.Tensor):
+        return "pre-quantized KV input without its cache layer"
+    if q.is_cuda or q.dim() != 4:
+        return f"{q.device.type} tensors" if q.is_cuda else f"query of rank {q.dim()}"
+    if opts.get("mask") is not None:
+        return "explicit attention mask"
+    if math_cfg.pv_int8:
+        return "INT8 P·V"
+    if math_cfg.qk_int8 and q.shape[-1] > MAX_INT8_HEAD_DIM:
+        return f"INT8 Q·Kᵀ at head_dim {q.shape[-1]}"
+    if opts.get("causal", False) and q.shape[2] > k.shape[2]:
+        return "causal attention with more queries than keys"
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        return "gradients (the C++ op has no backward)"
+    blocker = _common_blocker(opts)
+    if blocker is None:
+        from turbo_kernels import cpu_ops
+
+        if not cpu_ops.load():
+            return f"the C++ CPU ops are not built ({cpu_ops.stale()}; scripts/env.sh builds them)"
+    return blocker
+
+
 def _sdpa_serves(q: torch.Tensor, k: KV, v: KV, opts: AttentionOptions) -> bool:
     """Exact math on plain tensors of one dtype, no weights wanted, no mask (a fully masked row
     is NaN in SDPA, 0 in the reference); causal only when square (SDPA aligns causality
@@ -132,7 +160,8 @@ def choose_backend(q: torch.Tensor, k: KV, v: KV, *, kv_store: object = None,
         return "reference", f"{BACKEND_ENV}=reference"
     if wanted in ("triton", "cpu"):
         blocker = (_cache_blocker(q, kv_store, opts, wanted) if kv_store is not None else
-                   _prefill_blocker(q, k, v, opts) if wanted == "triton" else "no packed cache")
+                   _prefill_blocker(q, k, v, opts) if wanted == "triton" else
+                   _cpu_blocker(q, k, v, opts))
         if blocker:
             return "reference", f"{BACKEND_ENV}={wanted}, but no kernel for: {blocker}"
         if wanted == "triton" and not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
@@ -146,7 +175,8 @@ def choose_backend(q: torch.Tensor, k: KV, v: KV, *, kv_store: object = None,
     if _sdpa_serves(q, k, v, opts):
         return "sdpa", "exact math"
     if not q.is_cuda:
-        return "reference", f"{q.device.type} tensors"
+        blocker = _cpu_blocker(q, k, v, opts)
+        return ("reference", blocker) if blocker else ("cpu", f"plain tensors on {q.device.type}")
     blocker = _prefill_blocker(q, k, v, opts)
     return ("reference", blocker) if blocker else ("triton", "CUDA tensors")
 
@@ -182,6 +212,13 @@ def turbo_attention(q: torch.Tensor, k: KV | None, v: KV | None, *,
             q, k, v, attn_mask=allowed, dropout_p=opts.get("dropout_p", 0.0),
             is_causal=causal and allowed is None, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
         return AttentionResult(out=out, probs=None, sas_dropped=0, candidates=0)
+    if backend == "cpu":
+        from turbo_kernels import cpu_ops
+
+        out, dropped, candidates = cpu_ops.attention(q, k, v, math_cfg=math_cfg, scale=scale,
+                                                     causal=opts.get("causal", False),
+                                                     window=opts.get("window"))
+        return AttentionResult(out=out, probs=None, sas_dropped=dropped, candidates=candidates)
     if backend == "triton":
         from turbo_kernels.prefill import prefill_attention
 
@@ -256,12 +293,3 @@ def _over_packed(q: torch.Tensor, store: QuantizedKVLayer, seqs: Sequence[int] |
                          "(inference only); run without a TurboCache")
     return decode_attention_reference(q, store.view(seqs), math_cfg=math_cfg, scale=scale,
                                       mask=opts.get("mask"))
-
-
-def backend_name(device: str | torch.device = "cpu") -> str:
-    """What ``auto`` (or the env override) picks for a plain TurboAttention prefill call (not
-    exact math, no cache) on ``device``."""
-    wanted = requested_backend()
-    if wanted not in ("auto", "cpu"):
-        return wanted
-    return "triton" if torch.device(device).type == "cuda" else "reference"

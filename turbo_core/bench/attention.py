@@ -21,7 +21,7 @@ from tabulate import tabulate
 from torch import nn
 
 from turbo_core.attention.config import EXACT, TURBO_DEFAULT, AttentionMath, SASConfig
-from turbo_core.attention.functional import backend_name
+from turbo_core.attention.functional import choose_backend
 from turbo_core.attention.modules import TurboAttention
 from turbo_core.bench.common import describe_device, median, time_call
 
@@ -102,25 +102,28 @@ def run(
     if causal:
         mask = torch.triu(torch.ones(shape.seq, shape.seq, dtype=torch.bool, device=dev), 1)
 
-    contenders: list[tuple[str, Callable[[], torch.Tensor]]] = [
-        ("nn.MultiheadAttention",
+    contenders: list[tuple[str, str, Callable[[], torch.Tensor]]] = [
+        ("nn.MultiheadAttention", "torch",
          lambda: mha(x, x, x, need_weights=False, attn_mask=mask, is_causal=causal)[0]),
     ]
     sdpa = SDPAAttention(mha, causal)
-    contenders.append(("sdpa", lambda: sdpa(x)))
+    contenders.append(("sdpa", "sdpa", lambda: sdpa(x)))
+    heads = torch.empty(shape.batch, shape.heads, shape.seq, shape.embed // shape.heads,
+                        device=dev, dtype=dtype)  # what each TurboAttention call passes on
     for name in names:
         turbo = TurboAttention(shape.embed, shape.heads, batch_first=True,
                                math_cfg=TURBO_CASES[name]).to(dev, dtype).eval()
         turbo.load_state_dict(mha.state_dict())
+        backend = choose_backend(heads, heads, heads, math_cfg=TURBO_CASES[name], causal=causal)[0]
         contenders.append(
-            (name, lambda t=turbo: t(x, x, x, need_weights=False, is_causal=causal)[0]))
+            (name, backend, lambda t=turbo: t(x, x, x, need_weights=False, is_causal=causal)[0]))
 
     flops = shape.flops(causal)
     results = []
     reference = None
     with torch.inference_mode():
-        for i, (name, fn) in enumerate(contenders, start=1):
-            log(f"[{i}/{len(contenders)}] {name}: {warmup} warm-up + {repeats} timed runs")
+        for i, (name, backend, fn) in enumerate(contenders, start=1):
+            log(f"[{i}/{len(contenders)}] {name} ({backend}): {warmup} warm-up + {repeats} timed runs")
             out = fn()
             if reference is None:
                 reference = out.double().flatten()
@@ -128,6 +131,7 @@ def run(
             times = time_call(fn, warmup=warmup, repeats=repeats, device=dev)
             results.append({
                 "name": name,
+                "backend": backend,
                 "median_ms": median(times),
                 "min_ms": min(times),
                 "gflops": flops / (median(times) * 1e-3) / 1e9,
@@ -143,7 +147,6 @@ def run(
         "flop_formula": "4*B*H*L^2*D (x0.5 if causal) + 8*B*L*E^2",
         "repeats": repeats,
         "warmup": warmup,
-        "turbo_backend": backend_name(dev),
         "device": describe_device(dev),
         "results": results,
     }
@@ -152,14 +155,14 @@ def run(
 def table(doc: dict, fmt: str = "simple") -> str:
     """The results as a text (``simple``) or Markdown (``github``) table."""
     rows = [
-        [r["name"], f"{r['median_ms']:.2f}", f"{r['min_ms']:.2f}", f"{r['ratio_vs_mha']:.2f}x",
+        [r["name"], r["backend"], f"{r['median_ms']:.2f}", f"{r['min_ms']:.2f}", f"{r['ratio_vs_mha']:.2f}x",
          f"{r['gflops']:.1f}", f"{r['cosine_vs_mha']:.6f}"]
         for r in doc["results"]
     ]
-    headers = ["contender", "median ms", "min ms", "vs MHA", "GFLOP/s", "cos vs MHA"]
+    headers = ["contender", "backend", "median ms", "min ms", "vs MHA", "GFLOP/s", "cos vs MHA"]
     s = doc["shape"]
     dev = doc["device"]
     title = (f"attention B={s['batch']} L={s['seq']} E={s['embed']} H={s['heads']} "
              f"causal={s['causal']} {s['dtype']} on {dev['type']} ({dev['name']}), "
-             f"torch {dev['torch']}, turbo backend: {doc['turbo_backend']}")
+             f"torch {dev['torch']}")
     return title + "\n\n" + tabulate(rows, headers=headers, tablefmt=fmt, disable_numparse=True)

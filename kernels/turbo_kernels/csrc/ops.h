@@ -39,6 +39,13 @@ std::tuple<at::Tensor, at::Tensor> prefill_attention(
     int64_t window, double sm_scale, const at::Tensor& lut, std::vector<double> coeffs,
     double lut_max, bool use_sas);
 
+// Attention over plain float K/V (prefill_attention.cpp: the same tiles, read in place): the
+// drop-in module's path; returns the output (B, H_q, L_q, D) and (SAS zeros, valid keys).
+std::tuple<at::Tensor, at::Tensor> attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                             bool qk_int8, int64_t block_size, bool causal, int64_t window,
+                                             double sm_scale, const at::Tensor& lut, std::vector<double> coeffs,
+                                             double lut_max, bool use_sas);
+
 // One layer's cache write for one step (append.cpp): the listed full chunks of the INT8 buffer
 // compressed into their pages, the rows behind them moved down, the new rows quantized in.
 void append(const at::Tensor& k, const at::Tensor& v, const at::Tensor& slots, const at::Tensor& rows,

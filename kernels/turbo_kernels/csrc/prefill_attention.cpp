@@ -67,9 +67,10 @@ inline float scale_max(float* s, const float* ks, float f, int lo, int hi) {
 }
 
 // A tile of n keys at positions p0 .. p0 + n - 1: K and V in float, element (d, t) at
-// d * sd + t * sk (pages: channel-major, sd = row stride, st = 1; buffer rows: token-major),
-// key t's scale ks[t]. Updates the block's running state.
-void tile(Block& st, const Packed& pk, float sm_scale, int64_t p0, int n, const float* k,
+// d * sd + t * sk (pages: channel-major, sd = row stride, sk = 1; rows: token-major), key t's
+// scale ks[t]; a row at position p sees keys in (p - window, p] (window 0: all up to p).
+// Updates the block's running state.
+void tile(Block& st, int window, const Softmax& sm, float sm_scale, int64_t p0, int n, const float* k,
           const float* v, int64_t sd, int64_t sk, const float* ks, float* s, int64_t& zeros,
           int64_t& seen) {
   const int R = st.R, D = st.D;
@@ -80,7 +81,7 @@ void tile(Block& st, const Packed& pk, float sm_scale, int64_t p0, int n, const 
   for (int r = 0; r < R; ++r) {
     float* sr = s + static_cast<int64_t>(r) * n;
     const int hi = static_cast<int>(std::min<int64_t>(n, st.pos[r] - p0 + 1));
-    const int lo = pk.window > 0 ? static_cast<int>(std::max<int64_t>(0, st.pos[r] - pk.window + 1 - p0)) : 0;
+    const int lo = window > 0 ? static_cast<int>(std::max<int64_t>(0, st.pos[r] - window + 1 - p0)) : 0;
     if (hi <= lo) {
       std::fill(sr, sr + n, 0.f);
       continue;
@@ -89,7 +90,7 @@ void tile(Block& st, const Packed& pk, float sm_scale, int64_t p0, int n, const 
     const float mx = scale_max(sr, ks, f, lo, hi);
     const float m_new = std::max(st.m[r], mx);
     const float alpha = std::exp(st.m[r] - m_new);
-    st.l[r] = st.l[r] * alpha + pk.sm.weights(sr, lo, hi, m_new, zeros);  // sr[:lo] = 0
+    st.l[r] = st.l[r] * alpha + sm.weights(sr, lo, hi, m_new, zeros);  // sr[:lo] = 0
     std::fill(sr + hi, sr + n, 0.f);
     seen += hi - lo;
     st.m[r] = m_new;
@@ -102,29 +103,67 @@ void tile(Block& st, const Packed& pk, float sm_scale, int64_t p0, int n, const 
   at::cpu::addmm_(acc, S, at::from_blob(const_cast<float*>(v), {n, D}, {sk, sd}, f32));
 }
 
+// The job's query rows (token-major: row (i - i0) * grp + j is query head hk * grp + j of new
+// token i, at position pos0 + i) and a fresh running state.
+void load_block(Block& st, const Job& jb, const float* qv, const float* qsv, int Hq, int Lq, int grp,
+                int D, int64_t pos0) {
+  st.R = (jb.i1 - jb.i0) * grp;
+  st.D = D;
+  st.q.resize(static_cast<size_t>(st.R) * D);
+  st.qs.resize(st.R);
+  st.pos.resize(st.R);
+  st.m.assign(st.R, kNeg);
+  st.l.assign(st.R, 0.f);
+  st.acc.assign(static_cast<size_t>(st.R) * D, 0.f);
+  for (int i = jb.i0; i < jb.i1; ++i)
+    for (int j = 0; j < grp; ++j) {
+      const int r = (i - jb.i0) * grp + j;
+      const int64_t at = (static_cast<int64_t>(jb.b) * Hq + jb.hk * grp + j) * Lq + i;
+      std::copy(qv + at * D, qv + (at + 1) * D, st.q.begin() + static_cast<int64_t>(r) * D);
+      st.qs[r] = qsv[at];
+      st.pos[r] = pos0 + i;
+    }
+}
+
+// out rows = acc / l (0 for a row that saw no key, as the reference)
+void store_block(const Block& st, const Job& jb, int Hq, int Lq, int grp, float* out) {
+  const int D = st.D;
+  for (int i = jb.i0; i < jb.i1; ++i)
+    for (int j = 0; j < grp; ++j) {
+      const int r = (i - jb.i0) * grp + j;
+      const float inv = st.l[r] > 0.f ? 1.f / st.l[r] : 0.f;
+      const float* ar = st.acc.data() + static_cast<int64_t>(r) * D;
+      float* o = out + ((static_cast<int64_t>(jb.b) * Hq + jb.hk * grp + j) * Lq + i) * D;
+      for (int d = 0; d < D; ++d) o[d] = ar[d] * inv;
+    }
+}
+
+std::vector<Job> row_blocks(int B, int Hkv, int Lq, int grp) {
+  const int tokens_per_job = std::max(1, kRowBlock / grp);
+  std::vector<Job> jobs;
+  for (int b = 0; b < B; ++b)
+    for (int hk = 0; hk < Hkv; ++hk)
+      for (int i0 = 0; i0 < Lq; i0 += tokens_per_job) jobs.push_back(Job{b, hk, i0, std::min(Lq, i0 + tokens_per_job)});
+  return jobs;
+}
+
+at::Tensor summed(const std::vector<int64_t>& counts) {
+  at::Tensor total = at::zeros({2}, at::kLong);
+  for (size_t k = 0; k < counts.size(); k += 2) {
+    total.data_ptr<int64_t>()[0] += counts[k];
+    total.data_ptr<int64_t>()[1] += counts[k + 1];
+  }
+  return total;
+}
+
 void run_job(const Packed& pk, const Job& jb, const float* qv, const float* qsv, int Hq, int Lq,
              float sm_scale, const Group& g, int gi, float* out, int64_t* counts) {
   const int D = pk.D, C = pk.chunk, grp = Hq / pk.Hkv, b = jb.b, hk = jb.hk;
   const int NT = std::max(kTilePages * C, kBufferTile);
   thread_local Block st;
   thread_local std::vector<float> k, v, ks, s, sc, lo;
-  st.R = (jb.i1 - jb.i0) * grp;
-  st.D = D;
+  load_block(st, jb, qv, qsv, Hq, Lq, grp, D, pk.qpos0[b]);
   const int R = st.R;
-  st.q.resize(static_cast<size_t>(R) * D);
-  st.qs.resize(R);
-  st.pos.resize(R);
-  st.m.assign(R, kNeg);
-  st.l.assign(R, 0.f);
-  st.acc.assign(static_cast<size_t>(R) * D, 0.f);
-  for (int i = jb.i0; i < jb.i1; ++i)
-    for (int j = 0; j < grp; ++j) {
-      const int r = (i - jb.i0) * grp + j;
-      const int64_t at = (static_cast<int64_t>(b) * Hq + hk * grp + j) * Lq + i;
-      std::copy(qv + at * D, qv + (at + 1) * D, st.q.begin() + static_cast<int64_t>(r) * D);
-      st.qs[r] = qsv[at];
-      st.pos[r] = pk.qpos0[b] + i;
-    }
   k.resize(static_cast<size_t>(D) * NT);
   v.resize(static_cast<size_t>(D) * NT);
   ks.resize(NT);
@@ -148,7 +187,7 @@ void run_job(const Packed& pk, const Job& jb, const float* qv, const float* qsv,
       else decode_page<8>(g, ph, D, C, kd, vd, NT, sc.data(), lo.data());
       std::fill(ks.begin() + p * C, ks.begin() + (p + 1) * C, g.kf[ph]);
     }
-    tile(st, pk, sm_scale, p0, n, k.data(), v.data(), NT, 1, ks.data(), s.data(), zeros, seen);
+    tile(st, pk.window, pk.sm, sm_scale, p0, n, k.data(), v.data(), NT, 1, ks.data(), s.data(), zeros, seen);
   }
   // the INT8 buffer: the sinks (rows r < sinks at r), then the tail (rows at tail_shift + r)
   const int blen = pk.blen[b], sink_rows = std::min(pk.sinks, blen);
@@ -166,17 +205,10 @@ void run_job(const Packed& pk, const Job& jb, const float* qv, const float* qsv,
         int8_to_float(pk.bv + row * D, D, pk.bvs[row], v.data() + static_cast<int64_t>(t) * D);
         ks[t] = pk.bks[row];
       }
-      tile(st, pk, sm_scale, p0, n, k.data(), v.data(), 1, D, ks.data(), s.data(), zeros, seen);
+      tile(st, pk.window, pk.sm, sm_scale, p0, n, k.data(), v.data(), 1, D, ks.data(), s.data(), zeros, seen);
     }
   }
-  for (int i = jb.i0; i < jb.i1; ++i)
-    for (int j = 0; j < grp; ++j) {
-      const int r = (i - jb.i0) * grp + j;
-      const float inv = 1.f / st.l[r];
-      const float* ar = st.acc.data() + static_cast<int64_t>(r) * D;
-      float* o = out + ((static_cast<int64_t>(b) * Hq + hk * grp + j) * Lq + i) * D;
-      for (int d = 0; d < D; ++d) o[d] = ar[d] * inv;
-    }
+  store_block(st, jb, Hq, Lq, grp, out);
   counts[0] += zeros;
   counts[1] += seen;
 }
@@ -206,11 +238,7 @@ std::tuple<at::Tensor, at::Tensor> prefill_attention(
   std::vector<std::pair<int, int>> where(pk.Hkv);
   for (size_t j = 0; j < pk.groups.size(); ++j)
     for (int i = 0; i < pk.groups[j].n; ++i) where[pk.groups[j].heads[i]] = {static_cast<int>(j), i};
-  const int tokens_per_job = std::max(1, kRowBlock / grp);
-  std::vector<Job> jobs;
-  for (int b = 0; b < B; ++b)
-    for (int hk = 0; hk < pk.Hkv; ++hk)
-      for (int i0 = 0; i0 < Lq; i0 += tokens_per_job) jobs.push_back(Job{b, hk, i0, std::min(Lq, i0 + tokens_per_job)});
+  const std::vector<Job> jobs = row_blocks(B, pk.Hkv, Lq, grp);
   at::Tensor out = at::empty({B, Hq, Lq, D}, q.options());
   std::vector<int64_t> counts(2 * jobs.size(), 0);
   at::parallel_for(0, static_cast<int64_t>(jobs.size()), 1, [&](int64_t from, int64_t to) {
@@ -220,12 +248,55 @@ std::tuple<at::Tensor, at::Tensor> prefill_attention(
               pk.groups[gi], row, out.data_ptr<float>(), counts.data() + 2 * j);
     }
   });
-  at::Tensor total = at::zeros({2}, at::kLong);
-  for (size_t k = 0; k < counts.size(); k += 2) {
-    total.data_ptr<int64_t>()[0] += counts[k];
-    total.data_ptr<int64_t>()[1] += counts[k + 1];
-  }
-  return {out, total};
+  return {out, summed(counts)};
+}
+
+std::tuple<at::Tensor, at::Tensor> attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                             bool qk_int8, int64_t block_size, bool causal, int64_t window,
+                                             double sm_scale, const at::Tensor& lut, std::vector<double> coeffs,
+                                             double lut_max, bool use_sas) {
+  for (const auto* t : {&q, &k, &v})
+    TORCH_CHECK(t->dim() == 4 && t->scalar_type() == at::kFloat && t->is_contiguous(),
+                "q, k and v must be contiguous float32 (B, H, L, D) tensors");
+  TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) == q.size(0) && k.size(3) == q.size(3) && k.size(1) >= 1 &&
+                  q.size(1) % k.size(1) == 0, "k and v must be (B, H_kv, L_k, D) with H_q a multiple of H_kv");
+  TORCH_CHECK(block_size >= 1 && window >= 0 && (window == 0 || causal), "block_size >= 1; a window needs causal");
+  TORCH_CHECK(!causal || q.size(2) <= k.size(2), "causal attention needs L_q <= L_k");
+  TORCH_CHECK(!use_sas || (lut.scalar_type() == at::kFloat && lut.numel() >= lut_max + 2 && coeffs.size() >= 4),
+              "lut must hold lut_max + 2 float32 entries and coeffs 4");
+  const Softmax sm{use_sas, ptr<float>(lut), static_cast<float>(coeffs[0]), static_cast<float>(coeffs[1]),
+                   static_cast<float>(coeffs[2]), static_cast<float>(coeffs[3]), static_cast<float>(lut_max)};
+  const int B = q.size(0), Hq = q.size(1), Lq = q.size(2), D = q.size(3), Hkv = k.size(1), Lk = k.size(2);
+  const int grp = Hq / Hkv;
+  const auto [qv, qsv] = query_codes(q, qk_int8, block_size);
+  const auto [kv, ksv] = query_codes(k, qk_int8, block_size);  // K quantized the same way
+  // causal: query i at position L_k - L_q + i (bottom-right, as the reference); else after all keys
+  const int64_t pos0 = causal ? Lk - Lq : static_cast<int64_t>(Lk);
+  const std::vector<Job> jobs = row_blocks(B, Hkv, Lq, grp);
+  at::Tensor out = at::empty({B, Hq, Lq, D}, q.options());
+  std::vector<int64_t> counts(2 * jobs.size(), 0);
+  at::parallel_for(0, static_cast<int64_t>(jobs.size()), 1, [&](int64_t from, int64_t to) {
+    thread_local Block st;
+    thread_local std::vector<float> s;
+    for (int64_t j = from; j < to; ++j) {
+      const Job& jb = jobs[j];
+      load_block(st, jb, qv.data_ptr<float>(), qsv.data_ptr<float>(), Hq, Lq, grp, D, pos0);
+      s.resize(static_cast<size_t>(st.R) * kBufferTile);
+      const int64_t base = (static_cast<int64_t>(jb.b) * Hkv + jb.hk) * Lk;
+      const int64_t last = causal ? pos0 + jb.i1 - 1 : Lk, oldest = window > 0 ? pos0 + jb.i0 - window + 1 : 0;
+      int64_t zeros = 0, seen = 0;
+      for (int a = 0; a < Lk; a += kBufferTile) {  // token-major rows, read in place
+        const int n = std::min(kBufferTile, Lk - a);
+        if (a > last || a + n - 1 < oldest) continue;
+        tile(st, static_cast<int>(window), sm, static_cast<float>(sm_scale), a, n, kv.data_ptr<float>() + (base + a) * D,
+             v.data_ptr<float>() + (base + a) * D, 1, D, ksv.data_ptr<float>() + base + a, s.data(), zeros, seen);
+      }
+      store_block(st, jb, Hq, Lq, grp, out.data_ptr<float>());
+      counts[2 * j] += zeros;
+      counts[2 * j + 1] += seen;
+    }
+  });
+  return {out, summed(counts)};
 }
 
 }  // namespace turbo

@@ -21,6 +21,9 @@ TORCH_LIBRARY(turbo, m) {
       "Tensor buffer_v_scale, Tensor buffer_len, int chunk, int sinks, int window, float sm_scale, "
       "Tensor lut, float[] coeffs, float lut_max, bool use_sas) -> (Tensor, Tensor)");
   m.def(
+      "attention(Tensor q, Tensor k, Tensor v, bool qk_int8, int block_size, bool causal, int window, "
+      "float sm_scale, Tensor lut, float[] coeffs, float lut_max, bool use_sas) -> (Tensor, Tensor)");
+  m.def(
       "append(Tensor k, Tensor v, Tensor slots, Tensor rows, Tensor(a!) buffer_k, "
       "Tensor(b!) buffer_k_scale, Tensor(c!) buffer_v, Tensor(d!) buffer_v_scale, Tensor jobs, "
       "Tensor pages, Tensor[] heads, Tensor(e!)[] k_packed, Tensor(f!)[] k_scale, Tensor(g!)[] k_low, "
@@ -31,5 +34,6 @@ TORCH_LIBRARY(turbo, m) {
 TORCH_LIBRARY_IMPL(turbo, CPU, m) {
   m.impl("decode_attention", &turbo::decode_attention);
   m.impl("prefill_attention", &turbo::prefill_attention);
+  m.impl("attention", &turbo::attention);
   m.impl("append", &turbo::append);
 }

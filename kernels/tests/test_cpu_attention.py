@@ -1,0 +1,77 @@
+"""``torch.ops.turbo.attention`` — TurboAttention over plain float K/V on CPU (the drop-in
+module's path) — against the pure-PyTorch reference: GQA, non-causal, causal with more keys
+than queries (bottom-right), sliding windows, head_dim 64/128, exact / SAS / SAS + INT8 Q·Kᵀ
+(with smooth_k), and through ``TurboAttention`` in eval mode."""
+
+import pytest
+import torch
+from turbo_kernels import cpu_ops
+
+from turbo_core.attention import functional
+from turbo_core.attention.config import EXACT, TURBO_DEFAULT, AttentionMath, SASConfig
+from turbo_core.attention.reference import attention_details
+from turbo_core.attention.sas import poly_max_rel_error
+from turbo_core.testing import assert_close
+
+MATHS = {"exact": EXACT, "sas": AttentionMath(sas=SASConfig()), "turbo": TURBO_DEFAULT}
+
+
+def atol(math_cfg: AttentionMath) -> float:
+    """Float rounding, plus SAS evaluated against running maxima (one per tile of 256 keys)
+    rather than the final one: each weight within 2 eps of the reference's, the normalised
+    output within 4 eps max|v| (|v| < 5 for these standard-normal values)."""
+    eps = 0.0 if math_cfg.sas is None else poly_max_rel_error(math_cfg.sas)
+    return 4 * eps * 5.0 + 2e-5
+
+
+@pytest.mark.parametrize(("b", "hq", "hkv", "lq", "lk", "d"),
+                         [(2, 8, 8, 300, 300, 64), (1, 9, 3, 100, 700, 64), (2, 4, 2, 129, 129, 128)])
+@pytest.mark.parametrize(("causal", "window"), [(False, None), (True, None), (True, 50)])
+@pytest.mark.parametrize("name", list(MATHS))
+def test_attention_op_matches_reference(b, hq, hkv, lq, lk, d, causal, window, name):
+    assert cpu_ops.load(), "the C++ ops are not built: python -m turbo_kernels.cpu_ops"
+    gen = torch.Generator().manual_seed(lq + lk)
+    q = 2 * torch.randn(b, hq, lq, d, generator=gen)  # spread scores: SAS cuts some weights
+    k, v = (torch.randn(b, hkv, lk, d, generator=gen) for _ in range(2))
+    ref = attention_details(q, k, v, math_cfg=MATHS[name], causal=causal, window=window)
+    out, dropped, valid = cpu_ops.attention(q, k, v, math_cfg=MATHS[name], causal=causal, window=window)
+    assert_close(ref.out, out, atol=atol(MATHS[name]))
+    assert valid == ref.candidates
+    assert dropped <= ref.sas_dropped  # cut against running maxima: a subset of the reference's
+
+
+def test_attention_op_refuses_what_it_does_not_compute():
+    assert cpu_ops.load()
+    q = torch.randn(1, 2, 8, 64)
+    with pytest.raises(ValueError, match="INT8 P·V"):
+        cpu_ops.attention(q, q, q, math_cfg=AttentionMath(pv_int8=True))
+    with pytest.raises(ValueError, match="needs causal"):
+        cpu_ops.attention(q, q, q, math_cfg=EXACT, window=4)
+    with pytest.raises(RuntimeError, match="H_q a multiple"):
+        cpu_ops.attention(torch.randn(1, 3, 8, 64), q, q, math_cfg=EXACT)
+    with pytest.raises(RuntimeError, match="L_q <= L_k"):
+        cpu_ops.attention(torch.randn(1, 2, 9, 64), q, q, math_cfg=EXACT, causal=True)
+
+
+def test_the_module_runs_the_op_in_eval_and_exact_sdpa_in_training(monkeypatch, caplog):
+    import logging
+
+    from turbo_core.attention.modules import TurboAttention
+
+    torch.manual_seed(0)
+    attn = TurboAttention(256, 4, math_cfg=TURBO_DEFAULT, batch_first=True).eval()
+    x = torch.randn(2, 200, 256)
+    monkeypatch.setattr(functional, "_logged", set())
+    caplog.set_level(logging.INFO, logger="turbo_core.attention.functional")
+    with torch.no_grad():
+        out, _ = attn(x, x, x, need_weights=False, is_causal=True)
+        monkeypatch.setenv(functional.BACKEND_ENV, "reference")
+        ref, _ = attn(x, x, x, need_weights=False, is_causal=True)
+    assert "TurboAttention backend: cpu (plain tensors on cpu)" in caplog.text
+    assert_close(ref, out, atol=atol(TURBO_DEFAULT))
+    monkeypatch.delenv(functional.BACKEND_ENV)
+    attn.train()
+    out, _ = attn(x, x, x, need_weights=False, is_causal=True)  # training: exact math (module doc)
+    out.sum().backward()
+    assert "TurboAttention backend: sdpa (exact math)" in caplog.text
+    assert attn.in_proj_weight.grad is not None
