@@ -130,13 +130,13 @@ inline void unpack_channel(const uint8_t* src, int M, const float* scale, const 
 }
 
 // Page ph (= page * g.n + head row) of a group: K as INT8 values in float and V times its
-// first-level scale, both (D, C) channel-major with row stride ld. sc/lo: 2C floats of scratch.
+// first-level scale, both (D, C) channel-major with row stride ld (a null k or v: not that one). sc/lo: 2C floats of scratch.
 template <int BITS>
 void decode_page(const Group& g, int64_t ph, int D, int C, float* k, float* v, int ld, float* sc,
                  float* lo) {
   const int M = C * BITS / 8;
   const int kgs = BITS == 8 ? 1 : C / g.k_group, vgs = BITS == 8 ? 1 : D / g.v_group;
-  for (int d = 0; d < D; ++d) {  // K: S and low per (channel, token group)
+  for (int d = 0; k != nullptr && d < D; ++d) {  // K: S and low per (channel, token group)
     if constexpr (BITS != 8)
       for (int gi = 0; gi < kgs; ++gi) {
         const int64_t at = (ph * D + d) * kgs + gi;
@@ -145,6 +145,7 @@ void decode_page(const Group& g, int64_t ph, int D, int C, float* k, float* v, i
       }
     unpack_channel<BITS>(g.kp + (ph * D + d) * M, M, sc, lo, k + static_cast<int64_t>(d) * ld);
   }
+  if (v == nullptr) return;  // K only
   const float vscale = g.vf[ph];
   for (int d = 0; d < D; ++d) {  // V: S and low per (channel group, token)
     if constexpr (BITS != 8) {

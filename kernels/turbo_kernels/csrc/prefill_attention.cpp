@@ -1,17 +1,22 @@
 // turbo::prefill_attention — a prompt chunk (the L_q newest tokens of each sequence, causal
 // among themselves) over one layer of the packed KV cache, on CPU. Same math as the reference
-// (turbo_core.attention.reference.decode_attention_reference) with running maxima, like
-// turbo::decode_attention; that op suits a few new tokens, this one hundreds.
+// (turbo_core.attention.reference.decode_attention_reference), the row max included: SAS
+// weights and cuts are the reference's, not a running max's. turbo::decode_attention suits a
+// few new tokens, this one hundreds.
 //
 // A chunk has hundreds of query rows per KV head — GEMM sizes. Jobs (at::parallel_for) are
 // (sequence, KV head, block of up to 256 query rows: tokens x the GQA group, token-major, so a
 // block covers consecutive positions). A job walks its keys in tiles of 4 pages (or up to 256
-// rows of the INT8 buffer), each decoded once into float (D, n) tiles — K as INT8 values, V
-// times its scale — and never into a whole-history copy:
-//   S = Q K (one sgemm; the INT8 query codes and key values are integers held in float, so the
-//   products are exact), then per row the key scales, the causal and window range, a running
-//   max, the tile's weights (SAS or exp) and the rescale of the row's accumulator, then
-//   acc += P Vᵀ (a second sgemm). Tiles that no row of the block sees are skipped.
+// rows of the INT8 buffer), decoded into float (D, n) tiles — K as INT8 values, V times its
+// scale — never into a whole-history copy, twice:
+//   pass 1: S = Q K (one sgemm; the INT8 query codes and key values are integers held in
+//   float, so the products are exact), the key scales, the causal and window range: each
+//   row's max over all its keys;
+//   pass 2: S again, the weights (SAS or exp) against that max, acc += P Vᵀ (a second sgemm).
+// The first pass costs one more Q K sgemm and K decode (about a quarter more work) and buys
+// the reference's exact SAS semantics: a running max keeps weights the reference cuts
+// (e^-T below the final max), which moved a real model's greedy tokens (issue 24's note).
+// Tiles that no row of the block sees are skipped.
 #include <ATen/Parallel.h>
 #include <ATen/ops/addmm_cpu_dispatch.h>
 #include <ATen/ops/mm_cpu_dispatch.h>
@@ -25,6 +30,7 @@ namespace {
 constexpr int kTilePages = 4;   // pages per key tile
 constexpr int kBufferTile = 256;  // INT8 buffer rows per key tile
 constexpr int kRowBlock = 256;  // query rows per job
+constexpr int64_t kMaxKeptScores = int64_t{8} << 20;  // floats of a job's scores kept between passes (32 MB)
 
 struct Job {
   int b, hk, i0, i1;  // tokens [i0, i1) of sequence b, KV head hk
@@ -66,41 +72,51 @@ inline float scale_max(float* s, const float* ks, float f, int lo, int hi) {
   return mx;
 }
 
-// A tile of n keys at positions p0 .. p0 + n - 1: K and V in float, element (d, t) at
-// d * sd + t * sk (pages: channel-major, sd = row stride, sk = 1; rows: token-major), key t's
-// scale ks[t]; a row at position p sees keys in (p - window, p] (window 0: all up to p).
-// Updates the block's running state.
-void tile(Block& st, int window, const Softmax& sm, float sm_scale, int64_t p0, int n, const float* k,
-          const float* v, int64_t sd, int64_t sk, const float* ks, float* s, int64_t& zeros,
-          int64_t& seen) {
+// The keys row r of a tile at positions p0 .. p0 + n - 1 sees: [lo, hi) (a row at position p
+// sees keys in (p - window, p]; window 0: all up to p).
+inline std::pair<int, int> row_range(const Block& st, int r, int window, int64_t p0, int n) {
+  const int hi = static_cast<int>(std::min<int64_t>(n, st.pos[r] - p0 + 1));
+  const int lo = window > 0 ? static_cast<int>(std::max<int64_t>(0, st.pos[r] - window + 1 - p0)) : 0;
+  return {lo, hi};
+}
+
+// Pass 1 over a tile of n keys: s (R, n) = Q K times the key scales ks and sm_scale where each
+// row sees them; with update_max, each row's max rises to the tile's. K in float, element
+// (d, t) at d * sd + t * sk (pages: channel-major, sk = 1; rows: token-major, sd = 1).
+void scores(Block& st, int window, float sm_scale, int64_t p0, int n, const float* k, int64_t sd,
+            int64_t sk, const float* ks, float* s, bool update_max) {
   const int R = st.R, D = st.D;
   const auto f32 = at::TensorOptions().dtype(at::kFloat);
   at::Tensor S = at::from_blob(s, {R, n}, f32);
   at::cpu::mm_out(S, at::from_blob(st.q.data(), {R, D}, f32),
                   at::from_blob(const_cast<float*>(k), {D, n}, {sd, sk}, f32));
   for (int r = 0; r < R; ++r) {
+    const auto [lo, hi] = row_range(st, r, window, p0, n);
+    if (hi <= lo) continue;
+    const float mx = scale_max(s + static_cast<int64_t>(r) * n, ks, st.qs[r] * sm_scale, lo, hi);
+    if (update_max) st.m[r] = std::max(st.m[r], mx);
+  }
+}
+
+// Pass 2 over the tile: the weights of s (SAS or exp) against each row's final max — the
+// reference's, so SAS cuts and approximates exactly its weights — into l, and acc += P V.
+void accumulate(Block& st, int window, const Softmax& sm, int64_t p0, int n, const float* v, int64_t sd,
+                int64_t sk, float* s, int64_t& zeros, int64_t& seen) {
+  const int R = st.R, D = st.D;
+  for (int r = 0; r < R; ++r) {
     float* sr = s + static_cast<int64_t>(r) * n;
-    const int hi = static_cast<int>(std::min<int64_t>(n, st.pos[r] - p0 + 1));
-    const int lo = window > 0 ? static_cast<int>(std::max<int64_t>(0, st.pos[r] - window + 1 - p0)) : 0;
+    const auto [lo, hi] = row_range(st, r, window, p0, n);
     if (hi <= lo) {
       std::fill(sr, sr + n, 0.f);
       continue;
     }
-    const float f = st.qs[r] * sm_scale;
-    const float mx = scale_max(sr, ks, f, lo, hi);
-    const float m_new = std::max(st.m[r], mx);
-    const float alpha = std::exp(st.m[r] - m_new);
-    st.l[r] = st.l[r] * alpha + sm.weights(sr, lo, hi, m_new, zeros);  // sr[:lo] = 0
+    st.l[r] += sm.weights(sr, lo, hi, st.m[r], zeros);  // sr[:lo] = 0
     std::fill(sr + hi, sr + n, 0.f);
     seen += hi - lo;
-    st.m[r] = m_new;
-    if (alpha != 1.f) {
-      float* ar = st.acc.data() + static_cast<int64_t>(r) * D;
-      for (int d = 0; d < D; ++d) ar[d] *= alpha;
-    }
   }
+  const auto f32 = at::TensorOptions().dtype(at::kFloat);
   at::Tensor acc = at::from_blob(st.acc.data(), {R, D}, f32);
-  at::cpu::addmm_(acc, S, at::from_blob(const_cast<float*>(v), {n, D}, {sk, sd}, f32));
+  at::cpu::addmm_(acc, at::from_blob(s, {R, n}, f32), at::from_blob(const_cast<float*>(v), {n, D}, {sk, sd}, f32));
 }
 
 // The job's query rows (token-major: row (i - i0) * grp + j is query head hk * grp + j of new
@@ -164,49 +180,72 @@ void run_job(const Packed& pk, const Job& jb, const float* qv, const float* qsv,
   thread_local std::vector<float> k, v, ks, s, sc, lo;
   load_block(st, jb, qv, qsv, Hq, Lq, grp, D, pk.qpos0[b]);
   const int R = st.R;
+  const int64_t first = pk.qpos0[b] + jb.i0, last = pk.qpos0[b] + jb.i1 - 1;
+  const int64_t oldest = pk.window > 0 ? first - pk.window + 1 : 0;  // the block sees [oldest, last]
+  // the tiles in order: pages kTilePages at a time, then the INT8 buffer — the sinks (rows r <
+  // sinks at r), then the tail (rows at tail_shift + r); (first page or row, keys, position)
+  struct Tile { int at, n; int64_t p0; bool page; };
+  std::vector<Tile> tiles;
+  for (int c0 = 0; c0 < pk.n_chunks[b]; c0 += kTilePages) {
+    const int n = std::min(kTilePages, pk.n_chunks[b] - c0) * C;
+    const int64_t p0 = pk.first_pos[b] + static_cast<int64_t>(c0) * C;
+    if (p0 <= last && p0 + n - 1 >= oldest) tiles.push_back(Tile{c0, n, p0, true});
+  }
+  const int blen = pk.blen[b], sink_rows = std::min(pk.sinks, blen);
+  for (int seg = 0; seg < 2; ++seg) {
+    const int r0 = seg ? sink_rows : 0, r1 = seg ? blen : sink_rows;
+    for (int a = r0; a < r1; a += kBufferTile) {
+      const int n = std::min(kBufferTile, r1 - a);
+      const int64_t p0 = (seg ? pk.tail_shift[b] : 0) + a;
+      if (p0 <= last && p0 + n - 1 >= oldest) tiles.push_back(Tile{a, n, p0, false});
+    }
+  }
+  int64_t keys = 0;
+  for (const Tile& t : tiles) keys += t.n;
+  // pass 1's scores are kept for pass 2 when they fit, else computed again
+  const bool keep = static_cast<int64_t>(R) * keys <= kMaxKeptScores;
+  s.resize(static_cast<size_t>(R) * (keep ? keys : NT));
   k.resize(static_cast<size_t>(D) * NT);
   v.resize(static_cast<size_t>(D) * NT);
   ks.resize(NT);
-  s.resize(static_cast<size_t>(R) * NT);
   sc.resize(2 * C);
   lo.resize(2 * C);
-  const int64_t first = pk.qpos0[b] + jb.i0, last = pk.qpos0[b] + jb.i1 - 1;
-  const int64_t oldest = pk.window > 0 ? first - pk.window + 1 : 0;  // the block sees [oldest, last]
-  int64_t zeros = 0, seen = 0;
-  const int nc = pk.n_chunks[b];
-  for (int c0 = 0; c0 < nc; c0 += kTilePages) {  // pages, kTilePages at a time
-    const int np = std::min(kTilePages, nc - c0), n = np * C;
-    const int64_t p0 = pk.first_pos[b] + static_cast<int64_t>(c0) * C;
-    if (p0 > last || p0 + n - 1 < oldest) continue;
-    for (int p = 0; p < np; ++p) {
-      const int64_t ph = static_cast<int64_t>(pk.table[b * pk.table_cols + c0 + p]) * g.n + gi;
-      float* kd = k.data() + p * C;
-      float* vd = v.data() + p * C;
-      if (g.bits == 4) decode_page<4>(g, ph, D, C, kd, vd, NT, sc.data(), lo.data());
-      else if (g.bits == 2) decode_page<2>(g, ph, D, C, kd, vd, NT, sc.data(), lo.data());
-      else decode_page<8>(g, ph, D, C, kd, vd, NT, sc.data(), lo.data());
-      std::fill(ks.begin() + p * C, ks.begin() + (p + 1) * C, g.kf[ph]);
-    }
-    tile(st, pk.window, pk.sm, sm_scale, p0, n, k.data(), v.data(), NT, 1, ks.data(), s.data(), zeros, seen);
-  }
-  // the INT8 buffer: the sinks (rows r < sinks at r), then the tail (rows at tail_shift + r)
-  const int blen = pk.blen[b], sink_rows = std::min(pk.sinks, blen);
   const int64_t base = (static_cast<int64_t>(b) * pk.Hkv + hk) * pk.rows_cap;
-  for (int seg = 0; seg < 2; ++seg) {
-    const int r0 = seg ? sink_rows : 0, r1 = seg ? blen : sink_rows;
-    const int64_t shift = seg ? pk.tail_shift[b] : 0;
-    for (int a = r0; a < r1; a += kBufferTile) {
-      const int n = std::min(kBufferTile, r1 - a);
-      const int64_t p0 = shift + a;
-      if (p0 > last || p0 + n - 1 < oldest) continue;
-      for (int t = 0; t < n; ++t) {  // rows (n, D), token-major
-        const int64_t row = base + a + t;
-        int8_to_float(pk.bk + row * D, D, 1.f, k.data() + static_cast<int64_t>(t) * D);
-        int8_to_float(pk.bv + row * D, D, pk.bvs[row], v.data() + static_cast<int64_t>(t) * D);
-        ks[t] = pk.bks[row];
+  // one tile's K (into k, ks) and/or V (into v); returns (sd, sk): the layout of both
+  auto load = [&](const Tile& t, bool want_k, bool want_v) -> std::pair<int64_t, int64_t> {
+    if (t.page) {
+      for (int p = 0; p < t.n / C; ++p) {
+        const int64_t ph = static_cast<int64_t>(pk.table[b * pk.table_cols + t.at + p]) * g.n + gi;
+        float* kd = want_k ? k.data() + p * C : nullptr;
+        float* vd = want_v ? v.data() + p * C : nullptr;
+        if (g.bits == 4) decode_page<4>(g, ph, D, C, kd, vd, NT, sc.data(), lo.data());
+        else if (g.bits == 2) decode_page<2>(g, ph, D, C, kd, vd, NT, sc.data(), lo.data());
+        else decode_page<8>(g, ph, D, C, kd, vd, NT, sc.data(), lo.data());
+        std::fill(ks.begin() + p * C, ks.begin() + (p + 1) * C, g.kf[ph]);
       }
-      tile(st, pk.window, pk.sm, sm_scale, p0, n, k.data(), v.data(), 1, D, ks.data(), s.data(), zeros, seen);
+      return {NT, 1};
     }
+    for (int i = 0; i < t.n; ++i) {  // rows (n, D), token-major
+      const int64_t row = base + t.at + i;
+      if (want_k) int8_to_float(pk.bk + row * D, D, 1.f, k.data() + static_cast<int64_t>(i) * D);
+      if (want_v) int8_to_float(pk.bv + row * D, D, pk.bvs[row], v.data() + static_cast<int64_t>(i) * D);
+      ks[i] = pk.bks[row];
+    }
+    return {1, D};
+  };
+  int64_t zeros = 0, seen = 0, off = 0;
+  for (const Tile& t : tiles) {  // pass 1: the row maxima
+    const auto [sd, sk] = load(t, true, false);
+    scores(st, pk.window, sm_scale, t.p0, t.n, k.data(), sd, sk, ks.data(), s.data() + (keep ? off : 0), true);
+    off += static_cast<int64_t>(R) * t.n;
+  }
+  off = 0;
+  for (const Tile& t : tiles) {  // pass 2: the weights against them, and P V
+    const auto [sd, sk] = load(t, !keep, true);
+    float* st_s = s.data() + (keep ? off : 0);
+    if (!keep) scores(st, pk.window, sm_scale, t.p0, t.n, k.data(), sd, sk, ks.data(), st_s, false);
+    accumulate(st, pk.window, pk.sm, t.p0, t.n, v.data(), sd, sk, st_s, zeros, seen);
+    off += static_cast<int64_t>(R) * t.n;
   }
   store_block(st, jb, Hq, Lq, grp, out);
   counts[0] += zeros;
@@ -281,16 +320,27 @@ std::tuple<at::Tensor, at::Tensor> attention(const at::Tensor& q, const at::Tens
     for (int64_t j = from; j < to; ++j) {
       const Job& jb = jobs[j];
       load_block(st, jb, qv.data_ptr<float>(), qsv.data_ptr<float>(), Hq, Lq, grp, D, pos0);
-      s.resize(static_cast<size_t>(st.R) * kBufferTile);
       const int64_t base = (static_cast<int64_t>(jb.b) * Hkv + jb.hk) * Lk;
       const int64_t last = causal ? pos0 + jb.i1 - 1 : Lk, oldest = window > 0 ? pos0 + jb.i0 - window + 1 : 0;
       int64_t zeros = 0, seen = 0;
-      for (int a = 0; a < Lk; a += kBufferTile) {  // token-major rows, read in place
-        const int n = std::min(kBufferTile, Lk - a);
-        if (a > last || a + n - 1 < oldest) continue;
-        tile(st, static_cast<int>(window), sm, static_cast<float>(sm_scale), a, n, kv.data_ptr<float>() + (base + a) * D,
-             v.data_ptr<float>() + (base + a) * D, 1, D, ksv.data_ptr<float>() + base + a, s.data(), zeros, seen);
-      }
+      // the scores of all keys stay from pass 1 to pass 2 when they fit, else are computed again
+      const int a0 = causal || window > 0 ? static_cast<int>(std::max<int64_t>(0, oldest)) : 0;
+      const int a1 = static_cast<int>(std::min<int64_t>(Lk, last + 1));
+      const bool keep = static_cast<int64_t>(st.R) * (a1 - a0) <= kMaxKeptScores;
+      s.resize(static_cast<size_t>(st.R) * (keep ? std::max(0, a1 - a0) : kBufferTile));
+      const float* kp = kv.data_ptr<float>() + base * D;
+      const float* vp = v.data_ptr<float>() + base * D;
+      const float* kps = ksv.data_ptr<float>() + base;
+      for (int pass = 0; pass < 2; ++pass)  // the row maxima, then the weights against them and P V
+        for (int a = a0, off = 0; a < a1; a += kBufferTile) {  // token-major rows, read in place
+          const int n = std::min(kBufferTile, a1 - a);
+          float* ts = s.data() + (keep ? static_cast<int64_t>(st.R) * off : 0);
+          if (pass == 0 || !keep)
+            scores(st, static_cast<int>(window), static_cast<float>(sm_scale), a, n, kp + static_cast<int64_t>(a) * D,
+                   1, D, kps + a, ts, pass == 0);
+          if (pass == 1) accumulate(st, static_cast<int>(window), sm, a, n, vp + static_cast<int64_t>(a) * D, 1, D, ts, zeros, seen);
+          off += n;
+        }
       store_block(st, jb, Hq, Lq, grp, out.data_ptr<float>());
       counts[2 * j] += zeros;
       counts[2 * j + 1] += seen;
