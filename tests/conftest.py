@@ -123,6 +123,25 @@ def mlflow_server(tmp_path_factory):
         log.close()
 
 
+def _clear_stale_engine_state() -> None:
+    """Before starting our own dockerd (none runs): remove what a dockerd that was killed left.
+
+    A container still running when its engine died leaves a network namespace bound under
+    /run/docker/netns with a veth on the docker0 bridge, which outlives the engine. Its address
+    and MAC (172.17.0.2, 02:42:ac:11:00:02) are the ones the next engine gives its first
+    container, whose published port then answers nothing. With no engine running, every
+    such namespace is stale: unmount and remove them, and drop the bridge (dockerd makes it
+    again)."""
+    import subprocess
+
+    netns = Path("/run/docker/netns")
+    for entry in sorted(netns.iterdir()) if netns.is_dir() else ():
+        subprocess.run(["umount", str(entry)], capture_output=True)
+        entry.unlink(missing_ok=True)
+    if Path("/sys/class/net/docker0").exists():
+        subprocess.run(["ip", "link", "delete", "docker0"], capture_output=True)
+
+
 @pytest.fixture(scope="session")
 def docker_services(tmp_path_factory, local_registry):
     """A Docker engine (the running one, or a dockerd started here) and a local registry on
@@ -158,6 +177,7 @@ def docker_services(tmp_path_factory, local_registry):
         # Our own engine keeps its images in a folder of this run's, removed at the end: a
         # session builds ~7 GB of images, and a disk that keeps them fills within a day.
         data_root = root / "data-root"
+        _clear_stale_engine_state()
         proc = subprocess.Popen(["dockerd", "--data-root", str(data_root)],
                                 stdout=(root / "dockerd.log").open("w"),
                                 stderr=subprocess.STDOUT, start_new_session=True)
@@ -180,6 +200,14 @@ def docker_services(tmp_path_factory, local_registry):
                 with contextlib.suppress(docker.errors.APIError):
                     client.images.remove(image.id, force=True)
         client.api.prune_builds()
+        if started:
+            # Our own engine: its containers go with it. One left running when dockerd stops
+            # keeps its network namespace (/run/docker/netns) and veth on docker0, holding
+            # 172.17.0.2 and that address's MAC, so the next engine's first container is
+            # unreachable from the host (a rollout then waits out its ready timeout).
+            for container in client.containers.list(all=True):
+                with contextlib.suppress(docker.errors.APIError):
+                    container.remove(force=True)
         for proc in reversed(started):
             os.killpg(proc.pid, signal.SIGTERM)
             try:

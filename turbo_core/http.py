@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable
 
@@ -28,16 +29,21 @@ def wait_ok(url: str, timeout_s: float, alive: Callable[[], str | None] | None =
         RuntimeError: ``alive`` reported the server gone.
     """
     start = time.monotonic()
+    last = "no answer yet"
     while True:
         try:
             with urllib.request.urlopen(url, timeout=5) as resp:
                 if resp.status == 200:
                     return time.monotonic() - start
-        except OSError:
-            pass
+                last = f"HTTP {resp.status}"
+        except urllib.error.HTTPError as exc:
+            last = f"HTTP {exc.code}: {exc.read()[:200].decode(errors='replace')}"
+        except OSError as exc:
+            last = f"{type(exc).__name__}: {getattr(exc, 'reason', None) or exc}"
         problem = alive() if alive is not None else None
         if problem:
             raise RuntimeError(f"{url} will not come up: {problem}")
         if time.monotonic() - start > timeout_s:
-            raise TimeoutError(f"{url} did not answer 200 within {timeout_s:g} s")
+            raise TimeoutError(f"{url} did not answer 200 within {timeout_s:g} s "
+                               f"(last: {last})")
         time.sleep(interval_s)
