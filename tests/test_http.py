@@ -23,8 +23,10 @@ def test_wait_ok_succeeds_times_out_and_reports_death():
     base = f"http://127.0.0.1:{server.server_address[1]}"
     try:
         assert wait_ok(f"{base}/ok", 5) < 5
-        with pytest.raises(TimeoutError, match=r"did not answer 200 within 0\.3 s"):
+        with pytest.raises(TimeoutError, match=r"did not answer 200 within 0\.3 s \(last: HTTP 503"):
             wait_ok(f"{base}/busy", 0.3, interval_s=0.05)
+        with pytest.raises(TimeoutError, match=r"last: URLError: .*refused"):
+            wait_ok(f"http://127.0.0.1:{free_port()}/", 0.3, interval_s=0.05)
         with pytest.raises(RuntimeError, match="will not come up: process exited"):
             wait_ok(f"{base}/busy", 5, alive=lambda: "process exited")
     finally:
