@@ -21,6 +21,12 @@ inline float hsum(__m256 v) {  // the sum of 8 lanes
   return _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x)));
 }
 
+inline float hmax(__m256 v) {  // the largest of 8 lanes
+  __m128 x = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  x = _mm_max_ps(x, _mm_movehl_ps(x, x));
+  return _mm_cvtss_f32(_mm_max_ss(x, _mm_movehdup_ps(x)));
+}
+
 // e^x for 8 lanes, |relative error| < 2e-7 on [-87, 88] (below: 0): x = n ln2 + r,
 // |r| <= ln2 / 2, e^r by a degree-6 Taylor polynomial, 2^n through the exponent bits.
 inline __m256 exp8(__m256 x) {

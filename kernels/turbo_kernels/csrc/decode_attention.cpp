@@ -141,40 +141,50 @@ void pages_job(const Call& c, const Group& g, int b, int i, int sp, const Softma
   counts[1] += seen;
 }
 
-// codes of one channel -> float, 8 tokens a step: dst[t] = code(t) (unsigned; INT8 signed).
+// codes of tokens [t0, t0 + 8) of one channel as float (t0 % 8 == 0, M % 8 == 0): byte j of
+// plane p holds token p * M + j (INT8: the signed byte).
 template <int BITS>
-inline void codes_to_float(const uint8_t* src, int M, float* dst) {
+inline __m256 codes8(const uint8_t* src, int M, int t0) {
   if constexpr (BITS == 8) {
-    for (int j = 0; j < M; j += 8) {
-      const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + j));
-      _mm256_storeu_ps(dst + j, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)));
-    }
-  } else if (M % 16 == 0) {  // 16 bytes a step, every plane from one load
-    const __m128i mask = _mm_set1_epi8((1 << BITS) - 1);
-    for (int j = 0; j < M; j += 16) {
-      const __m128i x = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + j));
-      for (int p = 0; p < 8 / BITS; ++p) {
-        const __m128i codes = _mm_and_si128(_mm_srli_epi16(x, p * BITS), mask);  // 16 tokens
-        float* out = dst + p * M + j;
-        _mm256_storeu_ps(out, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(codes)));
-        _mm256_storeu_ps(out + 8, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(codes, 8))));
-      }
-    }
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + t0))));
   } else {
-    const __m256i mask = _mm256_set1_epi32((1 << BITS) - 1);
-    for (int p = 0; p < 8 / BITS; ++p)
-      for (int j = 0; j < M; j += 8) {
-        const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + j));
-        const __m256i x = _mm256_and_si256(_mm256_srli_epi32(_mm256_cvtepu8_epi32(b), p * BITS), mask);
-        _mm256_storeu_ps(dst + p * M + j, _mm256_cvtepi32_ps(x));
-      }
+    const int p = t0 / M, j = t0 - p * M;
+    __m256i x = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + j)));
+    if (p) x = _mm256_srli_epi32(x, p * BITS);
+    if (p != 8 / BITS - 1) x = _mm256_and_si256(x, _mm256_set1_epi32((1 << BITS) - 1));
+    return _mm256_cvtepi32_ps(x);
   }
 }
 
+// Asks for the n bytes from p into L1 (the next page's codes and scales while this one is
+// read: pages sit apart in the pool, so the hardware prefetcher starts cold on each).
+inline void prefetch(const void* p, int64_t n) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t o = 0; o < n; o += 64) _mm_prefetch(c + o, _MM_HINT_T0);
+}
+
 // score_rows for the 32 tokens from t0 (ONE_GROUP: all in one token group of K's second level)
-template <int NR, bool ONE_GROUP>
-inline void score_block(const float* qk, const float* z, const float* kc, int D, int C, int kgs,
-                        int k_group, int r0, int t0, float* s) {
+// codes8 with the chunk CC and the token T known at compile time: immediate shifts, no mask
+// on the top plane
+template <int BITS, int CC, int T>
+inline __m256 codes8c(const uint8_t* src) {
+  if constexpr (BITS == 8) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + T))));
+  } else {
+    constexpr int M = CC * BITS / 8, p = T / M, j = T - p * M;
+    __m256i x = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + j)));
+    if constexpr (p > 0) x = _mm256_srli_epi32(x, p * BITS);
+    if constexpr (p < 8 / BITS - 1) x = _mm256_and_si256(x, _mm256_set1_epi32((1 << BITS) - 1));
+    return _mm256_cvtepi32_ps(x);
+  }
+}
+
+// CC > 0: the chunk and T0 (the block's first token) known at compile time
+template <int BITS, int NR, bool ONE_GROUP, int CC = 0, int T0 = 0>
+inline void score_block(const float* qk, const float* z, const uint8_t* kcodes, int D, int C,
+                        int kgs, int k_group, int r0, int t0, float* s) {
+  if constexpr (CC > 0) { C = CC; t0 = T0; }
+  const int M = C * BITS / 8;
   const float* qrow[NR][4];
   int grp[4];
   for (int k = 0; k < 4; ++k) {
@@ -184,10 +194,29 @@ inline void score_block(const float* qk, const float* z, const float* kc, int D,
   __m256 acc[NR][4];
   for (int r = 0; r < NR; ++r)
     for (int k = 0; k < 4; ++k) acc[r][k] = _mm256_setzero_ps();
-  for (int d = 0; d < D; ++d) {
-    const float* kd = kc + static_cast<size_t>(d) * C + t0;
-    const __m256 k0 = _mm256_loadu_ps(kd), k1 = _mm256_loadu_ps(kd + 8),
-                 k2 = _mm256_loadu_ps(kd + 16), k3 = _mm256_loadu_ps(kd + 24);
+  // where tokens t0 + 8k sit in a channel's planes: byte offset and shift, fixed over d
+  int off[4];
+  __m128i shift[4];
+  for (int k = 0; k < 4; ++k) {
+    const int p = BITS == 8 ? 0 : (t0 + 8 * k) / M;
+    off[k] = t0 + 8 * k - p * M;
+    shift[k] = _mm_cvtsi32_si128(p * BITS);
+  }
+  const __m256i mask = _mm256_set1_epi32((1 << BITS) - 1);
+  auto load = [&](const uint8_t* kd, int k) {
+    const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(kd + off[k]));
+    if constexpr (BITS == 8) return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
+    return _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srl_epi32(_mm256_cvtepu8_epi32(b), shift[k]), mask));
+  };
+  for (int d = 0; d < D; ++d) {  // channel d's 32 codes become float in registers
+    const uint8_t* kd = kcodes + static_cast<size_t>(d) * M;
+    __m256 k0, k1, k2, k3;
+    if constexpr (CC > 0) {
+      k0 = codes8c<BITS, CC, T0>(kd); k1 = codes8c<BITS, CC, T0 + 8>(kd);
+      k2 = codes8c<BITS, CC, T0 + 16>(kd); k3 = codes8c<BITS, CC, T0 + 24>(kd);
+    } else {
+      k0 = load(kd, 0); k1 = load(kd, 1); k2 = load(kd, 2); k3 = load(kd, 3);
+    }
     for (int r = 0; r < NR; ++r) {
       if constexpr (ONE_GROUP) {
         const __m256 qv = _mm256_broadcast_ss(qrow[r][0] + d);
@@ -209,56 +238,83 @@ inline void score_block(const float* qk, const float* z, const float* kc, int D,
                        _mm256_add_ps(acc[r][k], _mm256_set1_ps(z[(r0 + r) * kgs + grp[k]])));
 }
 
-// s[r, t] = sum_d qk[r, g(t), d] kc[d, t] + z[r, g(t)] for rows [r0, r0 + NR), 32 tokens a
-// step (g(t) = t / k_group): NR rows x 4 blocks of 8 accumulators stay in registers.
-template <int NR>
-inline void score_rows(const float* qk, const float* z, const float* kc, int D, int C, int kgs,
-                       int k_group, int r0, float* s) {
+// s[r, t] = sum_d qk[r, g(t), d] code[d, t] + z[r, g(t)] for rows [r0, r0 + NR), 32 tokens a
+// step (g(t) = t / k_group): NR rows x 4 blocks of 8 accumulators stay in registers; the codes
+// are read from the page (planar, M bytes per channel) for each block of NR rows.
+template <int BITS, int NR, int CC>
+inline void score_rows(const float* qk, const float* z, const uint8_t* kcodes, int D, int C,
+                       int kgs, int k_group, int r0, float* s) {
+  if constexpr (CC == 64) {
+    if (k_group % 32 == 0) {
+      score_block<BITS, NR, true, 64, 0>(qk, z, kcodes, D, C, kgs, k_group, r0, 0, s);
+      score_block<BITS, NR, true, 64, 32>(qk, z, kcodes, D, C, kgs, k_group, r0, 32, s);
+    } else {
+      score_block<BITS, NR, false, 64, 0>(qk, z, kcodes, D, C, kgs, k_group, r0, 0, s);
+      score_block<BITS, NR, false, 64, 32>(qk, z, kcodes, D, C, kgs, k_group, r0, 32, s);
+    }
+    return;
+  }
   for (int t0 = 0; t0 < C; t0 += 32) {
-    if (k_group % 32 == 0) score_block<NR, true>(qk, z, kc, D, C, kgs, k_group, r0, t0, s);
-    else score_block<NR, false>(qk, z, kc, D, C, kgs, k_group, r0, t0, s);
+    if (k_group % 32 == 0) score_block<BITS, NR, true>(qk, z, kcodes, D, C, kgs, k_group, r0, t0, s);
+    else score_block<BITS, NR, false>(qk, z, kcodes, D, C, kgs, k_group, r0, t0, s);
   }
 }
 
 // CC: the chunk as a compile-time constant (64, the default: every token loop unrolls) or 0
+struct Scratch {  // what a thread's page jobs reuse: made once per parallel_for range
+  std::vector<float> qr, qsr, s, qk, z, wv, zv, m, l, alpha, accp;
+  std::vector<int> lo;
+};
+
 template <int BITS, int CC>
 void pages_job_avx2(const Call& c, const Group& g, int b, int i, int sp, const Softmax& sm,
-                    int64_t* counts) {
+                    int64_t* counts, Scratch& S_) {
   const int D = c.D, C = CC ? CC : c.chunk, R = c.group * c.Lq, M = C * BITS / 8;
   const int hk = static_cast<int>(g.heads[i]);
   const int nc = c.n_chunks[b];
   const int c_lo = std::min(nc, sp * c.step), c_hi = std::min(nc, sp * c.step + c.step);
   const int kgs = BITS == 8 ? 1 : C / g.k_group, k_group = BITS == 8 ? C : g.k_group;
   const int vgs = BITS == 8 ? 1 : D / g.v_group, v_group = BITS == 8 ? D : g.v_group;
-  // scratch reused by the jobs a thread runs (sized, not cleared, but for the running state)
-  thread_local std::vector<float> qr, qsr, kc, vc, s, qk, z, wv, zv, m, l, accp;
-  thread_local std::vector<int> lo;
+  // scratch of the thread's jobs (sized here, not cleared, but for the running state)
+  auto &qr = S_.qr, &qsr = S_.qsr;
   qr.resize(static_cast<size_t>(R) * D);
   qsr.resize(R);
   load_query(c, b, hk, qr, qsr);
-  kc.resize(static_cast<size_t>(D) * C);
-  vc.resize(static_cast<size_t>(D) * C);
-  s.resize(static_cast<size_t>(R) * C);
-  qk.resize(static_cast<size_t>(R) * kgs * D);
-  z.resize(static_cast<size_t>(R) * kgs);
-  wv.resize(static_cast<size_t>(vgs) * C);
-  zv.resize(vgs);
-  m.assign(R, kNeg);
-  l.assign(R, 0.f);
-  accp.assign(static_cast<size_t>(R) * D * 8, 0.f);  // per (row, channel): 8 lanes of partial sums
-  lo.assign(R, 0);
+  S_.s.resize(static_cast<size_t>(R) * C);
+  S_.qk.resize(static_cast<size_t>(R) * kgs * D);
+  S_.z.resize(static_cast<size_t>(R) * kgs);
+  S_.wv.resize(static_cast<size_t>(R) * vgs * C);
+  S_.zv.resize(static_cast<size_t>(R) * vgs);
+  S_.alpha.resize(R);
+  S_.m.assign(R, kNeg);
+  S_.l.assign(R, 0.f);
+  S_.accp.assign(static_cast<size_t>(R) * D * 8, 0.f);  // per (row, channel): 8 lanes of partial sums
+  S_.lo.assign(R, 0);
+  float *s = S_.s.data(), *qk = S_.qk.data(), *z = S_.z.data(),
+        *wv = S_.wv.data(), *zv = S_.zv.data(), *m = S_.m.data(), *l = S_.l.data(),
+        *alpha = S_.alpha.data(), *accp = S_.accp.data();
+  int* lo = S_.lo.data();
   int64_t zeros = 0, seen = 0;
+  const int64_t page_bytes = static_cast<int64_t>(D) * M;
   for (int ci = c_lo; ci < c_hi; ++ci) {
     const int64_t p = c.table[static_cast<int64_t>(b) * c.table_cols + ci];
-    if (c.window > 0 && window_starts(c, b, ci, R, lo.data()) >= C) continue;  // nobody sees it
+    if (ci + 1 < c_hi) {  // the next page: codes, and V's per-token scales
+      const int64_t nph = c.table[static_cast<int64_t>(b) * c.table_cols + ci + 1] * g.n + i;
+      prefetch(g.kp + nph * page_bytes, page_bytes);
+      prefetch(g.vp + nph * page_bytes, page_bytes);
+      if constexpr (BITS != 8) {
+        prefetch(g.vsc + nph * vgs * C, static_cast<int64_t>(vgs) * C);
+        prefetch(g.vlo + nph * vgs * C, static_cast<int64_t>(vgs) * C);
+      }
+    }
+    if (c.window > 0 && window_starts(c, b, ci, R, lo) >= C) continue;  // nobody sees it
     const int64_t ph = p * g.n + i;  // (page, head row) of the pool tensors
-    for (int d = 0; d < D; ++d) codes_to_float<BITS>(g.kp + (ph * D + d) * M, M, kc.data() + d * C);
     // qk[r, grp, d] = q_rd S_d,grp;  z[r, grp] = sum_d q_rd low_d,grp  (times the page's scales)
     for (int r = 0; r < R; ++r) {
       const float f = qsr[r] * g.kf[ph] * c.sm_scale;
       const float* q = qr.data() + static_cast<size_t>(r) * D;
       if (BITS != 8 && kgs == 1) {  // S, low contiguous along the channels: 8 at a time
-        float* out = qk.data() + static_cast<size_t>(r) * D;
+        float* out = qk + static_cast<size_t>(r) * D;
         const uint8_t* ks = g.ksc + ph * D;
         const int8_t* kl = g.klo + ph * D;
         const __m256 f8 = _mm256_set1_ps(f);
@@ -274,7 +330,7 @@ void pages_job_avx2(const Call& c, const Group& g, int b, int i, int sp, const S
         continue;
       }
       for (int grp = 0; grp < kgs; ++grp) {
-        float* out = qk.data() + (static_cast<size_t>(r) * kgs + grp) * D;
+        float* out = qk + (static_cast<size_t>(r) * kgs + grp) * D;
         float zz = 0.f;
         for (int d = 0; d < D; ++d) {
           const int64_t at = (ph * D + d) * kgs + grp;
@@ -286,26 +342,38 @@ void pages_job_avx2(const Call& c, const Group& g, int b, int i, int sp, const S
       }
     }
     int r = 0;
-    for (; r + 3 <= R; r += 3) score_rows<3>(qk.data(), z.data(), kc.data(), D, C, kgs, k_group, r, s.data());
-    for (; r < R; ++r) score_rows<1>(qk.data(), z.data(), kc.data(), D, C, kgs, k_group, r, s.data());
-    for (int d = 0; d < D; ++d) codes_to_float<BITS>(g.vp + (ph * D + d) * M, M, vc.data() + d * C);
+    const uint8_t* kcodes = g.kp + ph * page_bytes;
+    for (; r + 3 <= R; r += 3) score_rows<BITS, 3, CC>(qk, z, kcodes, D, C, kgs, k_group, r, s);
+    for (; r < R; ++r) score_rows<BITS, 1, CC>(qk, z, kcodes, D, C, kgs, k_group, r, s);
     const float vscale = g.vf[ph];
+    const uint8_t* vcodes = g.vp + ph * page_bytes;
     for (r = 0; r < R; ++r) {
+      float* sr = s + static_cast<size_t>(r) * C;
       const int a = std::max(0, lo[r]);
-      if (a >= C) continue;
-      float* sr = s.data() + static_cast<size_t>(r) * C;
-      float mx = kNeg;
-      for (int t = a; t < C; ++t) mx = std::max(mx, sr[t]);
-      const float m_new = std::max(m[r], mx);
-      const float alpha = std::exp(m[r] - m_new);
-      l[r] = l[r] * alpha + sm.weights(sr, a, C, m_new, zeros);  // sr[:a] = 0
+      if (a >= C) {  // the whole page is outside this row's window: no weight, no rescale
+        alpha[r] = 1.f;
+        for (int grp = 0; grp < vgs; ++grp) {
+          std::fill(wv + (static_cast<size_t>(r) * vgs + grp) * C,
+                    wv + (static_cast<size_t>(r) * vgs + grp + 1) * C, 0.f);
+          zv[r * vgs + grp] = 0.f;
+        }
+        continue;
+      }
+      std::fill(sr, sr + a, kNeg);
+      __m256 mx8 = _mm256_set1_ps(kNeg);
+      for (int t = 0; t < C; t += 8) mx8 = _mm256_max_ps(mx8, _mm256_loadu_ps(sr + t));
+      const float m_new = std::max(m[r], hmax(mx8));
+      alpha[r] = std::exp(m[r] - m_new);
+      l[r] = l[r] * alpha[r] + sm.weights(sr, a, C, m_new, zeros);  // sr[:a] = 0
       seen += C - a;
       m[r] = m_new;
-      // wv[grp, t] = w_t S_grp,t vf;  zv[grp] = vf sum_t w_t low_grp,t
+      // wv[r, grp, t] = w_t S_grp,t vf;  zv[r, grp] = vf sum_t w_t low_grp,t
       for (int grp = 0; grp < vgs; ++grp) {
+        float* w_out = wv + (static_cast<size_t>(r) * vgs + grp) * C;
         if constexpr (BITS == 8) {
-          for (int t = 0; t < C; ++t) wv[t] = sr[t] * vscale;
-          zv[grp] = 0.f;
+          const __m256 vf8 = _mm256_set1_ps(vscale);
+          for (int t = 0; t < C; t += 8) _mm256_storeu_ps(w_out + t, _mm256_mul_ps(_mm256_loadu_ps(sr + t), vf8));
+          zv[r] = 0.f;
           continue;
         }
         const uint8_t* vs = g.vsc + (ph * vgs + grp) * C;
@@ -316,29 +384,57 @@ void pages_job_avx2(const Call& c, const Group& g, int b, int i, int sp, const S
           const __m256 w = _mm256_loadu_ps(sr + t);
           const __m256 sc = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(vs + t))));
           const __m256 low = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(vl + t))));
-          _mm256_storeu_ps(wv.data() + grp * C + t, _mm256_mul_ps(_mm256_mul_ps(w, sc), vf8));
+          _mm256_storeu_ps(w_out + t, _mm256_mul_ps(_mm256_mul_ps(w, sc), vf8));
           zz = _mm256_fmadd_ps(w, low, zz);
         }
-        zv[grp] = hsum(zz) * vscale;
+        zv[r * vgs + grp] = hsum(zz) * vscale * 0.125f;  // spread over the 8 lanes
       }
-      float* acc = accp.data() + static_cast<size_t>(r) * D * 8;
-      const __m256 va = _mm256_set1_ps(alpha);
-      for (int d = 0; d < D; ++d) {  // 8 lanes of sum_t wv[t] code_dt (+ zv / 8 per lane)
-        const float* w = wv.data() + (d / v_group) * C;
-        __m256 x = _mm256_mul_ps(_mm256_loadu_ps(acc + 8 * d), va);
-        x = _mm256_add_ps(x, _mm256_set1_ps(zv[d / v_group] * 0.125f));
-        for (int t = 0; t < C; t += 8)
-          x = _mm256_fmadd_ps(_mm256_loadu_ps(w + t), _mm256_loadu_ps(vc.data() + d * C + t), x);
-        _mm256_storeu_ps(acc + 8 * d, x);
+    }
+    // acc[r, d] (8 lanes) = alpha_r acc[r, d] + sum_t wv[r, g(d), t] code_dt + zv[r, g(d)]:
+    // channel d's codes become float once, in registers, for all R rows
+    for (int grp = 0, d = 0; grp < vgs; ++grp) {
+      for (int dd = 0; dd < v_group; ++dd, ++d) {
+        const uint8_t* src = vcodes + static_cast<int64_t>(d) * M;
+        if (C == 64) {
+          __m256 v[8];
+          v[0] = codes8c<BITS, 64, 0>(src); v[1] = codes8c<BITS, 64, 8>(src);
+          v[2] = codes8c<BITS, 64, 16>(src); v[3] = codes8c<BITS, 64, 24>(src);
+          v[4] = codes8c<BITS, 64, 32>(src); v[5] = codes8c<BITS, 64, 40>(src);
+          v[6] = codes8c<BITS, 64, 48>(src); v[7] = codes8c<BITS, 64, 56>(src);
+          for (r = 0; r < R; ++r) {
+            const float* w = wv + (static_cast<size_t>(r) * vgs + grp) * C;
+            float* acc = accp + (static_cast<size_t>(r) * D + d) * 8;
+            __m256 x = _mm256_fmadd_ps(_mm256_loadu_ps(acc), _mm256_set1_ps(alpha[r]),
+                                       _mm256_set1_ps(zv[r * vgs + grp]));
+            __m256 y = _mm256_mul_ps(_mm256_loadu_ps(w), v[0]);
+            x = _mm256_fmadd_ps(_mm256_loadu_ps(w + 8), v[1], x);
+            y = _mm256_fmadd_ps(_mm256_loadu_ps(w + 16), v[2], y);
+            x = _mm256_fmadd_ps(_mm256_loadu_ps(w + 24), v[3], x);
+            y = _mm256_fmadd_ps(_mm256_loadu_ps(w + 32), v[4], y);
+            x = _mm256_fmadd_ps(_mm256_loadu_ps(w + 40), v[5], x);
+            y = _mm256_fmadd_ps(_mm256_loadu_ps(w + 48), v[6], y);
+            x = _mm256_fmadd_ps(_mm256_loadu_ps(w + 56), v[7], x);
+            _mm256_storeu_ps(acc, _mm256_add_ps(x, y));
+          }
+        } else {
+          for (r = 0; r < R; ++r) {
+            const float* w = wv + (static_cast<size_t>(r) * vgs + grp) * C;
+            float* acc = accp + (static_cast<size_t>(r) * D + d) * 8;
+            __m256 x = _mm256_fmadd_ps(_mm256_loadu_ps(acc), _mm256_set1_ps(alpha[r]),
+                                       _mm256_set1_ps(zv[r * vgs + grp]));
+            for (int t = 0; t < C; t += 8) x = _mm256_fmadd_ps(_mm256_loadu_ps(w + t), codes8<BITS>(src, M, t), x);
+            _mm256_storeu_ps(acc, x);
+          }
+        }
       }
     }
   }
   Rows st(R, D);
-  st.m = m;
-  st.l = l;
+  st.m.assign(m, m + R);
+  st.l.assign(l, l + R);
   for (int r = 0; r < R; ++r)
     for (int d = 0; d < D; ++d)
-      st.acc[static_cast<size_t>(r) * D + d] = hsum(_mm256_loadu_ps(accp.data() + (static_cast<size_t>(r) * D + d) * 8));
+      st.acc[static_cast<size_t>(r) * D + d] = hsum(_mm256_loadu_ps(accp + (static_cast<size_t>(r) * D + d) * 8));
   store_partial(c, b, hk, sp, st);
   counts[0] += zeros;
   counts[1] += seen;
@@ -349,6 +445,82 @@ inline bool avx2_fits(const Group& g, int C, int D) {
   const int M = C * g.bits / 8;
   return M % 8 == 0 && C % 8 == 0 && D % 8 == 0 &&
          (g.bits == 8 || (g.k_group % 8 == 0 && C % g.k_group == 0 && D % g.v_group == 0));
+}
+
+// The INT8 buffer of (b, hk) when D % 8 == 0: rows are token-major (D contiguous), so a block
+// of rows becomes float once (V with its row scale), scores are one dot per (row, key), and
+// P.V adds w_t * v[t, :] into a row's accumulator 64 channels (8 registers) at a time — no
+// transposition, no horizontal sums but the scores'.
+void buffer_job_avx2(const Call& c, int b, int hk, const Softmax& sm, int64_t* counts) {
+  const int D = c.D, R = c.group * c.Lq, n_rows = c.blen[b];
+  constexpr int kBlock = 64;
+  std::vector<float> qr(static_cast<size_t>(R) * D), qsr(R);
+  load_query(c, b, hk, qr, qsr);
+  Rows st(R, D);
+  std::vector<float> s(static_cast<size_t>(R) * kBlock), kf(static_cast<size_t>(kBlock) * D),
+      vf(static_cast<size_t>(kBlock) * D);
+  int64_t zeros = 0, seen = 0;
+  const int64_t base = (static_cast<int64_t>(b) * c.Hkv + hk) * c.rows_cap;  // row 0 of (b, hk)
+  auto row8 = [](const int8_t* x) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(x))));
+  };
+  for (int start = 0; start < n_rows; start += kBlock) {
+    const int nt = std::min(kBlock, n_rows - start);
+    for (int t = 0; t < nt; ++t) {
+      const int8_t* kr = c.bk + (base + start + t) * D;
+      const int8_t* vr = c.bv + (base + start + t) * D;
+      const __m256 w = _mm256_set1_ps(c.bvs[base + start + t]);
+      float* ko = kf.data() + static_cast<size_t>(t) * D;
+      float* vo = vf.data() + static_cast<size_t>(t) * D;
+      for (int d = 0; d < D; d += 8) {
+        _mm256_storeu_ps(ko + d, row8(kr + d));
+        _mm256_storeu_ps(vo + d, _mm256_mul_ps(row8(vr + d), w));
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      const int i = r % c.Lq;
+      const int h = std::min(nt, n_rows - c.Lq + i + 1 - start);  // causal among the new tokens
+      int a = 0;
+      if (c.window > 0) {  // the first row at or past the window's first position
+        const int64_t first = c.qpos0[b] + i - c.window + 1;
+        const int64_t at = first < c.sinks ? first : std::max<int64_t>(c.sinks, first - c.tail_shift[b]);
+        a = static_cast<int>(std::max<int64_t>(0, std::min<int64_t>(at - start, kBlock)));
+      }
+      if (h <= a) continue;
+      const float* q = qr.data() + static_cast<size_t>(r) * D;
+      float* sr = s.data() + static_cast<size_t>(r) * kBlock;
+      const float f = qsr[r] * c.sm_scale;
+      float mx = kNeg;
+      for (int t = a; t < h; ++t) {
+        const float* kt = kf.data() + static_cast<size_t>(t) * D;
+        __m256 x = _mm256_setzero_ps();
+        for (int d = 0; d < D; d += 8) x = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), _mm256_loadu_ps(kt + d), x);
+        sr[t] = hsum(x) * f * c.bks[base + start + t];
+        mx = std::max(mx, sr[t]);
+      }
+      const float m_new = std::max(st.m[r], mx);
+      const float alpha = std::exp(st.m[r] - m_new);
+      st.l[r] = st.l[r] * alpha + sm.weights(sr, a, h, m_new, zeros);
+      seen += h - a;
+      st.m[r] = m_new;
+      float* acc = st.acc.data() + static_cast<size_t>(r) * D;
+      const __m256 va = _mm256_set1_ps(alpha);
+      for (int d0 = 0; d0 < D; d0 += 64) {  // 8 accumulators of 8 channels
+        const int nd = std::min(64, D - d0) / 8;
+        __m256 x[8];
+        for (int k = 0; k < nd; ++k) x[k] = _mm256_mul_ps(_mm256_loadu_ps(acc + d0 + 8 * k), va);
+        for (int t = a; t < h; ++t) {
+          const __m256 w = _mm256_set1_ps(sr[t]);
+          const float* vt = vf.data() + static_cast<size_t>(t) * D + d0;
+          for (int k = 0; k < nd; ++k) x[k] = _mm256_fmadd_ps(w, _mm256_loadu_ps(vt + 8 * k), x[k]);
+        }
+        for (int k = 0; k < nd; ++k) _mm256_storeu_ps(acc + d0 + 8 * k, x[k]);
+      }
+    }
+  }
+  store_partial(c, b, hk, c.splits, st);
+  counts[0] += zeros;
+  counts[1] += seen;
 }
 
 void buffer_job(const Call& c, int b, int hk, const Softmax& sm, int64_t* counts) {
@@ -468,6 +640,7 @@ std::tuple<at::Tensor, at::Tensor> decode_attention(
   const int64_t n_jobs = n_page_jobs + static_cast<int64_t>(c.B) * c.Hkv;
   std::vector<int64_t> counts(2 * std::max<int64_t>(n_jobs, 1), 0);
   at::parallel_for(0, n_jobs, 1, [&](int64_t from, int64_t to) {
+    Scratch scratch;
     for (int64_t job = from; job < to; ++job) {
       int64_t* cnt = counts.data() + 2 * job;
       if (job < n_page_jobs) {
@@ -476,15 +649,16 @@ std::tuple<at::Tensor, at::Tensor> decode_attention(
         const Group& g = groups[j];
         if (avx2_fits(g, c.chunk, c.D)) {
           const bool c64 = c.chunk == 64;
-          if (g.bits == 4) c64 ? pages_job_avx2<4, 64>(c, g, b, i, sp, sm, cnt) : pages_job_avx2<4, 0>(c, g, b, i, sp, sm, cnt);
-          else if (g.bits == 2) c64 ? pages_job_avx2<2, 64>(c, g, b, i, sp, sm, cnt) : pages_job_avx2<2, 0>(c, g, b, i, sp, sm, cnt);
-          else c64 ? pages_job_avx2<8, 64>(c, g, b, i, sp, sm, cnt) : pages_job_avx2<8, 0>(c, g, b, i, sp, sm, cnt);
+          if (g.bits == 4) c64 ? pages_job_avx2<4, 64>(c, g, b, i, sp, sm, cnt, scratch) : pages_job_avx2<4, 0>(c, g, b, i, sp, sm, cnt, scratch);
+          else if (g.bits == 2) c64 ? pages_job_avx2<2, 64>(c, g, b, i, sp, sm, cnt, scratch) : pages_job_avx2<2, 0>(c, g, b, i, sp, sm, cnt, scratch);
+          else c64 ? pages_job_avx2<8, 64>(c, g, b, i, sp, sm, cnt, scratch) : pages_job_avx2<8, 0>(c, g, b, i, sp, sm, cnt, scratch);
         } else if (g.bits == 4) pages_job<4>(c, g, b, i, sp, sm, cnt);
         else if (g.bits == 2) pages_job<2>(c, g, b, i, sp, sm, cnt);
         else pages_job<8>(c, g, b, i, sp, sm, cnt);
       } else {
         const int64_t k = job - n_page_jobs;
-        buffer_job(c, k / c.Hkv, k % c.Hkv, sm, cnt);
+        if (c.D % 8 == 0) buffer_job_avx2(c, k / c.Hkv, k % c.Hkv, sm, cnt);
+        else buffer_job(c, k / c.Hkv, k % c.Hkv, sm, cnt);
       }
     }
   });
