@@ -174,6 +174,10 @@ def table(doc: dict, fmt: str = "simple") -> str:
         from turbo_core.bench import cache_ops
 
         text += "\n\n" + cache_ops.table(doc, fmt)
+    if doc.get("instructions"):
+        from turbo_core.bench import instructions
+
+        text += "\n\n" + instructions.table(doc["instructions"], fmt)
     if "end_to_end" in doc:
         from turbo_core.bench import decode_e2e
 

@@ -70,6 +70,12 @@ def _bench_decode(args: argparse.Namespace) -> int:
     log = lambda m: print(m, file=sys.stderr)  # noqa: E731
     doc = ({"benchmark": "decode", "results": []} if args.e2e_only else
            decode.run(quick=args.quick, repeats=args.repeats, device=args.device, log=log))
+    if args.instructions:
+        if args.e2e_only:
+            raise ValueError("--instructions counts the attention ops: not with --e2e-only")
+        from turbo_core.bench import instructions
+
+        doc["instructions"] = instructions.rows(log)
     if not args.no_e2e:
         from turbo_core.bench import decode_e2e
 
@@ -197,6 +203,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     dec.add_argument("--threads", type=int,
                      help="torch threads for every contender (default: torch's; 1 compares "
                           "kernels on a shared machine where a descheduled worker stalls a pool)")
+    dec.add_argument("--instructions", action="store_true",
+                     help="also count each C++ op's instructions per element under valgrind's "
+                          "callgrind (small fixed shape, one thread; adds ~5 min)")
     dec.add_argument("--json", metavar="PATH")
     dec.add_argument("--markdown", metavar="PATH")
     dec.set_defaults(func=_bench_decode)
