@@ -13,6 +13,7 @@ float Softmax::weights(float* s, int lo, int hi, float top, int64_t& zeros) cons
     const float cut = lut_max + 1.f;
     // 8 at a time: neg = min(top - s, T + 1), n = floor(neg), w = LUT[n] P(neg - n)
     const __m256 vtop = _mm256_set1_ps(top), vcut = _mm256_set1_ps(cut), vmax = _mm256_set1_ps(lut_max);
+    const __m256 lo8 = _mm256_load_ps(lut16), hi8 = _mm256_load_ps(lut16 + 8);
     __m256 vtot = _mm256_setzero_ps();
     int t = lo;
     for (; t + 8 <= hi; t += 8) {
@@ -22,7 +23,15 @@ float Softmax::weights(float* s, int lo, int hi, float top, int64_t& zeros) cons
       __m256 poly = _mm256_fmadd_ps(_mm256_set1_ps(c3), f, _mm256_set1_ps(c2));
       poly = _mm256_fmadd_ps(poly, f, _mm256_set1_ps(c1));
       poly = _mm256_fmadd_ps(poly, f, _mm256_set1_ps(c0));
-      const __m256 w = _mm256_mul_ps(_mm256_i32gather_ps(lut, _mm256_cvttps_epi32(n), 4), poly);
+      const __m256i idx = _mm256_cvttps_epi32(n);
+      __m256 e;
+      if (small) {  // entries 0..7 from the first half, 8..15 from the second
+        e = _mm256_blendv_ps(_mm256_permutevar8x32_ps(lo8, idx), _mm256_permutevar8x32_ps(hi8, idx),
+                             _mm256_castsi256_ps(_mm256_cmpgt_epi32(idx, _mm256_set1_epi32(7))));
+      } else {
+        e = _mm256_i32gather_ps(lut, idx, 4);
+      }
+      const __m256 w = _mm256_mul_ps(e, poly);
       _mm256_storeu_ps(s + t, w);
       vtot = _mm256_add_ps(vtot, w);
       zeros += __builtin_popcount(_mm256_movemask_ps(_mm256_cmp_ps(n, vmax, _CMP_GT_OQ)));
@@ -165,9 +174,20 @@ Packed packed_view(const at::Tensor& q, const std::vector<at::Tensor>& heads,
   }
   p.bk = buffer_k.data_ptr<int8_t>(); p.bv = buffer_v.data_ptr<int8_t>();
   p.bks = buffer_k_scale.data_ptr<float>(); p.bvs = buffer_v_scale.data_ptr<float>();
-  p.sm = Softmax{use_sas, ptr<float>(lut), static_cast<float>(coeffs[0]), static_cast<float>(coeffs[1]),
-                 static_cast<float>(coeffs[2]), static_cast<float>(coeffs[3]), static_cast<float>(lut_max)};
+  p.sm = make_softmax(use_sas, lut, coeffs, lut_max);
   return p;
+}
+
+Softmax make_softmax(bool use_sas, const at::Tensor& lut, const std::vector<double>& coeffs,
+                     double lut_max) {
+  Softmax sm{use_sas, ptr<float>(lut), static_cast<float>(coeffs[0]), static_cast<float>(coeffs[1]),
+             static_cast<float>(coeffs[2]), static_cast<float>(coeffs[3]), static_cast<float>(lut_max)};
+  const int64_t entries = static_cast<int64_t>(lut_max) + 2;
+  if (use_sas && sm.lut != nullptr && entries <= 16 && lut.numel() >= entries) {
+    std::copy(sm.lut, sm.lut + entries, sm.lut16);
+    sm.small = true;
+  }
+  return sm;
 }
 
 }  // namespace turbo

@@ -57,10 +57,18 @@ struct Softmax {
   bool sas;
   const float* lut;  // T + 2 entries, the last 0: weights past the table cut without a branch
   float c0, c1, c2, c3, lut_max;
+  // the table padded with zeros to 16 entries when it fits (T + 2 <= 16): read by two
+  // _mm256_permutevar8x32_ps and a blend instead of a gather (slow on AMD's Zen)
+  bool small = false;
+  alignas(32) float lut16[16] = {};
 
   // s[lo:hi] -> e^(s - top) in place (and 0 before lo); returns their sum, adds SAS zeros.
   float weights(float* s, int lo, int hi, float top, int64_t& zeros) const;
 };
+
+// The op's softmax from its arguments (lut: T + 2 floats when use_sas).
+Softmax make_softmax(bool use_sas, const at::Tensor& lut, const std::vector<double>& coeffs,
+                     double lut_max);
 
 struct Group {  // the KV heads stored at one bit width (PackedHeads)
   int bits, n, k_group, v_group;

@@ -303,8 +303,7 @@ std::tuple<at::Tensor, at::Tensor> attention(const at::Tensor& q, const at::Tens
   TORCH_CHECK(!causal || q.size(2) <= k.size(2), "causal attention needs L_q <= L_k");
   TORCH_CHECK(!use_sas || (lut.scalar_type() == at::kFloat && lut.numel() >= lut_max + 2 && coeffs.size() >= 4),
               "lut must hold lut_max + 2 float32 entries and coeffs 4");
-  const Softmax sm{use_sas, ptr<float>(lut), static_cast<float>(coeffs[0]), static_cast<float>(coeffs[1]),
-                   static_cast<float>(coeffs[2]), static_cast<float>(coeffs[3]), static_cast<float>(lut_max)};
+  const Softmax sm = make_softmax(use_sas, lut, coeffs, lut_max);
   const int B = q.size(0), Hq = q.size(1), Lq = q.size(2), D = q.size(3), Hkv = k.size(1), Lk = k.size(2);
   const int grp = Hq / Hkv;
   const auto [qv, qsv] = query_codes(q, qk_int8, block_size);
