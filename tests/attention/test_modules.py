@@ -134,3 +134,24 @@ def test_bad_input():
         turbo(x, x, x, attn_mask=torch.zeros(4, 4, dtype=torch.bool))
     with pytest.raises(ValueError, match="bool or float"):
         turbo(x, x, x, attn_mask=torch.zeros(5, 5, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_self_attention_takes_one_fused_projection_and_equals_mha(batch_first, monkeypatch):
+    """One tensor passed as query, key and value: one GEMM against the whole in_proj_weight
+    (as MHA's fast path); the result equals MHA's and the three-GEMM path's (distinct copies)."""
+    mha, turbo = pair(batch_first=batch_first)
+    x, _, _ = inputs(batch_first)
+    calls = []
+    real = torch.nn.functional.linear
+    monkeypatch.setattr(torch.nn.functional, "linear",
+                        lambda inp, w, b=None: calls.append(tuple(w.shape)) or real(inp, w, b))
+    with torch.no_grad():
+        fused, _ = turbo(x, x, x, need_weights=False)
+        assert calls == [(3 * 64, 64), (64, 64)]  # q, k, v in one; then out_proj
+        calls.clear()
+        apart, _ = turbo(x.clone(), x.clone(), x.clone(), need_weights=False)
+        assert calls == [(64, 64)] * 4
+        ref, _ = mha(x, x, x, need_weights=False)
+    assert_close(fused, apart, atol=1e-6)
+    assert_close(ref, fused, atol=1e-5)

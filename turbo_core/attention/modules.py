@@ -112,8 +112,14 @@ class TurboAttention(nn.Module):
             nn.init.constant_(self.in_proj_bias, 0.0)
             nn.init.constant_(self.out_proj.bias, 0.0)
 
-    def _project(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor):
+    def _project(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                 same: bool = False):
+        """q, k, v projections; ``same`` (self-attention: one tensor passed three times) takes
+        them in one GEMM against the whole ``in_proj_weight``, as ``nn.MultiheadAttention``'s
+        fast path does (one read of the input, one 3E-wide product)."""
         e = self.embed_dim
+        if same and self._qkv_same_embed_dim:
+            return F.linear(query, self.in_proj_weight, self.in_proj_bias).split(e, dim=-1)
         b = self.in_proj_bias
         bq, bk, bv = (None, None, None) if b is None else (b[:e], b[e : 2 * e], b[2 * e :])
         if self._qkv_same_embed_dim:
@@ -141,6 +147,7 @@ class TurboAttention(nn.Module):
         with weights ``(N, L, S)`` (averaged) or ``(N, H, L, S)``, ``None`` unless
         ``need_weights``. ``is_causal`` without ``attn_mask`` applies a causal mask.
         """
+        same = query is key and key is value  # before the views below part them
         unbatched = query.dim() == 2
         if query.dim() not in (2, 3):
             raise ValueError(f"query must be 2-D (unbatched) or 3-D, got shape {tuple(query.shape)}")
@@ -164,7 +171,7 @@ class TurboAttention(nn.Module):
         if key.shape[:2] != value.shape[:2] or key.shape[1] != bsz:
             raise ValueError(f"key {tuple(key.shape)} / value {tuple(value.shape)} do not match "
                              f"query batch {bsz}")
-        q, k, v = self._project(query, key, value)
+        q, k, v = self._project(query, key, value, same)
         h, d = self.num_heads, self.head_dim
         # (L, N, H*d) -> (N, H, L, d)
         q = q.reshape(tgt_len, bsz, h, d).permute(1, 2, 0, 3)
