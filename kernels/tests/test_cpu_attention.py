@@ -31,7 +31,9 @@ def test_attention_op_matches_reference(b, hq, hkv, lq, lk, d, causal, window, n
     q = 2 * torch.randn(b, hq, lq, d, generator=gen)  # spread scores: SAS cuts some weights
     k, v = (torch.randn(b, hkv, lk, d, generator=gen) for _ in range(2))
     ref = attention_details(q, k, v, math_cfg=MATHS[name], causal=causal, window=window)
+    k_before = k.clone()
     out, dropped, valid = cpu_ops.attention(q, k, v, math_cfg=MATHS[name], causal=causal, window=window)
+    assert torch.equal(k, k_before)  # smooth_k centres a copy, never the caller's K
     assert_close(ref.out, out, atol=atol(MATHS[name]))
     assert valid == ref.candidates
     assert abs(dropped - ref.sas_dropped) <= 1e-5 * valid  # the reference's cut, but for rounding

@@ -231,11 +231,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, math_cfg: At
         raise ValueError("turbo.attention has no INT8 P·V or top-k sparsity; use the reference")
     if window is not None and not causal:
         raise ValueError("a sliding window needs causal attention")
-    k = k.float()
+    orig_k = k  # never written: the caller's
+    k = k.float().contiguous()
     if math_cfg.qk_int8 and math_cfg.smooth_k:  # as the reference: a per-row constant of the scores
-        k = k - k.mean(dim=-2, keepdim=True)
+        # in place on the op's own contiguous copy (one pass less than k - mean, then a copy)
+        k = (k.clone() if k.data_ptr() == orig_k.data_ptr() else k).sub_(k.mean(dim=-2, keepdim=True))
     out, counts = torch.ops.turbo.attention(
-        q.float().contiguous(), k.contiguous(), v.float().contiguous(), math_cfg.qk_int8,
+        q.float().contiguous(), k, v.float().contiguous(), math_cfg.qk_int8,
         math_cfg.block_size, causal, window or 0, *_softmax_args(q, math_cfg, scale))
     return out.to(q.dtype), int(counts[0]), int(counts[1])
 

@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 namespace turbo {
@@ -110,12 +111,31 @@ Packed packed_view(const at::Tensor& q, const std::vector<at::Tensor>& heads,
 // n floats -> symmetric codes with one scale over all of them (quant.quantize_int8_blockwise
 // of one block): s = max|x| / qmax (1 if all zero), code = clamp(round_half_even(x / s), +-qmax)
 // as T (int8, or float holding the integer); returns s.
+// 8 lanes at a time with the same operations (a true division, round half to even), so the
+// codes are bit for bit the scalar loop's.
 template <typename T>
 inline float quantize_block(const float* x, int64_t n, float qmax, T* codes) {
-  float amax = 0.f;
-  for (int64_t k = 0; k < n; ++k) amax = std::max(amax, std::fabs(x[k]));
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  __m256 m8 = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 <= n; k += 8)  // operands as std::max(amax, |x|): a NaN is skipped, as there
+    m8 = _mm256_max_ps(_mm256_and_ps(_mm256_loadu_ps(x + k), abs_mask), m8);
+  float amax = hmax(m8);
+  for (; k < n; ++k) amax = std::max(amax, std::fabs(x[k]));
   const float sc = amax > 0.f ? amax / qmax : 1.f;
-  for (int64_t k = 0; k < n; ++k)
+  const __m256 vs = _mm256_set1_ps(sc), hi = _mm256_set1_ps(qmax), lo = _mm256_set1_ps(-qmax);
+  for (k = 0; k + 8 <= n; k += 8) {
+    const __m256 c = _mm256_min_ps(_mm256_max_ps(_mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(x + k), vs),
+                                                                 _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), lo), hi);
+    if constexpr (std::is_same_v<T, float>) {
+      _mm256_storeu_ps(codes + k, c);
+    } else {
+      alignas(32) int32_t v[8];
+      _mm256_store_si256(reinterpret_cast<__m256i*>(v), _mm256_cvtps_epi32(c));
+      for (int j = 0; j < 8; ++j) codes[k + j] = static_cast<T>(v[j]);
+    }
+  }
+  for (; k < n; ++k)
     codes[k] = static_cast<T>(std::min(std::max(std::nearbyint(x[k] / sc), -qmax), qmax));
   return sc;
 }
