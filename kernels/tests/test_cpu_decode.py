@@ -72,6 +72,21 @@ def test_head_dims_groups_and_an_empty_buffer(d, name, decode):
     assert_close(decode_attention_reference(q, view, math_cfg=MATHS[name]).out, out, atol=ATOL[name])
 
 
+@pytest.mark.parametrize(("d", "chunk"), [(36, 64), (64, 32)])
+@pytest.mark.parametrize("name", ["exact", "turbo"])
+def test_odd_head_dim_and_another_chunk(d, chunk, name, decode):
+    """head_dim 36 (not a multiple of 8: the scalar page pass, the buffer's scalar channel
+    tails) and chunk 32 (the vector page pass with the chunk known only at run time), with
+    pages, a buffer of several rows, INT2/INT4/INT8 heads and GQA 3."""
+    cfg = KVQuantConfig(chunk=chunk, k_group=32, v_group=4)
+    cache = ragged([2, 4, 8], [150, 70], d=d, new=3, cfg=cfg)
+    view = cache.view()
+    assert min(view.n_chunks.tolist()) >= 1 and min(view.buffer_len.tolist()) >= 3
+    q = torch.randn(2, 9, 3, d, generator=torch.Generator().manual_seed(d + chunk))
+    out = decode(q, view, math_cfg=MATHS[name])
+    assert_close(decode_attention_reference(q, view, math_cfg=MATHS[name]).out, out, atol=ATOL[name])
+
+
 @pytest.mark.parametrize("new", [5, 64, 100])
 @pytest.mark.parametrize("name", ["exact", "turbo"])
 def test_several_new_tokens_are_causal_among_themselves(new, name, decode):

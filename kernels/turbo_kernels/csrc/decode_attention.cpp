@@ -262,7 +262,7 @@ inline void score_rows(const float* qk, const float* z, const uint8_t* kcodes, i
 
 // CC: the chunk as a compile-time constant (64, the default: every token loop unrolls) or 0
 struct Scratch {  // what a thread's page jobs reuse: made once per parallel_for range
-  std::vector<float> qr, qsr, s, qk, z, wv, zv, m, l, alpha, accp;
+  std::vector<float> qr, qsr, s, qk, z, wv, zv, m, l, alpha, accp, vrow;
   std::vector<int> lo;
 };
 
@@ -286,13 +286,14 @@ void pages_job_avx2(const Call& c, const Group& g, int b, int i, int sp, const S
   S_.wv.resize(static_cast<size_t>(R) * vgs * C);
   S_.zv.resize(static_cast<size_t>(R) * vgs);
   S_.alpha.resize(R);
+  S_.vrow.resize(C);
   S_.m.assign(R, kNeg);
   S_.l.assign(R, 0.f);
   S_.accp.assign(static_cast<size_t>(R) * D * 8, 0.f);  // per (row, channel): 8 lanes of partial sums
   S_.lo.assign(R, 0);
   float *s = S_.s.data(), *qk = S_.qk.data(), *z = S_.z.data(),
         *wv = S_.wv.data(), *zv = S_.zv.data(), *m = S_.m.data(), *l = S_.l.data(),
-        *alpha = S_.alpha.data(), *accp = S_.accp.data();
+        *alpha = S_.alpha.data(), *accp = S_.accp.data(), *vrow = S_.vrow.data();
   int* lo = S_.lo.data();
   int64_t zeros = 0, seen = 0;
   const int64_t page_bytes = static_cast<int64_t>(D) * M;
@@ -416,13 +417,14 @@ void pages_job_avx2(const Call& c, const Group& g, int b, int i, int sp, const S
             x = _mm256_fmadd_ps(_mm256_loadu_ps(w + 56), v[7], x);
             _mm256_storeu_ps(acc, _mm256_add_ps(x, y));
           }
-        } else {
+        } else {  // the channel's codes as float once (vrow), then every row
+          for (int t = 0; t < C; t += 8) _mm256_storeu_ps(vrow + t, codes8<BITS>(src, M, t));
           for (r = 0; r < R; ++r) {
             const float* w = wv + (static_cast<size_t>(r) * vgs + grp) * C;
             float* acc = accp + (static_cast<size_t>(r) * D + d) * 8;
             __m256 x = _mm256_fmadd_ps(_mm256_loadu_ps(acc), _mm256_set1_ps(alpha[r]),
                                        _mm256_set1_ps(zv[r * vgs + grp]));
-            for (int t = 0; t < C; t += 8) x = _mm256_fmadd_ps(_mm256_loadu_ps(w + t), codes8<BITS>(src, M, t), x);
+            for (int t = 0; t < C; t += 8) x = _mm256_fmadd_ps(_mm256_loadu_ps(w + t), _mm256_loadu_ps(vrow + t), x);
             _mm256_storeu_ps(acc, x);
           }
         }
@@ -447,11 +449,12 @@ inline bool avx2_fits(const Group& g, int C, int D) {
          (g.bits == 8 || (g.k_group % 8 == 0 && C % g.k_group == 0 && D % g.v_group == 0));
 }
 
-// The INT8 buffer of (b, hk) when D % 8 == 0: rows are token-major (D contiguous), so a block
-// of rows becomes float once (V with its row scale), scores are one dot per (row, key), and
-// P.V adds w_t * v[t, :] into a row's accumulator 64 channels (8 registers) at a time — no
-// transposition, no horizontal sums but the scores'.
-void buffer_job_avx2(const Call& c, int b, int hk, const Softmax& sm, int64_t* counts) {
+// The INT8 buffer of (b, hk): rows are token-major (D contiguous), so a block of rows becomes
+// float once (V with its row scale), scores are one dot per (row, key), and P.V adds
+// w_t * v[t, :] into a row's accumulator 64 channels (8 registers) at a time — no
+// transposition, no horizontal sums but the scores'. Channels past the last multiple of 8
+// (D % 8 != 0) take scalar tails.
+void buffer_job(const Call& c, int b, int hk, const Softmax& sm, int64_t* counts) {
   const int D = c.D, R = c.group * c.Lq, n_rows = c.blen[b];
   constexpr int kBlock = 64;
   std::vector<float> qr(static_cast<size_t>(R) * D), qsr(R);
@@ -461,6 +464,7 @@ void buffer_job_avx2(const Call& c, int b, int hk, const Softmax& sm, int64_t* c
       vf(static_cast<size_t>(kBlock) * D);
   int64_t zeros = 0, seen = 0;
   const int64_t base = (static_cast<int64_t>(b) * c.Hkv + hk) * c.rows_cap;  // row 0 of (b, hk)
+  const int D8 = D - D % 8;  // channels the 8-lane loops cover
   auto row8 = [](const int8_t* x) {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(x))));
   };
@@ -472,9 +476,13 @@ void buffer_job_avx2(const Call& c, int b, int hk, const Softmax& sm, int64_t* c
       const __m256 w = _mm256_set1_ps(c.bvs[base + start + t]);
       float* ko = kf.data() + static_cast<size_t>(t) * D;
       float* vo = vf.data() + static_cast<size_t>(t) * D;
-      for (int d = 0; d < D; d += 8) {
+      for (int d = 0; d < D8; d += 8) {
         _mm256_storeu_ps(ko + d, row8(kr + d));
         _mm256_storeu_ps(vo + d, _mm256_mul_ps(row8(vr + d), w));
+      }
+      for (int d = D8; d < D; ++d) {
+        ko[d] = kr[d];
+        vo[d] = vr[d] * c.bvs[base + start + t];
       }
     }
     for (int r = 0; r < R; ++r) {
@@ -494,8 +502,10 @@ void buffer_job_avx2(const Call& c, int b, int hk, const Softmax& sm, int64_t* c
       for (int t = a; t < h; ++t) {
         const float* kt = kf.data() + static_cast<size_t>(t) * D;
         __m256 x = _mm256_setzero_ps();
-        for (int d = 0; d < D; d += 8) x = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), _mm256_loadu_ps(kt + d), x);
-        sr[t] = hsum(x) * f * c.bks[base + start + t];
+        for (int d = 0; d < D8; d += 8) x = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), _mm256_loadu_ps(kt + d), x);
+        float dot = hsum(x);
+        for (int d = D8; d < D; ++d) dot += q[d] * kt[d];
+        sr[t] = dot * f * c.bks[base + start + t];
         mx = std::max(mx, sr[t]);
       }
       const float m_new = std::max(st.m[r], mx);
@@ -505,8 +515,8 @@ void buffer_job_avx2(const Call& c, int b, int hk, const Softmax& sm, int64_t* c
       st.m[r] = m_new;
       float* acc = st.acc.data() + static_cast<size_t>(r) * D;
       const __m256 va = _mm256_set1_ps(alpha);
-      for (int d0 = 0; d0 < D; d0 += 64) {  // 8 accumulators of 8 channels
-        const int nd = std::min(64, D - d0) / 8;
+      for (int d0 = 0; d0 < D8; d0 += 64) {  // 8 accumulators of 8 channels
+        const int nd = std::min(64, D8 - d0) / 8;
         __m256 x[8];
         for (int k = 0; k < nd; ++k) x[k] = _mm256_mul_ps(_mm256_loadu_ps(acc + d0 + 8 * k), va);
         for (int t = a; t < h; ++t) {
@@ -516,59 +526,12 @@ void buffer_job_avx2(const Call& c, int b, int hk, const Softmax& sm, int64_t* c
         }
         for (int k = 0; k < nd; ++k) _mm256_storeu_ps(acc + d0 + 8 * k, x[k]);
       }
-    }
-  }
-  store_partial(c, b, hk, c.splits, st);
-  counts[0] += zeros;
-  counts[1] += seen;
-}
-
-void buffer_job(const Call& c, int b, int hk, const Softmax& sm, int64_t* counts) {
-  const int D = c.D, R = c.group * c.Lq, n_rows = c.blen[b];
-  constexpr int kBlock = 64;
-  std::vector<float> qr(static_cast<size_t>(R) * D), qsr(R);
-  load_query(c, b, hk, qr, qsr);
-  Rows st(R, D);
-  std::vector<float> s(static_cast<size_t>(R) * kBlock), v(static_cast<size_t>(D) * kBlock);
-  std::vector<int> lo(R, 0), hi(R);
-  std::vector<float> krow(D);
-  int64_t zeros = 0, seen = 0;
-  const int64_t base = (static_cast<int64_t>(b) * c.Hkv + hk) * c.rows_cap;  // row 0 of (b, hk)
-  for (int start = 0; start < n_rows; start += kBlock) {
-    const int nt = std::min(kBlock, n_rows - start);
-    for (int t = 0; t < nt; ++t) {
-      const float w = c.bvs[base + start + t];
-      const int8_t* row = c.bv + (base + start + t) * D;
-      for (int d = 0; d < D; ++d) v[static_cast<size_t>(d) * kBlock + t] = row[d] * w;
-    }
-    for (int r = 0; r < R; ++r) {
-      const int i = r % c.Lq;
-      hi[r] = std::min(nt, n_rows - c.Lq + i + 1 - start);  // causal among the new tokens
-      if (c.window > 0) {  // the first row at or past the window's first position
-        const int64_t first = c.qpos0[b] + i - c.window + 1;
-        const int64_t at = first < c.sinks ? first : std::max<int64_t>(c.sinks, first - c.tail_shift[b]);
-        lo[r] = static_cast<int>(std::max<int64_t>(-1, std::min<int64_t>(at - start, kBlock)));
+      for (int d = D8; d < D; ++d) {
+        float x = acc[d] * alpha;
+        for (int t = a; t < h; ++t) x += sr[t] * vf[static_cast<size_t>(t) * D + d];
+        acc[d] = x;
       }
     }
-    for (int t = 0; t < nt; ++t) {  // each INT8 key row in float once, then every query row
-      const int8_t* row = c.bk + (base + start + t) * D;
-      if (D % 8 == 0) {
-        for (int d = 0; d < D; d += 8)
-          _mm256_storeu_ps(krow.data() + d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
-                                                _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + d)))));
-      } else {
-        for (int d = 0; d < D; ++d) krow[d] = row[d];
-      }
-      const float ks = c.bks[base + start + t] * c.sm_scale;
-      for (int r = 0; r < R; ++r) {
-        const float* q = qr.data() + static_cast<size_t>(r) * D;
-        float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-        for (int d = 0; d < D; ++d) dot += q[d] * krow[d];
-        s[static_cast<size_t>(r) * kBlock + t] = dot * qsr[r] * ks;
-      }
-    }
-    st.update(s.data(), kBlock, v.data(), lo.data(), hi.data(), sm, zeros, seen);
   }
   store_partial(c, b, hk, c.splits, st);
   counts[0] += zeros;
@@ -657,8 +620,7 @@ std::tuple<at::Tensor, at::Tensor> decode_attention(
         else pages_job<8>(c, g, b, i, sp, sm, cnt);
       } else {
         const int64_t k = job - n_page_jobs;
-        if (c.D % 8 == 0) buffer_job_avx2(c, k / c.Hkv, k % c.Hkv, sm, cnt);
-        else buffer_job(c, k / c.Hkv, k % c.Hkv, sm, cnt);
+        buffer_job(c, k / c.Hkv, k % c.Hkv, sm, cnt);
       }
     }
   });
