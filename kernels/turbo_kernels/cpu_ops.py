@@ -235,7 +235,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, math_cfg: At
     k = k.float().contiguous()
     if math_cfg.qk_int8 and math_cfg.smooth_k:  # as the reference: a per-row constant of the scores
         # in place on the op's own contiguous copy (one pass less than k - mean, then a copy)
-        k = (k.clone() if k.data_ptr() == orig_k.data_ptr() else k).sub_(k.mean(dim=-2, keepdim=True))
+        k = (k.clone() if k is orig_k else k).sub_(k.mean(dim=-2, keepdim=True))
     out, counts = torch.ops.turbo.attention(
         q.float().contiguous(), k, v.float().contiguous(), math_cfg.qk_int8,
         math_cfg.block_size, causal, window or 0, *_softmax_args(q, math_cfg, scale))
