@@ -19,6 +19,8 @@ Ops (reference: ``turbo_core.attention.reference.decode_attention_reference``):
   tile of decoded pages;
 * ``attention`` (``csrc/prefill_attention.cpp``): the same tiles over plain float K/V (the
   drop-in ``TurboAttention`` module's path);
+* ``float_decode_attention`` (``csrc/float_decode.cpp``): the float baseline's decode, exact
+  softmax over one layer of the slotted float cache (``FloatKVLayer``), the same job layout;
 * ``append`` (``csrc/append.cpp``): one layer's cache write per step, in place — full chunks
   compressed into their pages, new rows quantized into the INT8 buffer (called by
   ``QuantizedKVLayer.update``).
@@ -47,7 +49,7 @@ log = logging.getLogger(__name__)
 NAME = "turbo_cpu_ops"
 CSRC = Path(__file__).resolve().parent / "csrc"  # shipped in the wheel (package data)
 SOURCES = ("torch_bindings.cpp", "attention_common.cpp", "decode_attention.cpp",
-           "prefill_attention.cpp", "append.cpp")
+           "prefill_attention.cpp", "append.cpp", "float_decode.cpp")
 HEADERS = ("ops.h", "attention_common.h")  # in the stamp
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp")
 PAGES_PER_SPLIT = 8  # fixed context splits: a sequence's sums do not depend on its batch
@@ -130,6 +132,8 @@ def _register_fakes() -> None:
     for op in ("decode_attention", "prefill_attention", "attention"):
         torch.library.register_fake(f"turbo::{op}")(_fake_attention)
     torch.library.register_fake("turbo::append")(lambda *args, **kwargs: None)
+    torch.library.register_fake("turbo::float_decode_attention")(
+        lambda q, *args, **kwargs: torch.empty_like(q))
 
     _register_fakes.done = True
 
@@ -240,6 +244,21 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, math_cfg: At
         q.float().contiguous(), k, v.float().contiguous(), math_cfg.qk_int8,
         math_cfg.block_size, causal, window or 0, *_softmax_args(q, math_cfg, scale))
     return out.to(q.dtype), int(counts[0]), int(counts[1])
+
+
+def float_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           slots: torch.Tensor, row_lo: torch.Tensor, row_hi: torch.Tensor, *,
+                           window: int | None = None, scale: float | None = None) -> torch.Tensor:
+    """``torch.ops.turbo.float_decode_attention``: exact softmax attention of ``q (B, H_q, L_q,
+    D)`` — the ``L_q`` newest tokens of each sequence — over rows ``[row_lo[b], row_hi[b])`` of
+    slot ``slots[b]`` of the float32 caches ``(slots, H_kv, rows, D)``; causal by row, within
+    ``window`` rows when there is one. Returns ``(B, H_q, L_q, D)`` float32. Needs :func:`load`."""
+    if q.dtype != torch.float32 or k_cache.dtype != torch.float32 or q.device.type != "cpu":
+        raise ValueError(f"turbo.float_decode_attention takes float32 CPU tensors, got q "
+                         f"{q.dtype} on {q.device} and a {k_cache.dtype} cache")
+    return torch.ops.turbo.float_decode_attention(
+        q.contiguous(), k_cache, v_cache, slots, row_lo, row_hi, window or 0,
+        1.0 / math.sqrt(q.shape[-1]) if scale is None else scale)
 
 
 def append(k: torch.Tensor, v: torch.Tensor, seqs: list[int], rows: list[int],

@@ -58,4 +58,10 @@ void append(const at::Tensor& k, const at::Tensor& v, const at::Tensor& slots, c
             const std::vector<at::Tensor>& v_first, std::vector<int64_t> bits,
             std::vector<int64_t> k_group, std::vector<int64_t> v_group, int64_t chunk, int64_t protect);
 
+// The newest tokens of each sequence over one layer of the float KV cache (float_decode.cpp):
+// exact softmax attention, rows [row_lo, row_hi) of slot slots[b]; returns (B, H_q, L_q, D).
+at::Tensor float_decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                  const at::Tensor& slots, const at::Tensor& row_lo, const at::Tensor& row_hi,
+                                  int64_t window, double sm_scale);
+
 }  // namespace turbo

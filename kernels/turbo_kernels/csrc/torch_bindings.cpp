@@ -29,6 +29,9 @@ TORCH_LIBRARY(turbo, m) {
       "Tensor pages, Tensor[] heads, Tensor(e!)[] k_packed, Tensor(f!)[] k_scale, Tensor(g!)[] k_low, "
       "Tensor(h!)[] k_first, Tensor(i!)[] v_packed, Tensor(j!)[] v_scale, Tensor(k!)[] v_low, "
       "Tensor(l!)[] v_first, int[] bits, int[] k_group, int[] v_group, int chunk, int protect) -> ()");
+  m.def(
+      "float_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor slots, Tensor row_lo, "
+      "Tensor row_hi, int window, float sm_scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(turbo, CPU, m) {
@@ -36,4 +39,5 @@ TORCH_LIBRARY_IMPL(turbo, CPU, m) {
   m.impl("prefill_attention", &turbo::prefill_attention);
   m.impl("attention", &turbo::attention);
   m.impl("append", &turbo::append);
+  m.impl("float_decode_attention", &turbo::float_decode_attention);
 }
