@@ -132,6 +132,19 @@ class FloatKVLayer(SequenceSlots):
         lo, hi = self._start[s] - self._moved[s], self._lens[s] - self._moved[s]
         return self._k[s, :, lo:hi], self._v[s, :, lo:hi]
 
+    def held_rows(self, seqs: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """int64 ``(N,)`` each: the slot of ``seqs[i]`` and its held rows ``[lo, hi)`` in the
+        tensors of :meth:`tensors` (row = position - what moved out; the newest rows last)."""
+        picked = self._pick(seqs)
+        rows = [(s, self._start[s] - self._moved[s], self._lens[s] - self._moved[s]) for s in picked]
+        return tuple(torch.tensor(col, dtype=torch.long) for col in zip(*rows, strict=True))
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of every slot, ``(slots, H_kv, rows, D)`` (rows past a slot's held ones unused)."""
+        if self._k is None:
+            raise ValueError("the KV cache layer is empty")
+        return self._k, self._v
+
     def positions(self, seq: int) -> torch.Tensor:
         """Token positions, int64 ``(L_held,)`` ascending, of the rows :meth:`keys_values` gives."""
         s = self._pick([seq])[0]

@@ -237,6 +237,14 @@ def _over_float(q: torch.Tensor, store: FloatKVLayer | QuantizedKVLayer, seqs: S
     seqs = store.sequences if seqs is None else list(seqs)
     if len(seqs) != q.shape[0]:
         raise ValueError(f"{q.shape[0]} query rows for {len(seqs)} cached sequences")
+    if isinstance(store, FloatKVLayer) and _float_op_serves(q, store, opts):
+        from turbo_kernels import cpu_ops
+
+        slots, lo, hi = store.held_rows(seqs)
+        k_cache, v_cache = store.tensors()
+        out = cpu_ops.float_decode_attention(q, k_cache, v_cache, slots, lo, hi,
+                                             window=store.window, scale=opts.get("scale"))
+        return AttentionResult(out=out, probs=None, sas_dropped=0, candidates=0)
     mask, lq = opts.get("mask"), q.shape[2]
     outs, dropped, total = [], 0, 0
     for i, s in enumerate(seqs):
@@ -258,6 +266,20 @@ def _over_float(q: torch.Tensor, store: FloatKVLayer | QuantizedKVLayer, seqs: S
         outs.append(res.out)
         dropped, total = dropped + res.sas_dropped, total + res.candidates
     return AttentionResult(out=torch.cat(outs), probs=None, sas_dropped=dropped, candidates=total)
+
+
+def _float_op_serves(q: torch.Tensor, store: FloatKVLayer, opts: AttentionOptions) -> bool:
+    """``turbo.float_decode_attention`` serves exact math over a float32 CPU store, no mask, a
+    few new tokens (it scores them by dot products; a prompt chunk goes to SDPA's tiles)."""
+    if opts.get("math_cfg", EXACT) != EXACT or opts.get("mask") is not None or \
+            _common_blocker(opts) is not None or requested_backend() not in ("auto", "cpu"):
+        return False
+    if q.device.type != "cpu" or q.dtype != torch.float32 or store.dtype != torch.float32 or \
+            q.shape[1] // store.num_heads * q.shape[2] > CPU_DECODE_MAX_ROWS:
+        return False
+    from turbo_kernels import cpu_ops
+
+    return cpu_ops.load()
 
 
 def _over_cache(q: torch.Tensor, store: QuantizedKVLayer, seqs: Sequence[int] | None,

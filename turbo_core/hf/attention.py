@@ -45,7 +45,15 @@ def turbo_attention_forward(
     """transformers attention function. ``query (B, H_q, L, D)``, ``key/value (B, H_kv, S, D)``,
     ``attention_mask`` bool ``(B, 1, L, S)`` (True = attend); returns ``(B, L, H_q, D)``.
     ``kwargs`` may carry the layer's ``sliding_window`` (what transformers' own attention
-    functions apply) and ``softcap``, which is refused."""
+    functions apply) and ``softcap``, which is refused. With ``turbo_step`` (what
+    :class:`~turbo_core.hf.step.CompiledStep` passes the model) the new tokens go to the step
+    op, which writes and reads the active step's cache (transformers' mask is not needed: the
+    cache knows each sequence's positions)."""
+    if kwargs.get("turbo_step"):
+        from turbo_core.hf.step import attend  # registers torch.ops.turbo_step
+
+        out = attend(query, key, value, module.layer_idx, float(scaling))
+        return out.transpose(1, 2).contiguous(), None
     math_cfg: AttentionMath = getattr(module, "turbo_math", EXACT)
     if kwargs.get("softcap") is not None:
         raise ValueError(f"attention logit soft-capping (softcap={kwargs['softcap']}) is not "

@@ -1,16 +1,37 @@
 """A model switched to a variant's attention, and the one slotted cache it runs many sequences
 with: what the server (``turbo_core.serving.engine``) and the evaluation's speed and recall
-measurements (``turbo_core.hf.contenders``) both drive."""
+measurements (``turbo_core.hf.contenders``) both drive.
+
+A forward of one new token per sequence (a decode step) goes through the step op
+(``turbo_core.hf.step``): compiled with Inductor when ``compile`` is on, the same op eagerly
+otherwise; a forward of several tokens (a prompt chunk) runs transformers' eager forward over
+the ``TurboCache``. Both write and read the cache through the same store methods and ops."""
 
 from __future__ import annotations
+
+import logging
 
 import torch
 
 from turbo_core.attention.plan import BitPlan
 from turbo_core.attention.variants import Variant
-from turbo_core.hf.attention import enable
+from turbo_core.hf.attention import attention_modules, enable
 from turbo_core.hf.cache import TurboCache
 from turbo_core.hf.models import LoadedModel
+from turbo_core.hf.step import CompiledStep, StepContext, compiler_missing, eager_step
+
+log = logging.getLogger(__name__)
+
+
+def compile_default(device: torch.device) -> tuple[bool, str]:
+    """Whether decode steps compile by default here, and why: on CPU where Inductor's C++
+    backend has a compiler (CUDA graphs over the same op boundary: not yet)."""
+    if device.type != "cpu":
+        return False, f"the compiled step is built for CPU; {device.type} runs the step op eagerly"
+    missing = compiler_missing()
+    if missing:
+        return False, f"{missing}: decode steps run eagerly (about 1.3x slower a step at batch 8)"
+    return True, "Inductor's C++ backend"
 
 
 class CacheRunner:
@@ -18,7 +39,7 @@ class CacheRunner:
     float (model dtype) in the same slotted layout otherwise."""
 
     def __init__(self, lm: LoadedModel, variant: Variant, plan: BitPlan | None,
-                 device: torch.device):
+                 device: torch.device, compile: bool | None = None):
         if plan is not None:
             plan.check_compatible(lm.shape)
         if variant.needs_calibration and plan is None:
@@ -27,12 +48,18 @@ class CacheRunner:
         self.lm, self.variant, self.plan = lm, variant, plan
         self.lm.model.to(self.device)
         self.dtype = next(lm.model.parameters()).dtype
+        default, why = compile_default(device)
+        self.compiled = default if compile is None else compile
+        if compile is None and not default:
+            log.info("decode steps not compiled: %s", why)
+        self._step = CompiledStep.for_model(lm.model) if self.compiled else eager_step(lm.model)
         self.activate()
 
     def activate(self) -> None:
         """(Re)switch the model to this variant's attention math — needed when several runners
         share one model and take turns."""
         enable(self.lm.model, self.variant.math)
+        self._maths = [m.turbo_math for m in attention_modules(self.lm.model)]
 
     def new_cache(self) -> TurboCache:
         bits = (self.plan if self.plan is not None else self.variant.kv_bits) \
@@ -45,6 +72,17 @@ class CacheRunner:
                 starts: list[int]) -> torch.Tensor:
         """New tokens ``ids[i]`` (all of one length) for sequence ``seqs[i]``, whose cache holds
         ``starts[i]`` tokens; returns the last position's logits ``(N, vocab)``."""
+        if len(ids[0]) == 1:  # a decode step: the (compiled) step op path
+            cache.select(seqs)
+            return self._step(StepContext(cache, self._maths), torch.tensor(ids, device=self.device),
+                              torch.tensor(starts, device=self.device)[:, None])
+        return self.forward_cache(cache, seqs, ids, starts)
+
+    @torch.no_grad()
+    def forward_cache(self, cache: TurboCache, seqs: list[int], ids: list[list[int]],
+                      starts: list[int]) -> torch.Tensor:
+        """:meth:`forward` through transformers' eager forward over the ``TurboCache`` (what a
+        prompt chunk takes, and the reference a step is tested against)."""
         cache.select(seqs)
         t = len(ids[0])
         pos = torch.tensor(starts, device=self.device)[:, None] + torch.arange(t, device=self.device)

@@ -1,0 +1,179 @@
+"""One compiled decode step: the transformers model forward under ``torch.compile`` (Inductor),
+with each layer's cache write and attention behind one opaque op (docs/design.md §2.5).
+
+What vLLM's CPU platform does, on transformers' own model code:
+
+* The step runs the model with ``turbo_step=True`` among its keyword arguments; transformers
+  passes them down to every attention call, where :func:`~turbo_core.hf.attention.turbo_attention_forward`
+  hands ``q, k, v`` of the new tokens to ``torch.ops.turbo_step.attend(q, k, v, layer, scale)``.
+  No ``Cache`` object enters the graph (``cache=None``): the graph is the model's arithmetic —
+  norms, projections, RoPE, MLP, which Inductor fuses — and one op per layer.
+* The op is opaque to the compiler (a fake implementation gives its shape) and looks up what
+  this step writes and reads in the :class:`StepContext` the caller activated: the cache layer
+  and the variant's attention math. It runs the same code as the eager path, so a compiled step
+  and an eager step leave the cache byte for byte alike: the packed store's one
+  ``turbo.append`` and ``turbo.decode_attention`` (C++), the float store's row write and
+  ``turbo.float_decode_attention``.
+* Nothing that changes from step to step is a Python value in the graph (the batch size is a
+  symbolic dimension; lengths, slots and page tables live behind the op), so the graph compiles
+  once per batch-size class. Guards are dropped except on the step's own inputs (every
+  parameter was guarded, ~1 ms a step), as vLLM does: the graph depends on the model and the
+  op boundary, not on which cache or variant runs through it, so runners that share a model
+  share one compiled step.
+* The compiled code is cached on disk by Inductor (``TORCHINDUCTOR_CACHE_DIR``, which
+  :func:`compile_cache_dir` points under ``$TURBO_HOME``): a warm process loads it in seconds.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import shutil
+import threading
+import types
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from turbo_core.attention.config import AttentionMath
+from turbo_core.attention.functional import turbo_attention
+from turbo_core.fileio import data_dir
+
+log = logging.getLogger(__name__)
+
+STEP_KWARG = "turbo_step"  # the model keyword that routes attention to the step op
+
+
+@dataclass
+class StepContext:
+    """What the step op of layer ``i`` reads: ``cache.layers[i]`` (its ``seqs`` already selected)
+    and ``maths[i]``, the attention math of that layer's module."""
+
+    cache: object  # turbo_core.hf.cache.TurboCache
+    maths: Sequence[AttentionMath]
+
+
+_local = threading.local()
+
+
+@contextmanager
+def active(context: StepContext):
+    """Make ``context`` the one the step op reads, in this thread, for the duration."""
+    before = getattr(_local, "context", None)
+    _local.context = context
+    try:
+        yield context
+    finally:
+        _local.context = before
+
+
+@torch.library.custom_op("turbo_step::attend", mutates_args=())
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, scale: float) -> torch.Tensor:
+    """Layer ``layer``'s write of the new tokens ``k, v (B, H_kv, L, D)`` into the active step's
+    cache and its attention of ``q (B, H_q, L, D)`` over it; returns ``(B, H_q, L, D)``."""
+    context: StepContext | None = getattr(_local, "context", None)
+    if context is None:
+        raise RuntimeError("turbo_step.attend ran outside a step: call the compiled step through "
+                           "CompiledStep, which activates its StepContext")
+    cache_layer = context.cache.layers[layer]
+    store, seqs = cache_layer.store, cache_layer.seqs
+    store.update(k, v, seqs=seqs)
+    res = turbo_attention(q, None, None, math_cfg=context.maths[layer], kv_store=store,
+                          kv_seqs=seqs, scale=scale)
+    return res.out
+
+
+@attend.register_fake
+def _attend_fake(q, k, v, layer, scale):
+    return torch.empty_like(q)
+
+
+def compile_cache_dir() -> Path:
+    """Where Inductor keeps its compiled code: ``$TORCHINDUCTOR_CACHE_DIR`` when set, else
+    ``$TURBO_HOME/inductor`` (set here, before the first compile, so later processes and the
+    serving image find it)."""
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
+        return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+    path = data_dir() / "inductor"
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
+    return path
+
+
+def compiler_missing() -> str | None:
+    """Why Inductor's C++ backend cannot run here (``None``: it can)."""
+    for name in ("g++", "c++", "gcc", "clang++"):
+        if shutil.which(name):
+            return None
+    return "no C++ compiler (g++/clang++) on PATH"
+
+
+def _own_inputs(entries) -> list[bool]:
+    """Keep the guards on the step's own arguments (shapes, dtypes); drop the rest."""
+    return [e.name.startswith(("L['input_ids']", "L['position_ids']")) for e in entries]
+
+
+class CompiledStep:
+    """``model``'s decode forward, compiled once per model and shared by the runners on it.
+
+    ``step(context, input_ids (B, L), position_ids (B, L))`` returns the last position's logits
+    ``(B, vocab)``; the step's attention reads and writes ``context.cache``."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        compile_cache_dir()
+        # Dynamo keeps compiled code per code object and, with the guards dropped, would hand
+        # one model's graph to another: each step gets a code object of its own
+        self._fn = torch.compile(_own_code(_model_forward(model)), dynamic=None, fullgraph=True,
+                                 options={"guard_filter_fn": _own_inputs})
+
+    @torch.no_grad()
+    def __call__(self, context: StepContext, input_ids: torch.Tensor,
+                 position_ids: torch.Tensor) -> torch.Tensor:
+        torch._dynamo.maybe_mark_dynamic(input_ids, 0)
+        torch._dynamo.maybe_mark_dynamic(position_ids, 0)
+        with active(context):
+            return self._fn(input_ids, position_ids)
+
+    @classmethod
+    def for_model(cls, model: torch.nn.Module) -> CompiledStep:
+        """The model's compiled step (made on first use, kept on the model)."""
+        step = getattr(model, "_turbo_compiled_step", None)
+        if step is None:
+            step = cls(model)
+            model._turbo_compiled_step = step
+        return step
+
+
+_made = itertools.count()
+
+
+def _model_forward(model: torch.nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    def forward(input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        out = model(input_ids=input_ids, position_ids=position_ids, use_cache=False,
+                    logits_to_keep=1, **{STEP_KWARG: True})
+        return out.logits[:, -1]
+
+    return forward
+
+
+def _own_code(fn: Callable) -> Callable:
+    """``fn`` with a code object of its own (the same instructions, closure and globals)."""
+    code = fn.__code__.replace(co_name=f"{fn.__name__}_{next(_made)}")
+    return types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
+
+
+def eager_step(model: torch.nn.Module) -> Callable[[StepContext, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The same step through the same op, not compiled (what ``--no-compile`` runs)."""
+
+    forward = _model_forward(model)
+
+    @torch.no_grad()
+    def step(context: StepContext, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        with active(context):
+            return forward(input_ids, position_ids)
+
+    return step
