@@ -139,3 +139,22 @@ def test_the_step_op_outside_a_step_says_so():
     x = torch.zeros(1, 2, 1, 64)
     with pytest.raises(RuntimeError, match="outside a step"):
         attend(x, x, x, 0, 0.125)
+
+
+def test_one_compiled_step_serves_batch_one_then_more(lm):
+    """Batch 1 is its own graph, larger batches share a symbolic one; a step never runs a
+    graph made for another batch size."""
+    compiled = CacheRunner(lm, get_variant("fp16"), None, torch.device("cpu"), compile=True)
+    eager = CacheRunner(lm, get_variant("fp16"), None, torch.device("cpu"), compile=False)
+    outs = []
+    for runner in (compiled, eager):
+        cache = runner.new_cache()
+        seqs = [cache.add_sequence() for _ in range(3)]
+        for s in seqs:
+            runner.forward_cache(cache, [s], [[1, 2, 3, s]], [0])
+        got = [runner.forward(cache, seqs[:1], [[7]], [4]),  # each at its own length
+               runner.forward(cache, seqs[:2], [[7]] * 2, [5, 4]),
+               runner.forward(cache, seqs, [[8]] * 3, [6, 5, 4])]
+        outs.append(torch.cat(got))
+    assert outs[0].shape == (6, VOCAB)
+    assert (outs[0] - outs[1]).abs().max() <= 1e-4

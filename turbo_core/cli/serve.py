@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 API_KEY_ENV = "TURBO_API_KEY"
 
@@ -22,13 +23,17 @@ def _serve(args: argparse.Namespace) -> int:
     if args.model_uri:
         if args.plan:
             raise ValueError("--model-uri carries its own plan; do not combine it with --plan")
-        engine = Engine.from_mlflow(args.model_uri, device=args.device)
+        engine = Engine.from_mlflow(args.model_uri, device=args.device, compile=args.compile)
     else:
-        engine = Engine.from_files(args.model, args.variant, args.plan, args.device, args.dtype)
+        engine = Engine.from_files(args.model, args.variant, args.plan, args.device, args.dtype,
+                                   compile=args.compile)
+    how = "compiling the decode step (cached on disk)" if engine.compiled else "decode step not compiled"
     print(f"warming up {engine.model_id} on {engine.device} ({engine.dtype}): a page of prompt "
-          f"and a decode step through its cache", file=sys.stderr)
+          f"and decode steps through its cache, {how}", file=sys.stderr)
+    t0 = time.perf_counter()
     if not engine.warm_up():
         raise SystemExit(f"turbo serve: {engine.model_id} produced non-finite logits")
+    print(f"warm in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     key = args.api_key or os.environ.get(API_KEY_ENV) or None
     budget = f"KV budget {limits.kv_budget} bytes" if limits.kv_budget else "no KV budget"
     print(f"serving {engine.model_id} on http://{args.host}:{args.port} (batch <= "
@@ -47,6 +52,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     sv.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"),
                     help="cuda serves with the Triton kernels; auto = cuda when visible")
     sv.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+    sv.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                    help="compile the decode step with Inductor (default: on CPU where a C++ "
+                         "compiler exists; --no-compile runs the same step eagerly)")
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--api-key", help=f"require 'Authorization: Bearer KEY' on /v1 (or ${API_KEY_ENV})")

@@ -2,8 +2,9 @@
 same prompts, taking turns (so a noisy machine slows both alike).
 
 * **prefill**: one prompt of ``context`` tokens into a fresh cache, ``repeats`` times;
-* **decode**: ``batch`` prompts of ``context`` tokens prefilled (not timed), then ``repeats``
-  rounds of ``new_tokens`` greedy steps of the whole batch, one forward per step.
+* **decode**: ``batch`` prompts of ``context`` tokens prefilled (not timed), one untimed step
+  (the compiled decode step compiles or loads then), then ``repeats`` rounds of
+  ``new_tokens`` greedy steps of the whole batch, one forward per step.
 
 Each round times the baseline and the contender back to back (the order alternates); a
 speed-up is the median over rounds of contender tokens/s ÷ baseline tokens/s, and the tokens/s
@@ -75,6 +76,9 @@ def measure(baseline, contender, prompts: list[list[int]], settings: SpeedSettin
             prefill[i].append(settings.context / _prefill_seconds(pair[i], prompts[r]))
     batch = prompts[settings.repeats:settings.repeats + settings.batch]
     states = [c.start(batch) for c in pair]
+    for i in (0, 1):  # warm-up: a compiled step compiles (or loads) on its first call
+        state, logits = states[i]
+        states[i] = (state, _decode_seconds(pair[i], state, logits, 1)[1])
     decode: tuple[list[float], list[float]] = ([], [])
     for r in range(settings.repeats):
         for i in turns(r):

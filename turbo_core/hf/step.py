@@ -111,9 +111,14 @@ def compiler_missing() -> str | None:
     return "no C++ compiler (g++/clang++) on PATH"
 
 
+_INPUTS = ("input_ids", "position_ids")
+
+
 def _own_inputs(entries) -> list[bool]:
-    """Keep the guards on the step's own arguments (shapes, dtypes); drop the rest."""
-    return [e.name.startswith(("L['input_ids']", "L['position_ids']")) for e in entries]
+    """Keep the guards on the step's own arguments (shapes, dtypes) and the global ones (grad
+    mode, symbolic shapes: batch 1 vs more); drop those on the model's modules and parameters."""
+    return [e.name in _INPUTS or e.name.startswith(tuple(f"L['{n}']" for n in _INPUTS))
+            or e.name == "" for e in entries]
 
 
 class CompiledStep:

@@ -109,22 +109,22 @@ class Engine(CacheRunner):
     :class:`~turbo_core.hf.runner.CacheRunner`), and its text side."""
 
     def __init__(self, lm: models.LoadedModel, variant: Variant, plan: BitPlan | None,
-                 device: str | torch.device = "cpu"):
+                 device: str | torch.device = "cpu", compile: bool | None = None):
         super().__init__(lm, variant, plan,
-                         resolve_device(device) if isinstance(device, str) else device)
+                         resolve_device(device) if isinstance(device, str) else device, compile)
         self.model_id = f"{lm.name}:{variant.name}"
 
     @classmethod
     def from_files(cls, model: str | None, variant: str, plan: str | None,
-                   device: str = "cpu", dtype: str = "float32") -> Engine:
+                   device: str = "cpu", dtype: str = "float32", compile: bool | None = None) -> Engine:
         if dtype not in DTYPES:
             raise ValueError(f"dtype {dtype!r}: use one of {', '.join(DTYPES)}")
         dev = resolve_device(device)  # refuse before the weights load
         return cls(models.load(model, dtype=dtype), get_variant(variant),
-                   BitPlan.load(plan) if plan else None, dev)
+                   BitPlan.load(plan) if plan else None, dev, compile)
 
     @classmethod
-    def from_mlflow(cls, uri: str, device: str = "cpu") -> Engine:
+    def from_mlflow(cls, uri: str, device: str = "cpu", compile: bool | None = None) -> Engine:
         import mlflow.pyfunc
 
         from turbo_core.tracking import runs as tracking
@@ -132,7 +132,7 @@ class Engine(CacheRunner):
         dev = resolve_device(device)
         tracking.configure()
         wrapped = mlflow.pyfunc.load_model(uri).unwrap_python_model()
-        return cls(wrapped.lm, wrapped.variant, wrapped.plan, dev)
+        return cls(wrapped.lm, wrapped.variant, wrapped.plan, dev, compile)
 
     # -- text --------------------------------------------------------------------------------
     @property
@@ -156,15 +156,20 @@ class Engine(CacheRunner):
 
     # -- forward passes ----------------------------------------------------------------------
     def self_test(self, tokens: int = 2) -> bool:
-        """A real prefill of ``tokens`` and one decode step through the variant's cache.
-        :meth:`warm_up` runs it long enough to fill a page, which compiles every CPU kernel
-        path once (~15 s, cached on disk) before the first request."""
+        """A real prefill of ``tokens`` for two sequences, then a decode step of one and one of
+        both through the variant's cache. :meth:`warm_up` runs it long enough to fill a page;
+        with ``compile`` the two steps compile the decode graph for batch 1 and for any larger
+        batch (a minute cold, seconds from the on-disk cache) before the first request."""
         ids = (self.encode("ready " * tokens) * tokens)[:tokens]
         cache = self.new_cache()
-        seq = cache.add_sequence()
-        logits = self.forward(cache, [seq], [ids], [0])
-        logits = self.forward(cache, [seq], [[int(logits[0].argmax())]], [len(ids)])
-        return bool(torch.isfinite(logits).all())
+        seqs = [cache.add_sequence() for _ in range(2)]
+        for s in seqs:
+            logits = self.forward(cache, [s], [ids], [0])
+        nxt = int(logits[0].argmax())
+        logits = self.forward(cache, seqs[:1], [[nxt]], [len(ids)])
+        ok = bool(torch.isfinite(logits).all())
+        logits = self.forward(cache, seqs, [[nxt], [nxt]], [len(ids) + 1, len(ids)])
+        return ok and bool(torch.isfinite(logits).all())
 
     def warm_up(self) -> bool:
         return self.self_test(tokens=self.variant.kv.chunk + 2)
