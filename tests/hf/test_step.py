@@ -17,6 +17,7 @@ import pytest
 import torch
 import transformers as tf
 
+from turbo_core.attention.rotation import rotation
 from turbo_core.attention.variants import get_variant
 from turbo_core.hf.models import LoadedModel, shape_of
 from turbo_core.hf.runner import CacheRunner
@@ -119,7 +120,7 @@ def test_the_compiled_forward_is_one_graph(lm):
     cache.select(seqs)
     torch._dynamo.reset()
     with torch.no_grad(), active(StepContext(cache, runner._maths)):
-        explained = torch._dynamo.explain(_model_forward(lm.model))(
+        explained = torch._dynamo.explain(_model_forward(lm.model, rotation(64)))(
             torch.tensor([[4], [5]]), torch.tensor([[3], [3]]))
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
 
@@ -138,7 +139,7 @@ def test_models_sharing_a_process_each_run_their_own_graph():
 def test_the_step_op_outside_a_step_says_so():
     x = torch.zeros(1, 2, 1, 64)
     with pytest.raises(RuntimeError, match="outside a step"):
-        attend(x, x, x, 0, 0.125)
+        attend(x, x, x, 0, 0.125, False)
 
 
 def test_one_compiled_step_serves_batch_one_then_more(lm):

@@ -183,7 +183,7 @@ def choose_backend(q: torch.Tensor, k: KV, v: KV, *, kv_store: object = None,
 
 def turbo_attention(q: torch.Tensor, k: KV | None, v: KV | None, *,
                     kv_store: QuantizedKVLayer | FloatKVLayer | None = None,
-                    kv_seqs: Sequence[int] | None = None,
+                    kv_seqs: Sequence[int] | None = None, kv_rotated: bool = False,
                     **opts: Unpack[AttentionOptions]) -> AttentionResult:
     """TurboAttention over ``q (B, H_q, L_q, D)``, ``k, v (B, H_kv, L_k, D)``.
 
@@ -191,7 +191,9 @@ def turbo_attention(q: torch.Tensor, k: KV | None, v: KV | None, *,
     ``kv_store`` (the packed cache layer, already holding the ``L_q`` new tokens) ``k``/``v``
     are not used: the fast paths read the packed storage in place and only the reference
     decompresses it. ``kv_seqs`` names the store's sequences that the rows of ``q`` belong to
-    (default: every open one). The kernels return ``sas_dropped = candidates = 0`` unless they
+    (default: every open one); ``kv_rotated``: ``q`` comes rotated like a rotated store's K/V
+    (``cfg.rotate``) and the output goes back rotated (the compiled step rotates in its
+    graph). The kernels return ``sas_dropped = candidates = 0`` unless they
     count. A :class:`FloatKVLayer` store is read per sequence (SDPA for exact math).
     """
     math_cfg, scale = opts.get("math_cfg", EXACT), opts.get("scale")
@@ -204,6 +206,8 @@ def turbo_attention(q: torch.Tensor, k: KV | None, v: KV | None, *,
         log.log(logging.WARNING if forced_miss and "=reference" not in reason else logging.INFO,
                 "TurboAttention backend: %s (%s)", backend, reason)
     if kv_store is not None:
+        if kv_rotated:
+            return _over_packed(q, kv_store, kv_seqs, backend, opts)
         return _over_cache(q, kv_store, kv_seqs, backend, opts)
     if backend == "sdpa":
         window, causal = opts.get("window"), opts.get("causal", False)

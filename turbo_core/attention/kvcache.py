@@ -137,7 +137,7 @@ class QuantizedKVLayer(PackedStorage, SequenceSlots):
             raise ValueError(f"key {tuple(k.shape)} and value {tuple(v.shape)} shapes differ")
 
     def append(self, k: torch.Tensor, v: torch.Tensor, compress: bool = True,
-               seqs: Sequence[int] | None = None) -> None:
+               seqs: Sequence[int] | None = None, rotated: bool = False) -> None:
         """Add new tokens to the INT8 buffers. ``k, v``: float ``(N, H_kv, T, D)``, row ``i``
         for sequence ``seqs[i]`` (default: every open sequence, opened here on first use).
 
@@ -146,7 +146,7 @@ class QuantizedKVLayer(PackedStorage, SequenceSlots):
         """
         self._check(k, v)
         seqs = self._rows_for(k.shape[0], seqs)
-        k, v = self._prepare(k, v, seqs)
+        k, v = self._prepare(k, v, seqs, rotated)
         t = k.shape[2]
         if t == 1:  # a decode step: one scatter per tensor for the whole batch
             slot = torch.tensor(seqs, device=k.device)[:, None]
@@ -167,24 +167,27 @@ class QuantizedKVLayer(PackedStorage, SequenceSlots):
         if compress:
             self.compress_full_chunks(seqs)
 
-    def _prepare(self, k: torch.Tensor, v: torch.Tensor,
-                 seqs: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _prepare(self, k: torch.Tensor, v: torch.Tensor, seqs: list[int],
+                 rotated: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Before ``k, v`` go into the buffers: pages outside the window released, K and V as
         stored (RoPE undone with ``pre_rope``, rotated with ``rotate``), room for the rows."""
         if self.window is not None:
             self._release_outside_window(seqs)
         if self.cfg.pre_rope:  # K arrives after RoPE: store it as it was before
             k = self._undo_rope(k, seqs)
-        if self.cfg.rotate:  # stored rotated; readers rotate queries alike (functional._over_cache)
+        if self.cfg.rotate and not rotated:  # stored rotated; readers rotate queries alike
             k, v = rotate(k), rotate(v)
         self._ensure_storage(k.device)
         self._reserve_rows(max(self._buf_len[s] for s in seqs) + k.shape[2])
         return k, v
 
-    def update(self, k: torch.Tensor, v: torch.Tensor, seqs: Sequence[int] | None = None) -> None:
+    def update(self, k: torch.Tensor, v: torch.Tensor, seqs: Sequence[int] | None = None,
+               rotated: bool = False) -> None:
         """One attention step's write: :meth:`compress_full_chunks` (what the previous step left),
         then :meth:`append` without compressing (the new tokens attend at INT8). On CPU with the
-        C++ ops built, both are one ``torch.ops.turbo.append`` call (byte for byte the same)."""
+        C++ ops built, both are one ``torch.ops.turbo.append`` call (byte for byte the same).
+        ``rotated``: ``k, v`` come already rotated (``cfg.rotate``; the compiled step rotates
+        in its graph)."""
         self._check(k, v)
         seqs = self._rows_for(k.shape[0], seqs)
         from turbo_kernels import cpu_ops  # lazy: the kernels package stays out of imports
@@ -194,14 +197,14 @@ class QuantizedKVLayer(PackedStorage, SequenceSlots):
         if k.device.type != "cpu" or self.cfg.k_channel_scale or \
                 requested_backend() not in ("auto", "cpu") or not cpu_ops.load():
             self.compress_full_chunks(seqs)
-            self.append(k, v, compress=False, seqs=seqs)
+            self.append(k, v, compress=False, seqs=seqs, rotated=rotated)
             return
         todo = self._full_chunks(seqs)
         jobs = [(s, self._sinks(s), n, self._buf_len[s] - self._sinks(s) - n * self.cfg.chunk)
                 for s, n in todo]
         pages = self._take_pages(sum(n for _, n in todo)) if todo else torch.zeros(0, dtype=torch.long)
         self._record_pages(todo, pages)  # the table and lengths as after compression
-        k, v = self._prepare(k, v, seqs)
+        k, v = self._prepare(k, v, seqs, rotated)
         cpu_ops.append(k, v, seqs, [self._buf_len[s] for s in seqs], self._buf, jobs, pages,
                        self._pools, self.cfg)
         for s in seqs:

@@ -52,7 +52,13 @@ def turbo_attention_forward(
     if kwargs.get("turbo_step"):
         from turbo_core.hf.step import attend  # registers torch.ops.turbo_step
 
-        out = attend(query, key, value, module.layer_idx, float(scaling))
+        rot = kwargs.get("turbo_rotation")  # the store's R: rotated here, in the graph
+        if rot is None:
+            out = attend(query, key, value, module.layer_idx, float(scaling), False)
+        else:  # as the store and _over_cache rotate: in float32, q back to its dtype
+            out = attend((query.float() @ rot).to(query.dtype), key.float() @ rot,
+                         value.float() @ rot, module.layer_idx, float(scaling), True)
+            out = (out.float() @ rot.t()).to(out.dtype)
         return out.transpose(1, 2).contiguous(), None
     math_cfg: AttentionMath = getattr(module, "turbo_math", EXACT)
     if kwargs.get("softcap") is not None:

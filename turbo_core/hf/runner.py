@@ -14,6 +14,7 @@ import logging
 import torch
 
 from turbo_core.attention.plan import BitPlan
+from turbo_core.attention.rotation import rotation
 from turbo_core.attention.variants import Variant
 from turbo_core.hf.attention import attention_modules, enable
 from turbo_core.hf.cache import TurboCache
@@ -52,7 +53,13 @@ class CacheRunner:
         self.compiled = default if compile is None else compile
         if compile is None and not default:
             log.info("decode steps not compiled: %s", why)
-        self._step = CompiledStep.for_model(lm.model) if self.compiled else eager_step(lm.model)
+        # a rotated packed cache is rotated inside the step's graph (not the levers the
+        # reference alone reads: it unrotates what it decompresses)
+        kv = variant.kv
+        rot = rotation(lm.shape.head_dim, device) if variant.quantized_cache and kv.rotate \
+            and not kv.reference_only() else None
+        self._step = CompiledStep.for_model(lm.model, rot) if self.compiled \
+            else eager_step(lm.model, rot)
         self.activate()
 
     def activate(self) -> None:

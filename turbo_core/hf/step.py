@@ -1,5 +1,5 @@
 """One compiled decode step: the transformers model forward under ``torch.compile`` (Inductor),
-with each layer's cache write and attention behind one opaque op (docs/design.md §2.5).
+with each layer's cache write and attention behind one opaque op (docs/design.md §2.2b).
 
 What vLLM's CPU platform does, on transformers' own model code:
 
@@ -46,6 +46,7 @@ from turbo_core.fileio import data_dir
 log = logging.getLogger(__name__)
 
 STEP_KWARG = "turbo_step"  # the model keyword that routes attention to the step op
+ROTATION_KWARG = "turbo_rotation"  # R of a rotated packed cache, applied around the op
 
 
 @dataclass
@@ -72,23 +73,29 @@ def active(context: StepContext):
 
 
 @torch.library.custom_op("turbo_step::attend", mutates_args=())
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, scale: float) -> torch.Tensor:
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, scale: float,
+           rotated: bool) -> torch.Tensor:
     """Layer ``layer``'s write of the new tokens ``k, v (B, H_kv, L, D)`` into the active step's
-    cache and its attention of ``q (B, H_q, L, D)`` over it; returns ``(B, H_q, L, D)``."""
+    cache and its attention of ``q (B, H_q, L, D)`` over it; returns ``(B, H_q, L, D)``.
+    ``rotated``: ``q, k, v`` come rotated for a rotated packed store, and the output is left
+    rotated (the graph rotates around the op)."""
     context: StepContext | None = getattr(_local, "context", None)
     if context is None:
         raise RuntimeError("turbo_step.attend ran outside a step: call the compiled step through "
                            "CompiledStep, which activates its StepContext")
     cache_layer = context.cache.layers[layer]
     store, seqs = cache_layer.store, cache_layer.seqs
-    store.update(k, v, seqs=seqs)
+    if rotated:
+        store.update(k, v, seqs=seqs, rotated=True)
+    else:
+        store.update(k, v, seqs=seqs)
     res = turbo_attention(q, None, None, math_cfg=context.maths[layer], kv_store=store,
-                          kv_seqs=seqs, scale=scale)
+                          kv_seqs=seqs, kv_rotated=rotated, scale=scale)
     return res.out
 
 
 @attend.register_fake
-def _attend_fake(q, k, v, layer, scale):
+def _attend_fake(q, k, v, layer, scale, rotated):
     return torch.empty_like(q)
 
 
@@ -127,13 +134,13 @@ class CompiledStep:
     ``step(context, input_ids (B, L), position_ids (B, L))`` returns the last position's logits
     ``(B, vocab)``; the step's attention reads and writes ``context.cache``."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, rotation: torch.Tensor | None = None):
         self.model = model
         compile_cache_dir()
         # Dynamo keeps compiled code per code object and, with the guards dropped, would hand
         # one model's graph to another: each step gets a code object of its own
-        self._fn = torch.compile(_own_code(_model_forward(model)), dynamic=None, fullgraph=True,
-                                 options={"guard_filter_fn": _own_inputs})
+        self._fn = torch.compile(_own_code(_model_forward(model, rotation)), dynamic=None,
+                                 fullgraph=True, options={"guard_filter_fn": _own_inputs})
 
     @torch.no_grad()
     def __call__(self, context: StepContext, input_ids: torch.Tensor,
@@ -144,22 +151,28 @@ class CompiledStep:
             return self._fn(input_ids, position_ids)
 
     @classmethod
-    def for_model(cls, model: torch.nn.Module) -> CompiledStep:
-        """The model's compiled step (made on first use, kept on the model)."""
-        step = getattr(model, "_turbo_compiled_step", None)
-        if step is None:
-            step = cls(model)
-            model._turbo_compiled_step = step
-        return step
+    def for_model(cls, model: torch.nn.Module, rotation: torch.Tensor | None = None) -> CompiledStep:
+        """The model's compiled step, with or without the rotation around the op (made on first
+        use, kept on the model: one graph each)."""
+        steps = model.__dict__.setdefault("_turbo_compiled_steps", {})
+        key = rotation is not None
+        if key not in steps:
+            steps[key] = cls(model, rotation)
+        return steps[key]
 
 
 _made = itertools.count()
 
 
-def _model_forward(model: torch.nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+def _model_forward(model: torch.nn.Module, rotation: torch.Tensor | None = None
+                   ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The step's forward; ``rotation`` (``R (D, D)``, a rotated packed cache's): the attention
+    rotates ``q, k, v`` before the op and the output back after it, inside the graph."""
+    extra = {STEP_KWARG: True} | ({ROTATION_KWARG: rotation} if rotation is not None else {})
+
     def forward(input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         out = model(input_ids=input_ids, position_ids=position_ids, use_cache=False,
-                    logits_to_keep=1, **{STEP_KWARG: True})
+                    logits_to_keep=1, **extra)
         return out.logits[:, -1]
 
     return forward
@@ -171,10 +184,11 @@ def _own_code(fn: Callable) -> Callable:
     return types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
 
 
-def eager_step(model: torch.nn.Module) -> Callable[[StepContext, torch.Tensor, torch.Tensor], torch.Tensor]:
+def eager_step(model: torch.nn.Module, rotation: torch.Tensor | None = None
+               ) -> Callable[[StepContext, torch.Tensor, torch.Tensor], torch.Tensor]:
     """The same step through the same op, not compiled (what ``--no-compile`` runs)."""
 
-    forward = _model_forward(model)
+    forward = _model_forward(model, rotation)
 
     @torch.no_grad()
     def step(context: StepContext, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
