@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 from turbo_core.attention.config import AttentionMath
-from turbo_core.attention.packed import PackedKV, check_query
+from turbo_core.attention.packed import PackedHeads, PackedKV, check_query
 from turbo_core.attention.sas import kernel_args
 from turbo_core.fileio import write_atomic
 
@@ -155,6 +155,7 @@ _DTYPES = {"heads": torch.int64, "k_packed": torch.uint8, "v_packed": torch.uint
            "page_table": torch.int32, "n_chunks": torch.int32, "chunk_base": torch.int32,
            "buffer_len": torch.int32, "buffer_k": torch.int8, "buffer_v": torch.int8,
            "buffer_k_scale": torch.float32, "buffer_v_scale": torch.float32}
+_NO_JOBS = torch.empty(0, 4, dtype=torch.long)
 _EMPTY = {torch.uint8: torch.empty(0, dtype=torch.uint8), torch.int8: torch.empty(0, dtype=torch.int8)}
 
 
@@ -165,25 +166,39 @@ def _checked(name: str, t: torch.Tensor) -> torch.Tensor:
     return t if t.is_contiguous() else t.contiguous()
 
 
+def _group_args(g: PackedHeads) -> list[torch.Tensor]:
+    """``heads`` and the eight ``_PARTS`` of one bit group as the ops read them, checked; kept
+    on the (frozen) view object, which a pool makes once until it grows."""
+    cached = g.__dict__.get("_op_args")
+    if cached is not None:
+        return cached
+    args = [_checked("heads", g.heads)]
+    for name in _PARTS:
+        t = getattr(g, name)
+        if t is None:  # 8-bit heads: no second level
+            args.append(_EMPTY[_DTYPES[name]])
+            continue
+        if name.endswith("_first") and t.dim() != 2:
+            raise ValueError(f"{name} must be (pages, heads): per-channel first-level scales "
+                             f"(k_channel_scale) are read by the reference only")
+        args.append(_checked(name, t))
+    object.__setattr__(g, "_op_args", args)
+    return args
+
+
+def _groups_args(groups) -> list[list[torch.Tensor]]:
+    """Per argument (``heads``, then ``_PARTS``), the list over ``groups``."""
+    return [list(col) for col in zip(*(_group_args(g) for g in groups), strict=True)]
+
+
 def _view_args(q: torch.Tensor, cache: PackedKV, math_cfg: AttentionMath, op: str) -> list:
     """The arguments both attention ops take, from ``q`` to ``chunk, sinks, window``, checked."""
     check_query(q, cache, math_cfg)
     if q.device.type != "cpu":
         raise ValueError(f"turbo.{op} takes CPU tensors, got {q.device}")
-    parts: dict[str, list[torch.Tensor]] = {"heads": [], **{k: [] for k in _PARTS}}
-    for g in cache.groups:
-        parts["heads"].append(_checked("heads", g.heads))
-        for name in _PARTS:
-            t = getattr(g, name)
-            if t is None:  # 8-bit heads: no second level
-                parts[name].append(_EMPTY[_DTYPES[name]])
-                continue
-            if name.endswith("_first") and t.dim() != 2:
-                raise ValueError(f"{name} must be (pages, heads): per-channel first-level scales "
-                                 f"(k_channel_scale) are read by the reference only")
-            parts[name].append(_checked(name, t))
     kb, vb = cache.buffer_k, cache.buffer_v
-    return [q.float().contiguous(), math_cfg.qk_int8, math_cfg.block_size, *parts.values(),
+    return [q.float().contiguous(), math_cfg.qk_int8, math_cfg.block_size,
+            *_groups_args(cache.groups),
             [g.bits for g in cache.groups], [g.k_group for g in cache.groups],
             [g.v_group for g in cache.groups], _checked("page_table", cache.page_table),
             _checked("n_chunks", cache.n_chunks), _checked("chunk_base", cache.chunk_base),
@@ -268,15 +283,13 @@ def append(k: torch.Tensor, v: torch.Tensor, seqs: list[int], rows: list[int],
     after them)`` — of the INT8 ``buffers`` into ``pages`` of ``pools`` (``PagePool`` per bit
     width), move the rows after them down, then quantize ``k, v (N, H_kv, T, D)`` into buffer
     rows ``rows[i]..`` of slot ``seqs[i]``. In place; ``QuantizedKVLayer.update`` plans it."""
-    groups = list(pools.values())  # 8-bit pools have no second level: fresh empty tensors
-    parts = {name: [g.t[name] if name in g.t else torch.empty(0, dtype=_DTYPES[name])
-                    for g in groups] for name in _PARTS}
+    groups = [p.heads_view() for p in pools.values()]  # 8-bit pools: empty second level
     torch.ops.turbo.append(
         k.float().contiguous(), v.float().contiguous(), torch.tensor(seqs, dtype=torch.long),
         torch.tensor(rows, dtype=torch.long), buffers["k_values"], buffers["k_scale"],
         buffers["v_values"], buffers["v_scale"],
-        torch.tensor(jobs, dtype=torch.long).reshape(-1, 4), pages.long().contiguous(),
-        [g.heads for g in groups], *parts.values(), [g.bits for g in groups],
+        torch.tensor(jobs, dtype=torch.long).reshape(-1, 4) if jobs else _NO_JOBS,
+        pages.long().contiguous(), *_groups_args(groups), [g.bits for g in groups],
         [g.k_group for g in groups], [g.v_group for g in groups], cfg.chunk, cfg.protect)
 
 

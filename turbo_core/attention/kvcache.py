@@ -36,6 +36,7 @@ from turbo_core.attention.quant import Int8Rows, quantize_int8_blockwise
 from turbo_core.attention.rotation import apply_rope, rotate, undo_rope, unrotate
 from turbo_core.attention.slots import SequenceSlots
 
+_NO_PAGES = torch.zeros(0, dtype=torch.long)  # a step that compresses nothing
 # positions (int64 (L,)) -> the model's RoPE (cos, sin), float (L, D); what pre_rope needs
 Rope = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -202,7 +203,7 @@ class QuantizedKVLayer(PackedStorage, SequenceSlots):
         todo = self._full_chunks(seqs)
         jobs = [(s, self._sinks(s), n, self._buf_len[s] - self._sinks(s) - n * self.cfg.chunk)
                 for s, n in todo]
-        pages = self._take_pages(sum(n for _, n in todo)) if todo else torch.zeros(0, dtype=torch.long)
+        pages = self._take_pages(sum(n for _, n in todo)) if todo else _NO_PAGES
         self._record_pages(todo, pages)  # the table and lengths as after compression
         k, v = self._prepare(k, v, seqs, rotated)
         cpu_ops.append(k, v, seqs, [self._buf_len[s] for s in seqs], self._buf, jobs, pages,

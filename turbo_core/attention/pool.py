@@ -38,6 +38,7 @@ class PagePool:
                        "v_low": ((n, d // v_group, c), torch.int8)}
         self.t = {name: torch.empty(0, *shape, dtype=dt, device=device)
                   for name, (shape, dt) in shapes.items()}
+        self._view: PackedHeads | None = None  # until the tensors are replaced (grow)
 
     @property
     def capacity(self) -> int:
@@ -48,6 +49,7 @@ class PagePool:
             new = torch.empty(pages, *old.shape[1:], dtype=old.dtype, device=old.device)
             new[: old.shape[0]] = old
             self.t[name] = new
+        self._view = None
 
     def write(self, pages: torch.Tensor, sides: dict[str, torch.Tensor]) -> None:
         for name, value in sides.items():
@@ -57,10 +59,14 @@ class PagePool:
         return sum(math.prod(t.shape[1:]) * t.element_size() for t in self.t.values())
 
     def heads_view(self) -> PackedHeads:
-        return PackedHeads(bits=self.bits, heads=self.heads, k_group=self.k_group,
-                           v_group=self.v_group, **{
-            name: self.t.get(name) for name in ("k_packed", "k_scale", "k_low", "k_first",
-                                                "v_packed", "v_scale", "v_low", "v_first")})
+        """The pool's tensors as readers take them; one object until the pool grows (what the
+        C++ ops' argument lists are cached on)."""
+        if self._view is None:
+            self._view = PackedHeads(bits=self.bits, heads=self.heads, k_group=self.k_group,
+                                     v_group=self.v_group, **{
+                name: self.t.get(name) for name in ("k_packed", "k_scale", "k_low", "k_first",
+                                                    "v_packed", "v_scale", "v_low", "v_first")})
+        return self._view
 
 
 def compress_pages(k: torch.Tensor, v: torch.Tensor, pools: dict[int, PagePool],
