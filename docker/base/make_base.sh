@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# Build the local base image (Debian bookworm + Python 3.11 + g++: the C++ CPU ops are built in the
-# image, and Triton and Inductor compile at run time) with debootstrap + `docker import`,
+# Build the local base image (Debian bookworm + Python 3.11 and its headers + g++: the C++ CPU ops are built in the
+# image, and Triton and Inductor (whose kernels include Python.h) compile) with debootstrap + `docker import`,
 # for machines that cannot pull images. The Debian mirror is read from this machine's own apt
 # configuration at run time (nothing is hard-coded). Idempotent: skips when the tag exists.
-# Usage: docker/base/make_base.sh [TAG]   (default turbo-base:bookworm-py311-gxx)
+# Usage: docker/base/make_base.sh [TAG]   (default turbo-base:bookworm-py311-gxx-pydev)
 set -euo pipefail
-tag="${1:-turbo-base:bookworm-py311-gxx}"
+tag="${1:-turbo-base:bookworm-py311-gxx-pydev}"
 if docker image inspect "$tag" >/dev/null 2>&1; then
     echo "[base] $tag exists"; exit 0
 fi
@@ -21,7 +21,7 @@ fi
 root=$(mktemp -d)
 trap 'rm -rf "$root"' EXIT
 echo "[base] debootstrap bookworm from the configured mirror (about a minute)" >&2
-debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates,g++ \
+debootstrap --variant=minbase --include=python3,python3-venv,python3-dev,ca-certificates,g++ \
     bookworm "$root" "$mirror" >"$root.log" 2>&1 || { tail -20 "$root.log" >&2; exit 1; }
 rm -f "$root.log"
 rm -rf "$root"/var/cache/apt/archives/*.deb "$root"/var/lib/apt/lists/*

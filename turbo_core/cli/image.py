@@ -42,7 +42,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     ib.add_argument("--variant", required=True)
     ib.add_argument("--plan", required=True, help="bit plan JSON baked into the image")
     ib.add_argument("--repository", default="127.0.0.1:5000/turbo-attention")
-    ib.add_argument("--base-image", default="turbo-base:bookworm-py311-gxx",
+    ib.add_argument("--base-image", default="turbo-base:bookworm-py311-gxx-pydev",
                     help="a CUDA PyTorch runtime image in production; default: the local "
                          "debootstrap base (docker/base/make_base.sh)")
     ib.add_argument("--wheelhouse", default="build/wheelhouse")

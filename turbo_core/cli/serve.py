@@ -34,6 +34,8 @@ def _serve(args: argparse.Namespace) -> int:
     if not engine.warm_up():
         raise SystemExit(f"turbo serve: {engine.model_id} produced non-finite logits")
     print(f"warm in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    if args.warm_up_only:  # e.g. the image build: compiled code into $TURBO_HOME, then exit
+        return 0
     key = args.api_key or os.environ.get(API_KEY_ENV) or None
     budget = f"KV budget {limits.kv_budget} bytes" if limits.kv_budget else "no KV budget"
     print(f"serving {engine.model_id} on http://{args.host}:{args.port} (batch <= "
@@ -55,6 +57,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     sv.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                     help="compile the decode step with Inductor (default: on CPU where a C++ "
                          "compiler exists; --no-compile runs the same step eagerly)")
+    sv.add_argument("--warm-up-only", action="store_true",
+                    help="load, warm up (compiling the decode step into $TURBO_HOME) and exit")
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--api-key", help=f"require 'Authorization: Bearer KEY' on /v1 (or ${API_KEY_ENV})")

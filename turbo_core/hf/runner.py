@@ -31,7 +31,8 @@ def compile_default(device: torch.device) -> tuple[bool, str]:
         return False, f"the compiled step is built for CPU; {device.type} runs the step op eagerly"
     missing = compiler_missing()
     if missing:
-        return False, f"{missing}: decode steps run eagerly (about 1.3x slower a step at batch 8)"
+        return False, (f"{missing}: decode steps run the step op eagerly (on SmolLM2 at batch 8 "
+                       f"and 2k tokens, 5-10 % slower a step)")
     return True, "Inductor's C++ backend"
 
 
@@ -52,7 +53,8 @@ class CacheRunner:
         default, why = compile_default(device)
         self.compiled = default if compile is None else compile
         if compile is None and not default:
-            log.info("decode steps not compiled: %s", why)
+            log.log(logging.WARNING if device.type == "cpu" else logging.INFO,
+                    "decode steps not compiled: %s", why)
         # a rotated packed cache is rotated inside the step's graph (not the levers the
         # reference alone reads: it unrotates what it decompresses)
         kv = variant.kv

@@ -30,6 +30,7 @@ import itertools
 import logging
 import os
 import shutil
+import sysconfig
 import threading
 import types
 from collections.abc import Callable, Sequence
@@ -105,23 +106,36 @@ torch.library.register_fake("turbo_step::attend", lambda q, k, v, layer, scale, 
 attend = torch.ops.turbo_step.attend
 
 
+SEED_ENV = "TURBO_INDUCTOR_SEED"  # compiled code baked into the serving image (read-only)
+
+
 def compile_cache_dir() -> Path:
     """Where Inductor keeps its compiled code: ``$TORCHINDUCTOR_CACHE_DIR`` when set, else
-    ``$TURBO_HOME/inductor`` (set here, before the first compile, so later processes and the
-    serving image find it)."""
+    ``$TURBO_HOME/inductor`` (set here, before the first compile, so later processes find it).
+    Inductor writes lock files beside its entries, so a read-only copy cannot serve directly:
+    when ``$TURBO_INDUCTOR_SEED`` names one (the image's build-time warm-up) and the cache is
+    empty, it is copied in first, and a pod's first step loads instead of compiling."""
     if os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
-        return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
-    path = data_dir() / "inductor"
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
+        path = Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+    else:
+        path = data_dir() / "inductor"
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
+    seed = os.environ.get(SEED_ENV)
+    if seed and Path(seed).is_dir() and not (path.is_dir() and any(path.iterdir())):
+        log.info("Inductor cache: copying the compiled steps from %s into %s", seed, path)
+        shutil.copytree(seed, path, dirs_exist_ok=True)
     return path
 
 
 def compiler_missing() -> str | None:
-    """Why Inductor's C++ backend cannot run here (``None``: it can)."""
-    for name in ("g++", "c++", "gcc", "clang++"):
-        if shutil.which(name):
-            return None
-    return "no C++ compiler (g++/clang++) on PATH"
+    """Why Inductor's C++ backend cannot run here (``None``: it can): its kernels are C++
+    built with Python's headers (they bind through ``Python.h``)."""
+    if not any(shutil.which(name) for name in ("g++", "c++", "clang++")):
+        return "no C++ compiler (g++/clang++) on PATH"
+    headers = Path(sysconfig.get_paths()["include"]) / "Python.h"
+    if not headers.is_file():
+        return f"no Python headers ({headers}; python3-dev)"
+    return None
 
 
 _INPUTS = ("input_ids", "position_ids")

@@ -64,7 +64,7 @@ PARAMS: dict[str, dict] = {
     "image_repository": {"type": "string", "pattern": r"^[^\s:@]+(:[0-9]+)?(/[^\s:@]+)*$",
                          "default": "127.0.0.1:5000/turbo-attention",
                          "title": "Image repository (no tag)"},
-    "base_image": {"type": "string", "minLength": 1, "default": "turbo-base:bookworm-py311-gxx",
+    "base_image": {"type": "string", "minLength": 1, "default": "turbo-base:bookworm-py311-gxx-pydev",
                    "title": "Serving image base",
                    "description": "production: a CUDA PyTorch runtime image; the default is "
                                   "the local debootstrap base (docker/base/make_base.sh)"},

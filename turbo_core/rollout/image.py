@@ -16,7 +16,7 @@ from pathlib import Path
 from turbo_core.tracking.runs import code_version
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository
-LOCAL_BASE = "turbo-base:bookworm-py311-gxx"
+LOCAL_BASE = "turbo-base:bookworm-py311-gxx-pydev"
 
 
 def _slug(text: str) -> str:
