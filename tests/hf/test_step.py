@@ -187,3 +187,16 @@ def test_a_seeded_compile_cache_is_copied_before_the_first_compile(monkeypatch, 
     assert (compile_cache_dir() / "ab" / "entry.so").read_bytes() == b"compiled"
     (seed / "ab" / "entry.so").write_bytes(b"newer")  # a filled cache is never overwritten
     assert (compile_cache_dir() / "ab" / "entry.so").read_bytes() == b"compiled"
+
+
+def test_the_compile_cache_goes_under_turbo_home_unless_the_user_chose_one(monkeypatch, tmp_path):
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    from turbo_core.hf.step import compile_cache_dir
+
+    monkeypatch.delenv("TURBO_INDUCTOR_SEED", raising=False)
+    monkeypatch.setenv("TURBO_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())  # what torch sets itself
+    assert compile_cache_dir() == tmp_path / "home" / "inductor"
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    assert compile_cache_dir() == tmp_path / "mine"

@@ -65,6 +65,13 @@ def test_build_run_and_push_the_real_image(serving_image):
         code, out = container.exec_run(["python3", "-c", "from turbo_kernels import cpu_ops; "
                                         "print(cpu_ops.stale()); assert cpu_ops.load()"])
         assert code == 0 and out.decode().strip() == "None", out.decode()[-2000:]
+        # the build's warm-up compiled the decode step into the seed, and the server started
+        # from a copy of it in its (writable) $TURBO_HOME
+        code, out = container.exec_run(["sh", "-c", "ls /opt/turbo-seed/inductor; echo --; "
+                                        "ls $TURBO_HOME/inductor"])
+        seeded, _, running = out.decode().partition("--")
+        assert code == 0 and seeded.split(), out.decode()
+        assert set(seeded.split()) <= set(running.split()), out.decode()
     finally:
         container.remove(force=True)
     digest = serving_image.digest

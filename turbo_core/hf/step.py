@@ -110,13 +110,19 @@ SEED_ENV = "TURBO_INDUCTOR_SEED"  # compiled code baked into the serving image (
 
 
 def compile_cache_dir() -> Path:
-    """Where Inductor keeps its compiled code: ``$TORCHINDUCTOR_CACHE_DIR`` when set, else
+    """Where Inductor keeps its compiled code: ``$TORCHINDUCTOR_CACHE_DIR`` when set (to other
+    than torch's default), else
     ``$TURBO_HOME/inductor`` (set here, before the first compile, so later processes find it).
     Inductor writes lock files beside its entries, so a read-only copy cannot serve directly:
     when ``$TURBO_INDUCTOR_SEED`` names one (the image's build-time warm-up) and the cache is
     empty, it is copied in first, and a pod's first step loads instead of compiling."""
-    if os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
-        path = Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    # torch writes its default into the variable the first time anything asks for the cache
+    # (an import may have): that one is not a choice, the user's is
+    chosen = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if chosen and os.path.abspath(chosen) != os.path.abspath(default_cache_dir()):
+        path = Path(chosen)
     else:
         path = data_dir() / "inductor"
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
