@@ -5,7 +5,9 @@ container is kept, stopped, as ``<name>-previous`` for rollback.
 A single host port cannot be handed over atomically, so the switch has a short gap (the
 new container's model load); it is measured and reported as ``downtime_s``. Containers run
 like the Kubernetes pods: non-root (the image's user), read-only root filesystem, ``/tmp``
-as tmpfs, 1 GiB ``/dev/shm``.
+as tmpfs (``exec``, as an emptyDir is: Docker mounts tmpfs ``noexec`` by default, and the
+compiled decode step and Triton load the code they compiled into ``$TURBO_HOME`` there),
+1 GiB ``/dev/shm``.
 """
 
 from __future__ import annotations
@@ -63,7 +65,7 @@ def _start(client, image, name: str, role: str, opts: DockerOptions, host_port: 
         image.id, name=name, detach=True,
         ports={"8000/tcp": (opts.host if host_port else "127.0.0.1", host_port)},
         labels=labels | {ROLE: role, DEPLOYMENT: opts.name},
-        read_only=True, tmpfs={"/tmp": "rw,size=2g"}, shm_size="1g",
+        read_only=True, tmpfs={"/tmp": "rw,exec,size=2g"}, shm_size="1g",
         restart_policy={"Name": "unless-stopped"} if role == "serving" else None)
 
 
