@@ -119,7 +119,7 @@ def test_the_compiled_forward_is_one_graph(lm):
         runner.forward_cache(cache, [s], [[1, 2, 3]], [0])
     cache.select(seqs)
     torch._dynamo.reset()
-    with torch.no_grad(), active(StepContext(cache, runner._maths)):
+    with torch.no_grad(), active(StepContext(cache, runner.variant.math)):
         explained = torch._dynamo.explain(_model_forward(lm.model, rotation(64)))(
             torch.tensor([[4], [5]]), torch.tensor([[3], [3]]))
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons

@@ -194,7 +194,8 @@ def turbo_attention(q: torch.Tensor, k: KV | None, v: KV | None, *,
     (default: every open one); ``kv_rotated``: ``q`` comes rotated like a rotated store's K/V
     (``cfg.rotate``) and the output goes back rotated (the compiled step rotates in its
     graph). The kernels return ``sas_dropped = candidates = 0`` unless they
-    count. A :class:`FloatKVLayer` store is read per sequence (SDPA for exact math).
+    count. A :class:`FloatKVLayer` store is read by ``turbo.float_decode_attention`` for a few
+    new tokens of exact math on CPU, else per sequence (SDPA for exact math).
     """
     math_cfg, scale = opts.get("math_cfg", EXACT), opts.get("scale")
     if isinstance(kv_store, FloatKVLayer):

@@ -46,14 +46,16 @@ def _on_device(head_dim: int, device: torch.device) -> torch.Tensor:
     return _matrix(head_dim).to(device)
 
 
-def rotate(x: torch.Tensor) -> torch.Tensor:
-    """``x R`` over the last axis (``(..., D)``), in float32 whatever ``x``'s dtype."""
-    return x.float() @ rotation(x.shape[-1], x.device)
+def rotate(x: torch.Tensor, matrix: torch.Tensor | None = None) -> torch.Tensor:
+    """``x R`` over the last axis (``(..., D)``), in float32 whatever ``x``'s dtype; ``matrix``:
+    ``R`` itself, from :func:`rotation` (what a compiled graph passes: it cannot call the
+    cached lookup)."""
+    return x.float() @ (rotation(x.shape[-1], x.device) if matrix is None else matrix)
 
 
-def unrotate(x: torch.Tensor) -> torch.Tensor:
+def unrotate(x: torch.Tensor, matrix: torch.Tensor | None = None) -> torch.Tensor:
     """``x Rᵀ``: undoes :func:`rotate`."""
-    return x.float() @ rotation(x.shape[-1], x.device).t()
+    return x.float() @ (rotation(x.shape[-1], x.device) if matrix is None else matrix).t()
 
 
 def _half(x: torch.Tensor) -> torch.Tensor:

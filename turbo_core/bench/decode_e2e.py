@@ -160,10 +160,10 @@ def run(quick: bool = False, repeats: int = 5, model: str = "smollm2",
             rows.append(_decode(lm, name, _fill(name, lm, prefill), first, steps, prompt_len)
                         | {"prompt": prompt_len})
         del prefill
-        ours = {r["contender"]: r for r in rows[-4:]}
+        by_name = {r["contender"]: r for r in rows[-4:]}
         for r in rows[-4:]:
-            r["ratio_vs_dynamic"] = r["decode_tokens_per_s"] / ours["dynamic-fp32"]["decode_tokens_per_s"]
-            r["ratio_vs_fp16"] = r["decode_tokens_per_s"] / ours["fp16"]["decode_tokens_per_s"]
+            r["ratio_vs_dynamic"] = r["decode_tokens_per_s"] / by_name["dynamic-fp32"]["decode_tokens_per_s"]
+            r["ratio_vs_fp16"] = r["decode_tokens_per_s"] / by_name["fp16"]["decode_tokens_per_s"]
     return {"model": lm.name, "prompt_tokens": prompt_len, "steps": steps, "rows": rows,
             "method": "one float prefill shared by all caches; greedy decode; median step time; "
                       "fp16 and turbo-int4 through the serving engine's (compiled) step"}

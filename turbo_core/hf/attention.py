@@ -26,8 +26,10 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from turbo_core.attention.config import EXACT, AttentionMath
 from turbo_core.attention.functional import turbo_attention
 from turbo_core.attention.packed import visible
+from turbo_core.attention.rotation import rotate, unrotate
 from turbo_core.hf.cache import LAYER_ATTR
 from turbo_core.hf.features import check_supported
+from turbo_core.hf.step import ROTATION_KWARG, STEP_KWARG, attend
 
 ATTN_NAME = "turbo"
 
@@ -49,16 +51,14 @@ def turbo_attention_forward(
     :class:`~turbo_core.hf.step.CompiledStep` passes the model) the new tokens go to the step
     op, which writes and reads the active step's cache (transformers' mask is not needed: the
     cache knows each sequence's positions)."""
-    if kwargs.get("turbo_step"):
-        from turbo_core.hf.step import attend  # registers torch.ops.turbo_step
-
-        rot = kwargs.get("turbo_rotation")  # the store's R: rotated here, in the graph
+    if kwargs.get(STEP_KWARG):
+        rot = kwargs.get(ROTATION_KWARG)  # the store's R: rotated here, in the graph
         if rot is None:
             out = attend(query, key, value, module.layer_idx, float(scaling), False)
-        else:  # as the store and _over_cache rotate: in float32, q back to its dtype
-            out = attend((query.float() @ rot).to(query.dtype), key.float() @ rot,
-                         value.float() @ rot, module.layer_idx, float(scaling), True)
-            out = (out.float() @ rot.t()).to(out.dtype)
+        else:  # as the store and _over_cache rotate: q back to its dtype, the output too
+            out = attend(rotate(query, rot).to(query.dtype), rotate(key, rot), rotate(value, rot),
+                         module.layer_idx, float(scaling), True)
+            out = unrotate(out, rot).to(out.dtype)
         return out.transpose(1, 2).contiguous(), None
     math_cfg: AttentionMath = getattr(module, "turbo_math", EXACT)
     if kwargs.get("softcap") is not None:

@@ -16,7 +16,7 @@ import torch
 from turbo_core.attention.plan import BitPlan
 from turbo_core.attention.rotation import rotation
 from turbo_core.attention.variants import Variant
-from turbo_core.hf.attention import attention_modules, enable
+from turbo_core.hf.attention import enable
 from turbo_core.hf.cache import TurboCache
 from turbo_core.hf.models import LoadedModel
 from turbo_core.hf.step import CompiledStep, StepContext, compiler_missing, eager_step
@@ -68,7 +68,6 @@ class CacheRunner:
         """(Re)switch the model to this variant's attention math — needed when several runners
         share one model and take turns."""
         enable(self.lm.model, self.variant.math)
-        self._maths = [m.turbo_math for m in attention_modules(self.lm.model)]
 
     def new_cache(self) -> TurboCache:
         bits = (self.plan if self.plan is not None else self.variant.kv_bits) \
@@ -83,7 +82,7 @@ class CacheRunner:
         ``starts[i]`` tokens; returns the last position's logits ``(N, vocab)``."""
         if len(ids[0]) == 1:  # a decode step: the (compiled) step op path
             cache.select(seqs)
-            return self._step(StepContext(cache, self._maths), torch.tensor(ids, device=self.device),
+            return self._step(StepContext(cache, self.variant.math), torch.tensor(ids, device=self.device),
                               torch.tensor(starts, device=self.device)[:, None])
         return self.forward_cache(cache, seqs, ids, starts)
 

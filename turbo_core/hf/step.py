@@ -33,7 +33,7 @@ import shutil
 import sysconfig
 import threading
 import types
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,10 +53,10 @@ ROTATION_KWARG = "turbo_rotation"  # R of a rotated packed cache, applied around
 @dataclass
 class StepContext:
     """What the step op of layer ``i`` reads: ``cache.layers[i]`` (its ``seqs`` already selected)
-    and ``maths[i]``, the attention math of that layer's module."""
+    and the variant's attention math (every layer's: ``hf.attention.enable``)."""
 
     cache: object  # turbo_core.hf.cache.TurboCache
-    maths: Sequence[AttentionMath]
+    math: AttentionMath
 
 
 _local = threading.local()
@@ -95,7 +95,7 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, scale
         store.update(k, v, seqs=seqs, rotated=True)
     else:
         store.update(k, v, seqs=seqs)
-    res = turbo_attention(q, None, None, math_cfg=context.maths[layer], kv_store=store,
+    res = turbo_attention(q, None, None, math_cfg=context.math, kv_store=store,
                           kv_seqs=seqs, kv_rotated=rotated, scale=scale)
     return res.out
 
