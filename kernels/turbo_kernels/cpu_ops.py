@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 NAME = "turbo_cpu_ops"
 CSRC = Path(__file__).resolve().parent / "csrc"  # shipped in the wheel (package data)
 SOURCES = ("torch_bindings.cpp", "attention_common.cpp", "decode_attention.cpp",
-           "prefill_attention.cpp", "append.cpp", "float_decode.cpp")
+           "prefill_attention.cpp", "append.cpp", "float_decode.cpp", "linear.cpp")
 HEADERS = ("ops.h", "attention_common.h")  # in the stamp
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp")
 PAGES_PER_SPLIT = 8  # fixed context splits: a sequence's sums do not depend on its batch
@@ -134,6 +134,8 @@ def _register_fakes() -> None:
     torch.library.register_fake("turbo::append")(lambda *args, **kwargs: None)
     torch.library.register_fake("turbo::float_decode_attention")(
         lambda q, *args, **kwargs: torch.empty_like(q))
+    torch.library.register_fake("turbo::linear")(
+        lambda x, weight, bias: x.new_empty((*x.shape[:-1], weight.shape[0])))
 
     _register_fakes.done = True
 

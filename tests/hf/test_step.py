@@ -123,6 +123,9 @@ def test_the_compiled_forward_is_one_graph(lm):
         explained = torch._dynamo.explain(_model_forward(lm.model, rotation(64)))(
             torch.tensor([[4], [5]]), torch.tensor([[3], [3]]))
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    # the runner switched the linear layers: the step's projections are the streaming op
+    targets = [n.target for n in explained.graphs[0].graph.nodes if n.op == "call_function"]
+    assert targets.count(torch.ops.turbo.linear) == 7 * 3 + 1, targets
 
 
 def test_models_sharing_a_process_each_run_their_own_graph():

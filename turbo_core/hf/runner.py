@@ -19,7 +19,7 @@ from turbo_core.attention.variants import Variant
 from turbo_core.hf.attention import enable
 from turbo_core.hf.cache import TurboCache
 from turbo_core.hf.models import LoadedModel
-from turbo_core.hf.step import CompiledStep, StepContext, compiler_missing, eager_step
+from turbo_core.hf.step import CompiledStep, StepContext, compiler_missing, eager_step, use_step_linears
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,7 @@ class CacheRunner:
         self.device = device
         self.lm, self.variant, self.plan = lm, variant, plan
         self.lm.model.to(self.device)
+        use_step_linears(self.lm.model)  # a decode step's few rows: the weights read once
         self.dtype = next(lm.model.parameters()).dtype
         default, why = compile_default(device)
         self.compiled = default if compile is None else compile

@@ -64,4 +64,8 @@ at::Tensor float_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
                                   const at::Tensor& slots, const at::Tensor& row_lo, const at::Tensor& row_hi,
                                   int64_t window, double sm_scale);
 
+// y = x W^T + b for a decode step's few rows (linear.cpp): the weights streamed once; more
+// than 16 rows, other dtypes or devices: at::linear.
+at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias);
+
 }  // namespace turbo

@@ -32,6 +32,7 @@ TORCH_LIBRARY(turbo, m) {
   m.def(
       "float_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor slots, Tensor row_lo, "
       "Tensor row_hi, int window, float sm_scale) -> Tensor");
+  m.def("linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(turbo, CPU, m) {
@@ -40,4 +41,5 @@ TORCH_LIBRARY_IMPL(turbo, CPU, m) {
   m.impl("attention", &turbo::attention);
   m.impl("append", &turbo::append);
   m.impl("float_decode_attention", &turbo::float_decode_attention);
+  m.impl("linear", &turbo::linear);
 }
