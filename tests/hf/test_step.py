@@ -203,3 +203,24 @@ def test_the_compile_cache_goes_under_turbo_home_unless_the_user_chose_one(monke
     assert compile_cache_dir() == tmp_path / "home" / "inductor"
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
     assert compile_cache_dir() == tmp_path / "mine"
+
+
+def test_runners_sharing_a_model_switch_its_math_back_and_forth():
+    """activate() after the first only resets each attention module's math: a prompt chunk run
+    right after another runner's must use this runner's math, as a fresh model would."""
+    lm = tiny("llama")
+    sas = CacheRunner(lm, get_variant("turbo-int4"), None, torch.device("cpu"), compile=False)
+    exact = CacheRunner(lm, get_variant("fp16"), None, torch.device("cpu"), compile=False)
+    prompt = [[int(t) for t in torch.randint(0, VOCAB, (50,), generator=torch.Generator().manual_seed(2))]]
+
+    def prefill(runner):
+        runner.activate()
+        cache = runner.new_cache()
+        return runner.forward_cache(cache, [cache.add_sequence()], prompt, [0])
+
+    first_sas, first_exact = prefill(sas), prefill(exact)
+    assert not torch.equal(first_sas, first_exact)  # the two maths differ on this prompt
+    for _ in range(2):
+        assert torch.equal(prefill(sas), first_sas) and torch.equal(prefill(exact), first_exact)
+    lm.model.set_attn_implementation("sdpa")  # someone else switched the model away
+    assert torch.equal(prefill(sas), first_sas)
