@@ -1,4 +1,4 @@
-"""Run as a script (a fresh process, so MKL reads ``MKL_CBWR`` before its first call):
+"""Run as a script (a fresh process: nothing compiled or set by other tests):
 ``python batch_invariance.py MODEL_DIR VARIANT`` prints JSON — the tokens of six requests run
 one at a time and run together, and how many ran together."""
 
@@ -44,7 +44,7 @@ def main(model_dir: str, variant: str) -> None:
     together = run_together(s, jobs)
     s.close()
     print(json.dumps({"alone": alone, "together": together, "max_running": s.max_running,
-                      "kv_bytes_after": s.kv_bytes}))
+                      "kv_bytes_after": s.kv_bytes, "compiled": engine.compiled}))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """The server over real HTTP on 127.0.0.1 (uvicorn in a thread): a bounded soak of mixed
-streaming and whole requests with bad input thrown in, a client that disconnects, 429 when
+streaming and whole requests with bad input thrown in (through the compiled decode step), a client that disconnects, 429 when
 the queue is full; afterwards no errors and no cache bytes left."""
 
 import asyncio
@@ -21,6 +21,7 @@ pytestmark = pytest.mark.slow  # a soak over real HTTP
 @pytest.fixture(scope="module")
 def server(tiny_dir):
     engine = Engine.from_files(str(tiny_dir), "turbo-int4", None)
+    assert engine.compiled  # the soak runs the compiled decode step, as turbo serve does
     app = create_app(engine, Limits(max_prompt_tokens=1024, max_new_tokens=4000, max_batch=6,
                                     max_queue=4, prefill_chunk=32))
     port = free_port()
