@@ -23,7 +23,9 @@ Ops (reference: ``turbo_core.attention.reference.decode_attention_reference``):
   softmax over one layer of the slotted float cache (``FloatKVLayer``), the same job layout;
 * ``append`` (``csrc/append.cpp``): one layer's cache write per step, in place — full chunks
   compressed into their pages, new rows quantized into the INT8 buffer (called by
-  ``QuantizedKVLayer.update``).
+  ``QuantizedKVLayer.update``);
+* ``linear`` (``csrc/linear.cpp``): ``x W^T + b`` for a decode step's few rows, the weights
+  streamed once (``turbo_core.hf.step.StepLinear``); ``at::linear`` otherwise.
 """
 
 from __future__ import annotations
