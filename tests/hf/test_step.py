@@ -20,8 +20,8 @@ import transformers as tf
 from turbo_core.attention.rotation import rotation
 from turbo_core.attention.variants import get_variant
 from turbo_core.hf.models import LoadedModel, shape_of
-from turbo_core.hf.runner import CacheRunner
-from turbo_core.hf.step import StepContext, _model_forward, active, attend
+from turbo_core.hf.runner import CacheRunner, compile_default
+from turbo_core.hf.step import StepContext, _model_forward, active, attend, compile_options
 
 VOCAB = 300
 COMMON = dict(vocab_size=VOCAB, hidden_size=192, intermediate_size=256, num_hidden_layers=3,
@@ -224,3 +224,15 @@ def test_runners_sharing_a_model_switch_its_math_back_and_forth():
         assert torch.equal(prefill(sas), first_sas) and torch.equal(prefill(exact), first_exact)
     lm.model.set_attn_implementation("sdpa")  # someone else switched the model away
     assert torch.equal(prefill(sas), first_sas)
+
+
+def test_on_cuda_the_step_op_runs_outside_cuda_graphs():
+    """What can be checked without a GPU (none is lent: issue 26): the CUDA step compiles with
+    CUDA graphs, and the step op carries the tag that makes Inductor partition the graph around
+    it — its Python planning must run every step, which a captured graph would not replay.
+    CPU compiles without CUDA graphs; CUDA is not compiled unless asked."""
+    assert torch._C.Tag.cudagraph_unsafe in attend.default.tags
+    assert compile_options(torch.device("cuda"))["triton.cudagraphs"] is True
+    assert "triton.cudagraphs" not in compile_options(torch.device("cpu"))
+    on, why = compile_default(torch.device("cuda"))
+    assert not on and "--compile" in why

@@ -1,6 +1,6 @@
-"""The server over real HTTP on 127.0.0.1 (uvicorn in a thread): a bounded soak of mixed
-streaming and whole requests with bad input thrown in (through the compiled decode step), a client that disconnects, 429 when
-the queue is full; afterwards no errors and no cache bytes left."""
+"""The server over real HTTP on 127.0.0.1 (uvicorn in a thread), through the compiled decode
+step: a bounded soak of mixed streaming and whole requests with bad input thrown in, a client
+that disconnects, 429 when the queue is full; afterwards no errors and no cache bytes left."""
 
 import asyncio
 import re

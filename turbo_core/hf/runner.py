@@ -26,9 +26,14 @@ log = logging.getLogger(__name__)
 
 def compile_default(device: torch.device) -> tuple[bool, str]:
     """Whether decode steps compile by default here, and why: on CPU where Inductor's C++
-    backend has a compiler (CUDA graphs over the same op boundary: not yet)."""
+    backend has a compiler; on CUDA only when asked (``compile=True``), until it has run on a
+    GPU."""
+    if device.type == "cuda":
+        return False, ("the compiled CUDA step (Inductor's Triton kernels, CUDA graphs around the "
+                       "step op) has not run on a GPU yet: the step op runs eagerly with the "
+                       "Triton attention kernels; --compile turns it on")
     if device.type != "cpu":
-        return False, f"the compiled step is built for CPU; {device.type} runs the step op eagerly"
+        return False, f"the compiled step is built for CPU and CUDA; {device.type} runs the step op eagerly"
     missing = compiler_missing()
     if missing:
         return False, (f"{missing}: decode steps run the step op eagerly (on SmolLM2 at batch 8 "

@@ -76,7 +76,12 @@ def active(context: StepContext):
 # A low-level registration (schema + a kernel for every backend): a torch.library.custom_op
 # adds an autograd wrapper and redispatches in Python, ~8 µs a call, 30 calls a step.
 _lib = torch.library.Library("turbo_step", "DEF")
-_lib.define("attend(Tensor q, Tensor k, Tensor v, int layer, float scale, bool rotated) -> Tensor")
+# cudagraph_unsafe: the op plans in Python (page tables, lengths, host-side state of the store)
+# and must run on every step, so on CUDA Inductor partitions the graph around it and captures
+# only the rest (norms, projections, MLP) in CUDA graphs — vLLM's piecewise CUDA graphs.
+# A captured op would replay its kernels without its planning: silently wrong tokens.
+_lib.define("attend(Tensor q, Tensor k, Tensor v, int layer, float scale, bool rotated) -> Tensor",
+            tags=(torch._C.Tag.cudagraph_unsafe,))
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, scale: float,
@@ -115,7 +120,7 @@ class StepLinear(torch.nn.Linear):
     derivative; the graph constant-folds the check)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() or not x.is_cpu:  # the op has a CPU kernel only
             return torch.nn.functional.linear(x, self.weight, self.bias)
         return torch.ops.turbo.linear(x, self.weight, self.bias)
 
@@ -187,6 +192,16 @@ def _own_inputs(entries) -> list[bool]:
             or e.name == "" for e in entries]
 
 
+def compile_options(device: torch.device) -> dict:
+    """Inductor's options for the step on ``device``: the guard filter everywhere; on CUDA,
+    CUDA graphs (``mode="reduce-overhead"``'s setting) — one per batch size, recorded on
+    first use, around the step op, which runs outside them (its ``cudagraph_unsafe`` tag)."""
+    options: dict = {"guard_filter_fn": _own_inputs}
+    if device.type == "cuda":
+        options["triton.cudagraphs"] = True
+    return options
+
+
 class CompiledStep:
     """``model``'s decode forward, compiled once per model and shared by the runners on it.
 
@@ -198,8 +213,9 @@ class CompiledStep:
         compile_cache_dir()
         # Dynamo keeps compiled code per code object and, with the guards dropped, would hand
         # one model's graph to another: each step gets a code object of its own
+        device = next(model.parameters()).device
         self._fn = torch.compile(_own_code(_model_forward(model, rotation)), dynamic=None,
-                                 fullgraph=True, options={"guard_filter_fn": _own_inputs})
+                                 fullgraph=True, options=compile_options(device))
 
     @torch.no_grad()
     def __call__(self, context: StepContext, input_ids: torch.Tensor,
