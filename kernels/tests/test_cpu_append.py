@@ -115,6 +115,31 @@ def test_pre_rope_store_writes_the_same_bytes(monkeypatch):
     assert all(torch.equal(a[key], b[key]) for key in a)
 
 
+@pytest.mark.parametrize("name", ["plain", "sinks-int2-groups", "window"])
+def test_a_flush_through_the_op_writes_what_the_pytorch_store_writes(name, monkeypatch):
+    """A prompt chunk's flush (``compress_full_chunks``, what ``TurboCache.flush`` runs after
+    each chunk) is one op call with no new rows: the same pages, tables and buffers."""
+    assert cpu_ops.load()
+    cfg, window = CFGS[name]
+    bits = [2, 4, 8, 4]
+    ours, theirs = (QuantizedKVLayer(bits, 64, cfg, window=window) for _ in range(2))
+    calls = _spy(monkeypatch)
+    for seqs, k, v in _steps(len(bits), seed=7):
+        for store in (ours, theirs):
+            while len(store.sequences) <= max(seqs):
+                store.add_sequence()
+        for store, backend in ((theirs, "reference"), (ours, "auto")):
+            monkeypatch.setenv(functional.BACKEND_ENV, backend)
+            store.update(k, v, seqs=seqs)
+            store.compress_full_chunks(seqs)
+        a, b = _held(ours), _held(theirs)
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), f"{name}: {key} differs after flushing {seqs}"
+    assert len(calls) > 74  # 74 updates, and the flushes that compressed went through the op
+    assert max(ours._buf_len) < 64 + cfg.sinks  # at rest: less than a chunk past the sinks
+
+
 def test_append_op_refuses_malformed_input_by_name():
     assert cpu_ops.load()
     store = QuantizedKVLayer([4, 4], 64, KVQuantConfig())

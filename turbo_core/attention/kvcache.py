@@ -36,7 +36,6 @@ from turbo_core.attention.quant import Int8Rows, quantize_int8_blockwise
 from turbo_core.attention.rotation import apply_rope, rotate, undo_rope, unrotate
 from turbo_core.attention.slots import SequenceSlots
 
-_NO_PAGES = torch.zeros(0, dtype=torch.long)  # a step that compresses nothing
 # positions (int64 (L,)) -> the model's RoPE (cos, sin), float (L, D); what pre_rope needs
 Rope = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -191,20 +190,12 @@ class QuantizedKVLayer(PackedStorage, SequenceSlots):
         in its graph)."""
         self._check(k, v)
         seqs = self._rows_for(k.shape[0], seqs)
-        from turbo_kernels import cpu_ops  # lazy: the kernels package stays out of imports
-
-        from turbo_core.attention.functional import requested_backend  # lazy: functional imports us
-
-        if k.device.type != "cpu" or self.cfg.k_channel_scale or \
-                requested_backend() not in ("auto", "cpu") or not cpu_ops.load():
+        cpu_ops = self._cpu_ops(k.device)
+        if cpu_ops is None:
             self.compress_full_chunks(seqs)
             self.append(k, v, compress=False, seqs=seqs, rotated=rotated)
             return
-        todo = self._full_chunks(seqs)
-        jobs = [(s, self._sinks(s), n, self._buf_len[s] - self._sinks(s) - n * self.cfg.chunk)
-                for s, n in todo]
-        pages = self._take_pages(sum(n for _, n in todo)) if todo else _NO_PAGES
-        self._record_pages(todo, pages)  # the table and lengths as after compression
+        todo, jobs, pages = self._plan_compression(seqs)
         k, v = self._prepare(k, v, seqs, rotated)
         cpu_ops.append(k, v, seqs, [self._buf_len[s] for s in seqs], self._buf, jobs, pages,
                        self._pools, self.cfg)
@@ -242,10 +233,21 @@ class QuantizedKVLayer(PackedStorage, SequenceSlots):
         return undo_rope(k, cos.reshape(n, 1, t, -1), sin.reshape(n, 1, t, -1))
 
     def compress_full_chunks(self, seqs: Sequence[int] | None = None) -> None:
-        """Move every full ``chunk`` of buffered tokens into packed low-bit pages."""
+        """Move every full ``chunk`` of buffered tokens into packed low-bit pages (on CPU with
+        the C++ ops built: one ``turbo.append`` call without new rows, byte for byte the same —
+        a prompt chunk's flush compressed 30 layers x 8 chunks in Python, ~7 % of a prefill)."""
         c = self.cfg.chunk
         todo = self._full_chunks(self._pick(seqs))
         if not todo:
+            return
+        cpu_ops = self._cpu_ops(self._device)
+        if cpu_ops is not None:
+            seqs = [s for s, _ in todo]
+            todo, jobs, pages = self._plan_compression(seqs)
+            none = torch.empty(len(seqs), self.num_heads, 0, self.head_dim)
+            cpu_ops.append(none, none, seqs, [self._buf_len[s] for s in seqs], self._buf, jobs,
+                           pages, self._pools, self.cfg)
+            self._shrink_rows()
             return
         parts: dict[str, list[torch.Tensor]] = {"k": [], "v": []}
         starts = {s: self._sinks(s) for s, _ in todo}
@@ -266,21 +268,6 @@ class QuantizedKVLayer(PackedStorage, SequenceSlots):
             for t in self._buf.values():
                 t[s, :, keep: keep + rest] = t[s, :, keep + n_full * c: keep + n_full * c + rest].clone()
         self._shrink_rows()
-
-    def _full_chunks(self, seqs: list[int]) -> list[tuple[int, int]]:
-        """``(sequence, full chunks)`` of buffered rows past the sinks, for those that have any."""
-        todo = [(s, (self._buf_len[s] - self._sinks(s)) // self.cfg.chunk) for s in seqs]
-        return [(s, n) for s, n in todo if n > 0]
-
-    def _record_pages(self, todo: list[tuple[int, int]], pages: torch.Tensor) -> None:
-        """The page table and lengths once ``todo``'s chunks sit in ``pages`` (in order)."""
-        at = 0
-        for s, n_full in todo:
-            self._reserve_table(self._n_chunks[s] + n_full)
-            self._table[s, self._n_chunks[s]: self._n_chunks[s] + n_full] = pages[at:at + n_full].cpu()
-            at += n_full
-            self._n_chunks[s] += n_full
-            self._buf_len[s] -= n_full * self.cfg.chunk
 
     # -- reading -----------------------------------------------------------------------------
     def view(self, seqs: Sequence[int] | None = None) -> PackedKV:

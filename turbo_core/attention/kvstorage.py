@@ -1,6 +1,7 @@
-"""Storage growth of the packed KV cache layer (``kvcache.QuantizedKVLayer``): its page pools,
-INT8 buffers and page table are preallocated tensors grown (and the buffers shrunk) in whole
-blocks, written in place by the layer and the C++ ``append`` op."""
+"""Storage growth and page bookkeeping of the packed KV cache layer (``kvcache.QuantizedKVLayer``):
+its page pools, INT8 buffers and page table are preallocated tensors grown (and the buffers
+shrunk) in whole blocks, written in place by the layer and the C++ ``append`` op, whose
+compression jobs are planned here."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import torch
 from turbo_core.attention.pool import PagePool
 
 PAGE_BLOCK = 16  # the page pool grows by at least this many pages (1024 tokens at chunk 64)
+_NO_PAGES = torch.zeros(0, dtype=torch.long)  # a step that compresses nothing
 
 
 class PackedStorage:
@@ -69,3 +71,40 @@ class PackedStorage:
             new = torch.zeros(*want, dtype=torch.int32)
             new[:slots, :cols] = self._table
             self._table = new
+
+    def _cpu_ops(self, device: torch.device | None):
+        """``turbo_kernels.cpu_ops`` when its ``append`` op writes this layer (CPU tensors, the
+        ops built, no backend forced elsewhere, no per-channel K scales), else ``None``."""
+        from turbo_kernels import cpu_ops  # lazy: the kernels package stays out of imports
+
+        from turbo_core.attention.functional import requested_backend  # lazy: functional imports us
+
+        if device is None or device.type != "cpu" or self.cfg.k_channel_scale or \
+                requested_backend() not in ("auto", "cpu") or not cpu_ops.load():
+            return None
+        return cpu_ops
+
+    def _plan_compression(self, seqs: list[int]) -> tuple[list, list, torch.Tensor]:
+        """The op's jobs for ``seqs``' full chunks — ``(slot, first row, chunks, rows after)`` —
+        their pages taken, and the table and lengths recorded as after compression."""
+        todo = self._full_chunks(seqs)
+        jobs = [(s, self._sinks(s), n, self._buf_len[s] - self._sinks(s) - n * self.cfg.chunk)
+                for s, n in todo]
+        pages = self._take_pages(sum(n for _, n in todo)) if todo else _NO_PAGES
+        self._record_pages(todo, pages)
+        return todo, jobs, pages
+
+    def _full_chunks(self, seqs: list[int]) -> list[tuple[int, int]]:
+        """``(sequence, full chunks)`` of buffered rows past the sinks, for those that have any."""
+        todo = [(s, (self._buf_len[s] - self._sinks(s)) // self.cfg.chunk) for s in seqs]
+        return [(s, n) for s, n in todo if n > 0]
+
+    def _record_pages(self, todo: list[tuple[int, int]], pages: torch.Tensor) -> None:
+        """The page table and lengths once ``todo``'s chunks sit in ``pages`` (in order)."""
+        at = 0
+        for s, n_full in todo:
+            self._reserve_table(self._n_chunks[s] + n_full)
+            self._table[s, self._n_chunks[s]: self._n_chunks[s] + n_full] = pages[at:at + n_full].cpu()
+            at += n_full
+            self._n_chunks[s] += n_full
+            self._buf_len[s] -= n_full * self.cfg.chunk
