@@ -273,18 +273,27 @@ def _over_float(q: torch.Tensor, store: FloatKVLayer | QuantizedKVLayer, seqs: S
     return AttentionResult(out=torch.cat(outs), probs=None, sas_dropped=dropped, candidates=total)
 
 
+def cpu_ops_allowed() -> bool:
+    """Whether the C++ CPU ops may run: no other backend forced (``TURBO_ATTENTION_BACKEND``)
+    and the ops built (``turbo_kernels.cpu_ops.load``). Every caller outside the dispatch
+    above (the stores' writes, the float decode op, the step's linear layers) asks this."""
+    if requested_backend() not in ("auto", "cpu"):
+        return False
+    from turbo_kernels import cpu_ops  # lazy: the kernels package stays out of imports
+
+    return cpu_ops.load()
+
+
 def _float_op_serves(q: torch.Tensor, store: FloatKVLayer, opts: AttentionOptions) -> bool:
     """``turbo.float_decode_attention`` serves exact math over a float32 CPU store, no mask, a
     few new tokens (it scores them by dot products; a prompt chunk goes to SDPA's tiles)."""
     if opts.get("math_cfg", EXACT) != EXACT or opts.get("mask") is not None or \
-            _common_blocker(opts) is not None or requested_backend() not in ("auto", "cpu"):
+            _common_blocker(opts) is not None:
         return False
     if q.device.type != "cpu" or q.dtype != torch.float32 or store.dtype != torch.float32 or \
             q.shape[1] // store.num_heads * q.shape[2] > CPU_DECODE_MAX_ROWS:
         return False
-    from turbo_kernels import cpu_ops
-
-    return cpu_ops.load()
+    return cpu_ops_allowed()
 
 
 def _over_cache(q: torch.Tensor, store: QuantizedKVLayer, seqs: Sequence[int] | None,

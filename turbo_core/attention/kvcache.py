@@ -195,7 +195,8 @@ class QuantizedKVLayer(PackedStorage, SequenceSlots):
             self.compress_full_chunks(seqs)
             self.append(k, v, compress=False, seqs=seqs, rotated=rotated)
             return
-        todo, jobs, pages = self._plan_compression(seqs)
+        todo = self._full_chunks(seqs)
+        jobs, pages = self._plan_compression(todo)
         k, v = self._prepare(k, v, seqs, rotated)
         cpu_ops.append(k, v, seqs, [self._buf_len[s] for s in seqs], self._buf, jobs, pages,
                        self._pools, self.cfg)
@@ -243,7 +244,7 @@ class QuantizedKVLayer(PackedStorage, SequenceSlots):
         cpu_ops = self._cpu_ops(self._device)
         if cpu_ops is not None:
             seqs = [s for s, _ in todo]
-            todo, jobs, pages = self._plan_compression(seqs)
+            jobs, pages = self._plan_compression(todo)
             none = torch.empty(len(seqs), self.num_heads, 0, self.head_dim)
             cpu_ops.append(none, none, seqs, [self._buf_len[s] for s in seqs], self._buf, jobs,
                            pages, self._pools, self.cfg)

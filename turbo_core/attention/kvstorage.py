@@ -75,24 +75,23 @@ class PackedStorage:
     def _cpu_ops(self, device: torch.device | None):
         """``turbo_kernels.cpu_ops`` when its ``append`` op writes this layer (CPU tensors, the
         ops built, no backend forced elsewhere, no per-channel K scales), else ``None``."""
-        from turbo_kernels import cpu_ops  # lazy: the kernels package stays out of imports
+        from turbo_core.attention.functional import cpu_ops_allowed  # lazy: functional imports us
 
-        from turbo_core.attention.functional import requested_backend  # lazy: functional imports us
-
-        if device is None or device.type != "cpu" or self.cfg.k_channel_scale or \
-                requested_backend() not in ("auto", "cpu") or not cpu_ops.load():
+        if device is None or device.type != "cpu" or self.cfg.k_channel_scale or not cpu_ops_allowed():
             return None
+        from turbo_kernels import cpu_ops
+
         return cpu_ops
 
-    def _plan_compression(self, seqs: list[int]) -> tuple[list, list, torch.Tensor]:
-        """The op's jobs for ``seqs``' full chunks — ``(slot, first row, chunks, rows after)`` —
-        their pages taken, and the table and lengths recorded as after compression."""
-        todo = self._full_chunks(seqs)
+    def _plan_compression(self, todo: list[tuple[int, int]]) -> tuple[list, torch.Tensor]:
+        """The op's jobs for ``todo``'s full chunks (:meth:`_full_chunks`) — ``(slot, first row,
+        chunks, rows after)`` — and their pages, taken; the table and lengths are recorded as
+        after compression."""
         jobs = [(s, self._sinks(s), n, self._buf_len[s] - self._sinks(s) - n * self.cfg.chunk)
                 for s, n in todo]
         pages = self._take_pages(sum(n for _, n in todo)) if todo else _NO_PAGES
         self._record_pages(todo, pages)
-        return todo, jobs, pages
+        return jobs, pages
 
     def _full_chunks(self, seqs: list[int]) -> list[tuple[int, int]]:
         """``(sequence, full chunks)`` of buffered rows past the sinks, for those that have any."""

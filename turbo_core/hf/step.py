@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 
 from turbo_core.attention.config import AttentionMath
-from turbo_core.attention.functional import turbo_attention
+from turbo_core.attention.functional import cpu_ops_allowed, turbo_attention
 from turbo_core.fileio import data_dir
 
 log = logging.getLogger(__name__)
@@ -129,11 +129,7 @@ def use_step_linears(model: torch.nn.Module) -> int:
     """Switch ``model``'s float32 CPU ``nn.Linear`` layers (exact type, not subclasses such as
     quantized ones) to :class:`StepLinear` when the C++ ops are loaded; returns how many.
     The parameters and the state dict stay as they are."""
-    from turbo_kernels import cpu_ops  # lazy: the kernels package stays out of imports
-
-    from turbo_core.attention.functional import requested_backend
-
-    if requested_backend() not in ("auto", "cpu") or not cpu_ops.load():
+    if not cpu_ops_allowed():
         return 0
     switched = 0
     for module in model.modules():
