@@ -73,8 +73,11 @@ def _held(store: QuantizedKVLayer) -> dict[str, torch.Tensor]:
     return out
 
 
+@pytest.mark.parametrize("flush", [False, True], ids=["update", "update+flush"])
 @pytest.mark.parametrize("name", list(CFGS))
-def test_append_op_writes_what_the_pytorch_store_writes(name, monkeypatch):
+def test_append_op_writes_what_the_pytorch_store_writes(name, flush, monkeypatch):
+    """With ``flush``, each write is followed by ``compress_full_chunks`` (what
+    ``TurboCache.flush`` runs after a prompt chunk): one op call with no new rows."""
     assert cpu_ops.load(), "the C++ ops are not built: python -m turbo_kernels.cpu_ops"
     cfg, window = CFGS[name]
     bits = [2, 4, 8, 4]
@@ -85,16 +88,21 @@ def test_append_op_writes_what_the_pytorch_store_writes(name, monkeypatch):
         for store in (ours, theirs):
             while len(store.sequences) <= max(seqs):
                 store.add_sequence()
-        monkeypatch.setenv(functional.BACKEND_ENV, "reference")  # the PyTorch store
-        theirs.update(k, v, seqs=seqs)
-        monkeypatch.setenv(functional.BACKEND_ENV, "auto")  # the op
-        ours.update(k, v, seqs=seqs)
+        for store, backend in ((theirs, "reference"), (ours, "auto")):  # the PyTorch store, the op
+            monkeypatch.setenv(functional.BACKEND_ENV, backend)
+            store.update(k, v, seqs=seqs)
+            if flush:
+                store.compress_full_chunks(seqs)
         a, b = _held(ours), _held(theirs)
         assert a.keys() == b.keys()
         for key in a:
             assert torch.equal(a[key], b[key]), f"{name}: {key} differs after writing {seqs}"
     assert int(ours.view().n_chunks.sum()) >= 6  # pages were really written
-    assert len(calls) == 74 and sum(n for jobs in calls for _, _, n, _ in jobs) >= 6  # by the op
+    if flush:  # 74 updates, and the flushes that compressed went through the op
+        assert len(calls) > 74
+        assert max(ours._buf_len) < 64 + cfg.sinks  # at rest: less than a chunk past the sinks
+    else:
+        assert len(calls) == 74 and sum(n for jobs in calls for _, _, n, _ in jobs) >= 6  # by the op
     if window is not None:
         assert int(ours.view().chunk_base.max()) > 0  # and released
 
@@ -113,31 +121,6 @@ def test_pre_rope_store_writes_the_same_bytes(monkeypatch):
         ours.update(k, v, seqs=seqs)
     a, b = _held(ours), _held(theirs)
     assert all(torch.equal(a[key], b[key]) for key in a)
-
-
-@pytest.mark.parametrize("name", ["plain", "sinks-int2-groups", "window"])
-def test_a_flush_through_the_op_writes_what_the_pytorch_store_writes(name, monkeypatch):
-    """A prompt chunk's flush (``compress_full_chunks``, what ``TurboCache.flush`` runs after
-    each chunk) is one op call with no new rows: the same pages, tables and buffers."""
-    assert cpu_ops.load()
-    cfg, window = CFGS[name]
-    bits = [2, 4, 8, 4]
-    ours, theirs = (QuantizedKVLayer(bits, 64, cfg, window=window) for _ in range(2))
-    calls = _spy(monkeypatch)
-    for seqs, k, v in _steps(len(bits), seed=7):
-        for store in (ours, theirs):
-            while len(store.sequences) <= max(seqs):
-                store.add_sequence()
-        for store, backend in ((theirs, "reference"), (ours, "auto")):
-            monkeypatch.setenv(functional.BACKEND_ENV, backend)
-            store.update(k, v, seqs=seqs)
-            store.compress_full_chunks(seqs)
-        a, b = _held(ours), _held(theirs)
-        assert a.keys() == b.keys()
-        for key in a:
-            assert torch.equal(a[key], b[key]), f"{name}: {key} differs after flushing {seqs}"
-    assert len(calls) > 74  # 74 updates, and the flushes that compressed went through the op
-    assert max(ours._buf_len) < 64 + cfg.sinks  # at rest: less than a chunk past the sinks
 
 
 def test_append_op_refuses_malformed_input_by_name():
