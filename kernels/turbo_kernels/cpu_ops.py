@@ -15,12 +15,16 @@ Ops (reference: ``turbo_core.attention.reference.decode_attention_reference``):
 
 * ``decode_attention`` (``csrc/decode_attention.cpp``): a few newest tokens over one layer of
   the packed cache, register-blocked loops over each page's codes;
+* ``decode_step`` (the same file): a decode step's write of its new rows and that attention in
+  one call, reading every per-sequence tensor by slot (``QuantizedKVLayer.step``);
 * ``prefill_attention`` (``csrc/prefill_attention.cpp``): a prompt chunk over it, two sgemm per
   tile of decoded pages;
 * ``attention`` (``csrc/prefill_attention.cpp``): the same tiles over plain float K/V (the
   drop-in ``TurboAttention`` module's path);
 * ``float_decode_attention`` (``csrc/float_decode.cpp``): the float baseline's decode, exact
   softmax over one layer of the slotted float cache (``FloatKVLayer``), the same job layout;
+  ``float_decode_step``: its write of the new rows and that attention in one call
+  (``FloatKVLayer.step``);
 * ``append`` (``csrc/append.cpp``): one layer's cache write per step, in place — full chunks
   compressed into their pages, new rows quantized into the INT8 buffer (called by
   ``QuantizedKVLayer.update``);
@@ -131,11 +135,11 @@ def _register_fakes() -> None:
     if getattr(_register_fakes, "done", False):
         return
 
-    for op in ("decode_attention", "prefill_attention", "attention"):
+    for op in ("decode_attention", "decode_step", "prefill_attention", "attention"):
         torch.library.register_fake(f"turbo::{op}")(_fake_attention)
     torch.library.register_fake("turbo::append")(lambda *args, **kwargs: None)
-    torch.library.register_fake("turbo::float_decode_attention")(
-        lambda q, *args, **kwargs: torch.empty_like(q))
+    for op in ("float_decode_attention", "float_decode_step"):
+        torch.library.register_fake(f"turbo::{op}")(lambda q, *args, **kwargs: torch.empty_like(q))
     torch.library.register_fake("turbo::linear")(
         lambda x, weight, bias: x.new_empty((*x.shape[:-1], weight.shape[0])))
 
@@ -232,6 +236,31 @@ def decode_attention(q: torch.Tensor, cache: PackedKV, *, math_cfg: AttentionMat
     return out.to(q.dtype), int(counts[0]), int(counts[1])
 
 
+def step_args(lens: torch.Tensor, page_table: torch.Tensor, buffers: dict[str, torch.Tensor],
+              pools: dict, cfg, window: int | None) -> list:
+    """The arguments of ``turbo.decode_step`` after ``q, k, v, slots`` that stay the same from
+    step to step while a layer's tensors do (``QuantizedKVLayer``'s fast path builds them once):
+    ``lens`` int32 ``(3, slots)`` — pages held, chunks released, buffered rows, per slot (the op
+    advances the last in place) —, the slot-indexed page table, the INT8 buffers, the pools."""
+    groups = [p.heads_view() for p in pools.values()]
+    # in place, so never copied: the op refuses what is not contiguous, by name
+    return [lens[2], lens[0], lens[1], page_table, buffers["k_values"], buffers["k_scale"],
+            buffers["v_values"], buffers["v_scale"], *_groups_args(groups), [g.bits for g in groups],
+            [g.k_group for g in groups], [g.v_group for g in groups], cfg.chunk, cfg.sinks, window or 0]
+
+
+def decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, args: list,
+                *, math_cfg: AttentionMath, scale: float | None = None) -> torch.Tensor:
+    """``torch.ops.turbo.decode_step``: the new rows ``k, v (B, H_kv, L_q, D)`` into the buffers
+    of slots ``slots`` (int64 ``(B,)``), then :func:`decode_attention`'s attention of ``q`` over
+    those slots as they now are; ``args`` from :func:`step_args`. Returns the output in
+    ``q.dtype``. Needs :func:`load`."""
+    out, _ = torch.ops.turbo.decode_step(
+        q.float().contiguous(), k.float().contiguous(), v.float().contiguous(), slots, *args,
+        math_cfg.qk_int8, math_cfg.block_size, PAGES_PER_SPLIT, *_softmax_args(q, math_cfg, scale))
+    return out.to(q.dtype)
+
+
 def prefill_attention(q: torch.Tensor, cache: PackedKV, *, math_cfg: AttentionMath,
                       scale: float | None = None) -> tuple[torch.Tensor, int, int]:
     """:func:`decode_attention`'s contract for a prompt chunk (hundreds of new tokens), through
@@ -278,6 +307,18 @@ def float_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     return torch.ops.turbo.float_decode_attention(
         q.contiguous(), k_cache, v_cache, slots, row_lo, row_hi, window or 0,
         1.0 / math.sqrt(q.shape[-1]) if scale is None else scale)
+
+
+def float_decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                      v_cache: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor, *,
+                      window: int | None = None, scale: float | None = None) -> torch.Tensor:
+    """``torch.ops.turbo.float_decode_step``: each slot's window start advanced, the new rows
+    ``k, v (B, H_kv, L_q, D)`` written after slot ``slots[b]``'s held rows of the float32 caches
+    (in place), ``rows`` int64 ``(2, slots)`` — held rows ``[lo, hi)`` per slot — advanced, then
+    :func:`float_decode_attention` over them (``FloatKVLayer.step``). Needs :func:`load`."""
+    return torch.ops.turbo.float_decode_step(
+        q.float().contiguous(), k.float().contiguous(), v.float().contiguous(), k_cache, v_cache,
+        slots, rows, window or 0, 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale)
 
 
 def append(k: torch.Tensor, v: torch.Tensor, seqs: list[int], rows: list[int],

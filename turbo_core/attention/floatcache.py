@@ -13,7 +13,8 @@ from collections.abc import Sequence
 
 import torch
 
-from turbo_core.attention.config import check_window
+from turbo_core.attention.config import EXACT, check_window
+from turbo_core.attention.kvstorage import FastStep
 from turbo_core.attention.slots import SequenceSlots
 
 ROW_BLOCK = 256  # rows grow by at least this many tokens
@@ -34,11 +35,13 @@ class FloatKVLayer(SequenceSlots):
         self._active: list[int] = []
         self._k: torch.Tensor | None = None
         self._v: torch.Tensor | None = None
+        self._fast: FastStep | None = None  # set by append, cleared by every other change
 
     def _slot_count(self) -> int:
         return len(self._lens)
 
     def _open_slot(self, slot: int) -> None:
+        self._fast = None
         if slot == len(self._lens):
             self._lens.append(0)
             self._start.append(0)
@@ -46,6 +49,7 @@ class FloatKVLayer(SequenceSlots):
         self._lens[slot] = self._start[slot] = self._moved[slot] = 0
 
     def _close_slot(self, slot: int) -> None:
+        self._fast = None
         self._lens[slot] = self._start[slot] = self._moved[slot] = 0
 
     def seq_lens(self, seqs: Sequence[int] | None = None) -> list[int]:
@@ -63,6 +67,7 @@ class FloatKVLayer(SequenceSlots):
                 or k.shape != v.shape:
             raise ValueError(f"key {tuple(k.shape)} / value {tuple(v.shape)} do not fit a cache "
                              f"layer of {self.num_heads} heads of dim {self.head_dim}")
+        self._fast = None
         seqs = self._rows_for(k.shape[0], seqs)
         t = k.shape[2]
         if self.window is not None:
@@ -81,10 +86,54 @@ class FloatKVLayer(SequenceSlots):
                 self._v[s, :, at: at + t] = v[i]
         for s in seqs:
             self._lens[s] += t
+        self._fast = self._plan_fast(k.device)  # the next steps' one call (step)
 
     def update(self, k: torch.Tensor, v: torch.Tensor, seqs: Sequence[int] | None = None) -> None:
         """One attention step's write (the packed store's signature): :meth:`append`."""
         self.append(k, v, seqs=seqs)
+
+    def step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqs: list[int],
+             slots: torch.Tensor, math_cfg, scale: float | None,
+             rotated: bool = False) -> torch.Tensor | None:
+        """A decode step's write of ``k, v (B, H_kv, T, D)`` for ``seqs`` (``slots``: the same,
+        int64) and the exact attention of ``q`` over them in one ``turbo.float_decode_step``
+        call — :meth:`update` then ``turbo.float_decode_attention``, bit for bit, without the
+        Python around them. ``None`` when that is not this step (rows to move out of the
+        window or to grow, other math or dtype, no C++ ops): the caller takes those."""
+        fast, t = self._fast, k.shape[2]
+        if fast is None or t > fast.quiet or math_cfg != EXACT or q.dtype != torch.float32:
+            return None
+        from turbo_kernels import cpu_ops
+
+        out = cpu_ops.float_decode_step(q, k, v, self._k, self._v, slots, fast.args,
+                                        window=self.window, scale=scale)
+        fast.quiet -= t
+        for s in seqs:
+            if self.window is not None:
+                self._start[s] = max(self._start[s], self._lens[s] - self.window + 1)
+            self._lens[s] += t
+        return out
+
+    def _plan_fast(self, device: torch.device) -> FastStep | None:
+        """The one-call step's state after an append: each slot's held rows as a tensor, and
+        the tokens every open sequence can take before its rows must grow or move."""
+        from turbo_core.attention.functional import cpu_ops_allowed  # lazy: functional imports us
+
+        if self.dtype != torch.float32 or device.type != "cpu" or not self._active \
+                or not cpu_ops_allowed():
+            return None
+        cap, never = self._k.shape[2], 1 << 30
+        quiet = min(min(cap - (self._lens[s] - self._moved[s]),
+                        never if self.window is None else
+                        ROW_BLOCK + self._moved[s] + self.window - 1 - self._lens[s])
+                    for s in self._active)
+        if quiet <= 0:
+            return None
+        slots = self._k.shape[0]
+        pad = [0] * (slots - len(self._lens))
+        rows = torch.tensor([[a - m for a, m in zip(self._start, self._moved, strict=True)] + pad,
+                             [a - m for a, m in zip(self._lens, self._moved, strict=True)] + pad])
+        return FastStep(quiet, rows)
 
     def _drop_outside_window(self, seqs: list[int]) -> None:
         """Forget the rows no token from the next one on sees (positions ``<= L - window``);

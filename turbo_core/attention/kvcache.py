@@ -93,6 +93,7 @@ class QuantizedKVLayer(PackedStorage, SequenceSlots):
         return len(self._n_chunks)
 
     def _open_slot(self, slot: int) -> None:
+        self._fast = None
         if slot == len(self._n_chunks):
             self._n_chunks.append(0)
             self._base.append(0)
@@ -100,6 +101,7 @@ class QuantizedKVLayer(PackedStorage, SequenceSlots):
         self._n_chunks[slot] = self._base[slot] = self._buf_len[slot] = 0
 
     def _close_slot(self, slot: int) -> None:
+        self._fast = None
         self._free_pages += self._table[slot, : self._n_chunks[slot]].tolist()
         self._n_chunks[slot] = self._base[slot] = self._buf_len[slot] = 0
 
@@ -145,6 +147,7 @@ class QuantizedKVLayer(PackedStorage, SequenceSlots):
         :meth:`compress_full_chunks` later (e.g. after the new tokens attended at INT8).
         """
         self._check(k, v)
+        self._fast = None
         seqs = self._rows_for(k.shape[0], seqs)
         k, v = self._prepare(k, v, seqs, rotated)
         t = k.shape[2]
@@ -189,6 +192,7 @@ class QuantizedKVLayer(PackedStorage, SequenceSlots):
         ``rotated``: ``k, v`` come already rotated (``cfg.rotate``; the compiled step rotates
         in its graph)."""
         self._check(k, v)
+        self._fast = None
         seqs = self._rows_for(k.shape[0], seqs)
         cpu_ops = self._cpu_ops(k.device)
         if cpu_ops is None:
@@ -204,6 +208,7 @@ class QuantizedKVLayer(PackedStorage, SequenceSlots):
             self._buf_len[s] += k.shape[2]
         if todo:
             self._shrink_rows()
+        self._fast = self._plan_fast()  # the next steps' one-call path (PackedStorage.step)
 
     def _unseen_chunks(self, length: int) -> int:
         """Chunks of a sequence of ``length`` tokens that no token from the next one on sees:
@@ -241,6 +246,7 @@ class QuantizedKVLayer(PackedStorage, SequenceSlots):
         todo = self._full_chunks(self._pick(seqs))
         if not todo:
             return
+        self._fast = None
         cpu_ops = self._cpu_ops(self._device)
         if cpu_ops is not None:
             seqs = [s for s, _ in todo]

@@ -1,9 +1,11 @@
 """Storage growth and page bookkeeping of the packed KV cache layer (``kvcache.QuantizedKVLayer``):
 its page pools, INT8 buffers and page table are preallocated tensors grown (and the buffers
 shrunk) in whole blocks, written in place by the layer and the C++ ``append`` op, whose
-compression jobs are planned here."""
+compression jobs are planned here; and the decode step's fast path (:class:`FastStep`)."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -13,9 +15,73 @@ PAGE_BLOCK = 16  # the page pool grows by at least this many pages (1024 tokens 
 _NO_PAGES = torch.zeros(0, dtype=torch.long)  # a step that compresses nothing
 
 
+@dataclass
+class FastStep:
+    """What a store's decode steps pass to their one-call op while nothing but new rows
+    changes — ``args``: for ``turbo.decode_step`` the slot-indexed lengths, page table, buffers
+    and pools (the op advances the buffer lengths in place); for ``turbo.float_decode_step``
+    the held rows per slot — and ``quiet``: the tokens every open sequence can still take
+    before the store must do more than write rows (compress a chunk, release a page or move
+    rows out of a window, grow a buffer)."""
+
+    quiet: int
+    args: list
+
+
 class PackedStorage:
     """The growth helpers of :class:`~turbo_core.attention.kvcache.QuantizedKVLayer` (a mixin
     over its ``cfg``, ``groups``, ``_pools``, ``_buf``, ``_table`` and per-slot lists)."""
+
+    _fast: FastStep | None = None  # set by update (the C++ path), cleared by every other change
+
+    def step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqs: list[int],
+             slots: torch.Tensor, math_cfg, scale: float | None,
+             rotated: bool = False) -> torch.Tensor | None:
+        """A decode step's write of ``k, v (B, H_kv, T, D)`` for ``seqs`` (``slots``: the same,
+        int64) and the attention of ``q`` over them, in one ``turbo.decode_step`` call — byte
+        for byte :meth:`update` then the CPU decode op, without building a view or planning
+        in Python. ``k, v`` (and ``q``) come as stored (rotated with ``cfg.rotate``). Returns
+        ``None`` when the step is not that simple (a chunk due, a window release, a new
+        sequence, no C++ path): the caller takes ``update`` and ``turbo_attention``."""
+        fast, t = self._fast, k.shape[2]
+        if fast is None or t > fast.quiet:
+            return None
+        from turbo_kernels import cpu_ops
+
+        out = cpu_ops.decode_step(q, k, v, slots, fast.args, math_cfg=math_cfg, scale=scale)
+        fast.quiet -= t
+        lens = self._buf_len
+        for s in seqs:
+            lens[s] += t
+        return out
+
+    def _plan_fast(self) -> FastStep | None:
+        """:class:`FastStep` for the layer as it is now (after an ``update`` on the C++ path)."""
+        cfg = self.cfg
+        if cfg.pre_rope or cfg.reference_only() or not self._active:
+            return None
+        slots, cap = self._buf["k_values"].shape[0], self._buf["k_values"].shape[2]
+        quiet = min(min(cfg.sinks + cfg.chunk - self._buf_len[s], cap - self._buf_len[s],
+                        self._window_room(s)) for s in self._active)
+        if quiet <= 0:
+            return None
+        self._reserve_table(1, slots)
+        pad = [0] * (slots - len(self._n_chunks))
+        lens = torch.tensor([self._n_chunks + pad, self._base + pad, self._buf_len + pad],
+                            dtype=torch.int32)
+        from turbo_kernels import cpu_ops
+
+        return FastStep(quiet, cpu_ops.step_args(lens, self._table[:slots], self._buf, self._pools,
+                                                 cfg, self.window))
+
+    def _window_room(self, s: int) -> int:
+        """Tokens sequence ``s`` can take before an append would release a page (its window);
+        a step that starts at length ``L`` releases one once ``L >= (base + 1)·c + window - 1 +
+        sinks`` (``_unseen_chunks``)."""
+        if self.window is None:
+            return 1 << 30
+        length = self.seq_lens([s])[0]
+        return (self._base[s] + 1) * self.cfg.chunk + self.window - 1 + self.cfg.sinks - length
 
     def _ensure_storage(self, device: torch.device) -> None:
         if self._device is None:
@@ -46,6 +112,7 @@ class PackedStorage:
             self._resize_buffer(self._buf["k_values"].shape[0], rows)
 
     def _resize_buffer(self, slots: int, rows: int) -> None:
+        self._fast = None
         for name, old in self._buf.items():
             new = torch.zeros(slots, old.shape[1], rows, *old.shape[3:], dtype=old.dtype,
                               device=old.device)
@@ -54,6 +121,7 @@ class PackedStorage:
             self._buf[name] = new
 
     def _take_pages(self, n: int) -> torch.Tensor:
+        self._fast = None  # a pool may grow (new tensors)
         if len(self._free_pages) < n:
             have = next(iter(self._pools.values())).capacity
             want = have + max(PAGE_BLOCK, have // 4, n - len(self._free_pages))
@@ -64,12 +132,14 @@ class PackedStorage:
         taken, self._free_pages = self._free_pages[:n], self._free_pages[n:]
         return torch.tensor(taken, dtype=torch.long, device=self._device)
 
-    def _reserve_table(self, pages: int) -> None:
-        slots, cols = self._table.shape
-        want = (max(slots, len(self._n_chunks)), max(cols, pages))
-        if want != (slots, cols):
+    def _reserve_table(self, pages: int, slots: int = 0) -> None:
+        """A page table of at least ``pages`` columns and a row per slot (at least ``slots``)."""
+        have, cols = self._table.shape
+        want = (max(have, slots, len(self._n_chunks)), max(cols, pages))
+        if want != (have, cols):
+            self._fast = None
             new = torch.zeros(*want, dtype=torch.int32)
-            new[:slots, :cols] = self._table
+            new[:have, :cols] = self._table
             self._table = new
 
     def _cpu_ops(self, device: torch.device | None):

@@ -133,6 +133,7 @@ class TurboCache(Cache):
         self.shape = shape
         self.quantized = bits is not None
         self.windows = windows
+        self.slots: torch.Tensor | None = None  # select()'s sequences, int64
 
     @classmethod
     def for_model(cls, model: torch.nn.Module, shape: ModelShape, bits: BitPlan | int | None,
@@ -158,6 +159,8 @@ class TurboCache(Cache):
         picked = None if seqs is None else self.layers[0].store._pick(seqs)
         for layer in self.layers:
             layer.seqs = picked
+        # the same as a tensor, made once for every layer's one-call step (QuantizedKVLayer.step)
+        self.slots = None if picked is None else torch.tensor(picked, dtype=torch.long)
 
     @property
     def sequences(self) -> list[int]:

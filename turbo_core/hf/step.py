@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 
 from turbo_core.attention.config import AttentionMath
-from turbo_core.attention.functional import cpu_ops_allowed, turbo_attention
+from turbo_core.attention.functional import CPU_DECODE_MAX_ROWS, cpu_ops_allowed, turbo_attention
 from turbo_core.fileio import data_dir
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,10 @@ class StepContext:
 
     cache: object  # turbo_core.hf.cache.TurboCache
     math: AttentionMath
+
+    def __post_init__(self) -> None:
+        # the stores' one-call step (turbo.decode_step) serves this math: no INT8 P·V or top-k
+        self.one_call = not self.math.pv_int8 and self.math.sparse_ratio is None
 
 
 _local = threading.local()
@@ -96,6 +100,13 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, scale
                            "CompiledStep, which activates its StepContext")
     cache_layer = context.cache.layers[layer]
     store, seqs = cache_layer.store, cache_layer.seqs
+    # the common step — new rows, nothing due — is one C++ call; every other takes the store's
+    # update and the attention dispatch below (the same ops, planned in Python)
+    if context.one_call and seqs is not None and \
+            q.shape[1] // store.num_heads * q.shape[2] <= CPU_DECODE_MAX_ROWS:
+        out = store.step(q, k, v, seqs, context.cache.slots, context.math, scale, rotated)
+        if out is not None:
+            return out
     if rotated:
         store.update(k, v, seqs=seqs, rotated=True)
     else:

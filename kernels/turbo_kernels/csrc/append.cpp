@@ -209,16 +209,7 @@ void append(const at::Tensor& k, const at::Tensor& v, const at::Tensor& slots, c
       std::memmove(bvs + base + start, bvs + base + start + n * C, rest * sizeof(float));
     }
   }
-  const float* kx = k.data_ptr<float>();
-  const float* vx = v.data_ptr<float>();
-  at::parallel_for(0, N * H * T, 64, [&](int64_t from, int64_t to) {
-    for (int64_t w = from; w < to; ++w) {  // (i, h, t)
-      const int64_t i = w / (H * T), h = (w / T) % H, t = w % T;
-      const int64_t dst = (sl[i] * H + h) * cap + rw[i] + t;
-      bks[dst] = quantize_block(kx + w * D, D, 127.f, bk + dst * D);
-      bvs[dst] = quantize_block(vx + w * D, D, 127.f, bv + dst * D);
-    }
-  });
+  quantize_rows(k.data_ptr<float>(), v.data_ptr<float>(), N, H, T, D, sl, rw, cap, bk, bks, bv, bvs);
 }
 
 }  // namespace turbo

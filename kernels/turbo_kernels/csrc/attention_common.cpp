@@ -96,38 +96,60 @@ Packed packed_view(const at::Tensor& q, const std::vector<at::Tensor>& heads,
                    const at::Tensor& buffer_v, const at::Tensor& buffer_v_scale,
                    const at::Tensor& buffer_len, int64_t chunk, int64_t sinks, int64_t window,
                    const at::Tensor& lut, const std::vector<double>& coeffs, double lut_max,
-                   bool use_sas) {
+                   bool use_sas, const at::Tensor& slots) {
   // the Python wrapper (turbo_kernels.cpu_ops) names bad arguments first; these keep a direct
   // call from reading out of bounds
   TORCH_CHECK(q.dim() == 4 && q.scalar_type() == at::kFloat && q.is_contiguous(),
               "q must be a contiguous float32 (B, H_q, L_q, D) tensor");
+  const int64_t B = q.size(0);
+  TORCH_CHECK(buffer_k.dim() == 4, "buffer_k must be (B, H_kv, rows, D)");
+  const int64_t rows = slots.defined() ? buffer_k.size(0) : B;  // rows of the per-sequence tensors
   for (const auto* t : {&n_chunks, &chunk_base, &buffer_len})
-    TORCH_CHECK(t->scalar_type() == at::kInt && t->is_contiguous() && t->numel() == q.size(0),
-                "n_chunks, chunk_base and buffer_len must be int32 (B,)");
-  TORCH_CHECK(buffer_k.dim() == 4 && q.size(1) % buffer_k.size(1) == 0 && buffer_k.size(3) == q.size(3),
+    TORCH_CHECK(t->scalar_type() == at::kInt && t->is_contiguous() && t->numel() == rows,
+                "n_chunks, chunk_base and buffer_len must be int32 (", rows, ",)");
+  TORCH_CHECK(q.size(1) % buffer_k.size(1) == 0 && buffer_k.size(3) == q.size(3),
               "buffer_k must be (B, H_kv, rows, D) with H_q a multiple of H_kv");
   for (const auto* t : {&buffer_k, &buffer_v})
     TORCH_CHECK(t->scalar_type() == at::kChar && t->is_contiguous() && t->sizes() == buffer_k.sizes() &&
-                    t->size(0) == q.size(0), "buffer_k and buffer_v must be contiguous int8 (B, H_kv, rows, D)");
+                    t->size(0) == rows, "buffer_k and buffer_v must be contiguous int8 (B, H_kv, rows, D)");
   for (const auto* t : {&buffer_k_scale, &buffer_v_scale})
     TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == buffer_k.numel() / buffer_k.size(3),
                 "buffer_k_scale and buffer_v_scale must be contiguous float32 (B, H_kv, rows)");
   TORCH_CHECK(page_table.scalar_type() == at::kInt && page_table.is_contiguous() &&
-              page_table.dim() == 2 && page_table.size(0) == q.size(0), "page_table must be int32 (B, pages)");
+              page_table.dim() == 2 && page_table.size(0) == rows, "page_table must be int32 (B, pages)");
   TORCH_CHECK(chunk >= 8 && sinks >= 0 && window >= 0, "chunk, sinks or window out of range");
   TORCH_CHECK(!use_sas || (lut.scalar_type() == at::kFloat && lut.numel() >= lut_max + 2 && coeffs.size() >= 4),
               "lut must hold lut_max + 2 float32 entries and coeffs 4");
   Packed p{};
-  p.B = q.size(0); p.D = q.size(3); p.Hkv = buffer_k.size(1);
+  p.B = B; p.D = q.size(3); p.Hkv = buffer_k.size(1);
   p.chunk = chunk; p.window = window; p.sinks = sinks; p.rows_cap = buffer_k.size(2);
-  p.table = page_table.data_ptr<int32_t>(); p.table_cols = page_table.size(1);
-  p.n_chunks = n_chunks.data_ptr<int32_t>(); p.blen = buffer_len.data_ptr<int32_t>();
+  p.slot.resize(B);
+  if (slots.defined()) {
+    TORCH_CHECK(slots.scalar_type() == at::kLong && slots.is_contiguous() && slots.numel() == B,
+                "slots must be int64 (B,)");
+    std::vector<bool> taken(rows, false);
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t s = slots.data_ptr<int64_t>()[b];
+      TORCH_CHECK(s >= 0 && s < rows && !taken[s], "slots[", b, "] = ", s, " is outside the ", rows,
+                  " slots or named twice");
+      taken[s] = true;
+      p.slot[b] = s;
+    }
+  } else {
+    for (int64_t b = 0; b < B; ++b) p.slot[b] = b;
+  }
+  const int32_t *nch = n_chunks.data_ptr<int32_t>(), *bl = buffer_len.data_ptr<int32_t>(),
+                *cb = chunk_base.data_ptr<int32_t>();
+  p.n_chunks.resize(B); p.blen.resize(B); p.table.resize(B);
   p.most_chunks = 0;
   for (int b = 0; b < p.B; ++b) {
-    const int32_t n = p.n_chunks[b], len = p.blen[b];
-    TORCH_CHECK(n >= 0 && n <= page_table.size(1), "n_chunks[", b, "] = ", n, " is out of the page table");
-    TORCH_CHECK(len >= 0 && len <= p.rows_cap, "buffer_len[", b, "] = ", len, " is out of the buffer's ",
+    const int64_t s = p.slot[b];
+    const int32_t n = nch[s], len = bl[s];
+    TORCH_CHECK(n >= 0 && n <= page_table.size(1), "n_chunks[", s, "] = ", n, " is out of the page table");
+    TORCH_CHECK(len >= 0 && len <= p.rows_cap, "buffer_len[", s, "] = ", len, " is out of the buffer's ",
                 p.rows_cap, " rows");
+    p.n_chunks[b] = n; p.blen[b] = len;
+    p.table[b] = page_table.data_ptr<int32_t>() + s * page_table.size(1);
     p.most_chunks = std::max<int>(p.most_chunks, n);
   }
   TORCH_CHECK(heads.size() == bits.size() && k_packed.size() == heads.size(), "one entry per group");
@@ -153,8 +175,8 @@ Packed packed_view(const at::Tensor& q, const std::vector<at::Tensor>& heads,
     n_heads += n;
     for (int64_t b = 0; b < p.B; ++b)
       for (int32_t ci = 0; ci < p.n_chunks[b]; ++ci) {
-        const int32_t pg = p.table[b * p.table_cols + ci];
-        TORCH_CHECK(pg >= 0 && pg < cap, "page_table[", b, ", ", ci, "] = ", pg, " is outside the pool of ", cap, " pages");
+        const int32_t pg = p.table[b][ci];
+        TORCH_CHECK(pg >= 0 && pg < cap, "page_table[", p.slot[b], ", ", ci, "] = ", pg, " is outside the pool of ", cap, " pages");
       }
     p.groups.push_back(Group{static_cast<int>(bits[j]), static_cast<int>(n), static_cast<int>(k_group[j]),
                              static_cast<int>(v_group[j]), h, ptr<uint8_t>(k_packed[j]),
@@ -167,7 +189,7 @@ Packed packed_view(const at::Tensor& q, const std::vector<at::Tensor>& heads,
   // sits at (base + n) * chunk + r, new token 0 at the sequence's length - L_q
   p.first_pos.resize(p.B); p.tail_shift.resize(p.B); p.qpos0.resize(p.B);
   for (int b = 0; b < p.B; ++b) {
-    const int64_t base = chunk_base.data_ptr<int32_t>()[b], n = p.n_chunks[b];
+    const int64_t base = cb[p.slot[b]], n = p.n_chunks[b];
     p.first_pos[b] = sinks + base * chunk;
     p.tail_shift[b] = (base + n) * chunk;
     p.qpos0[b] = p.tail_shift[b] + p.blen[b] - q.size(2);
@@ -188,6 +210,19 @@ Softmax make_softmax(bool use_sas, const at::Tensor& lut, const std::vector<doub
     sm.small = true;
   }
   return sm;
+}
+
+void quantize_rows(const float* k, const float* v, int64_t N, int64_t H, int64_t T, int64_t D,
+                   const int64_t* slots, const int64_t* rows, int64_t cap, int8_t* bk, float* bks,
+                   int8_t* bv, float* bvs) {
+  at::parallel_for(0, N * H * T, 64, [&](int64_t from, int64_t to) {
+    for (int64_t w = from; w < to; ++w) {  // (i, h, t)
+      const int64_t i = w / (H * T), h = (w / T) % H, t = w % T;
+      const int64_t dst = (slots[i] * H + h) * cap + rows[i] + t;
+      bks[dst] = quantize_block(k + w * D, D, 127.f, bk + dst * D);
+      bvs[dst] = quantize_block(v + w * D, D, 127.f, bv + dst * D);
+    }
+  });
 }
 
 }  // namespace turbo

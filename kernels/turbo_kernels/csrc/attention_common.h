@@ -82,18 +82,22 @@ struct Group {  // the KV heads stored at one bit width (PackedHeads)
 // One layer's packed view (PackedKV) for a batch of B sequences, with the token positions of
 // packed.positions: held page ci of sequence b covers first_pos[b] + ci * chunk + t; buffer
 // row r sits at r below the sinks, else at tail_shift[b] + r; new token i at qpos0[b] + i.
+// Sequence b's page table row is table[b], its rows of the buffers those of slot[b] (b itself
+// for a view gathered per sequence; the slot a step reads in place otherwise).
 struct Packed {
   int B, Hkv, D, chunk, window, sinks, rows_cap, most_chunks;
-  const int32_t *table, *n_chunks, *blen;
-  int64_t table_cols;
-  std::vector<int64_t> first_pos, tail_shift, qpos0;
+  std::vector<const int32_t*> table;
+  std::vector<int32_t> n_chunks, blen;
+  std::vector<int64_t> slot, first_pos, tail_shift, qpos0;
   const int8_t *bk, *bv;
   const float *bks, *bvs;
   std::vector<Group> groups;
   Softmax sm;
 };
 
-// Checks the op's arguments (names what is wrong) and gathers the view.
+// Checks the op's arguments (names what is wrong) and gathers the view. Without slots the
+// per-sequence tensors (page_table, n_chunks, chunk_base, buffer_len, buffers) have one row per
+// sequence; with slots (int64 (B,), distinct) they are slot-indexed and sequence b is slot slots[b].
 Packed packed_view(const at::Tensor& q, const std::vector<at::Tensor>& heads,
                    const std::vector<at::Tensor>& k_packed, const std::vector<at::Tensor>& k_scale,
                    const std::vector<at::Tensor>& k_low, const std::vector<at::Tensor>& k_first,
@@ -106,7 +110,7 @@ Packed packed_view(const at::Tensor& q, const std::vector<at::Tensor>& heads,
                    const at::Tensor& buffer_v, const at::Tensor& buffer_v_scale,
                    const at::Tensor& buffer_len, int64_t chunk, int64_t sinks, int64_t window,
                    const at::Tensor& lut, const std::vector<double>& coeffs, double lut_max,
-                   bool use_sas);
+                   bool use_sas, const at::Tensor& slots = at::Tensor());
 
 // n floats -> symmetric codes with one scale over all of them (quant.quantize_int8_blockwise
 // of one block): s = max|x| / qmax (1 if all zero), code = clamp(round_half_even(x / s), +-qmax)
@@ -139,6 +143,13 @@ inline float quantize_block(const float* x, int64_t n, float qmax, T* codes) {
     codes[k] = static_cast<T>(std::min(std::max(std::nearbyint(x[k] / sc), -qmax), qmax));
   return sc;
 }
+
+// New K/V rows k, v (N, H, T, D) float32 -> INT8 rows with one scale per (token, head)
+// (quantize_block, qmax 127) into buffer rows rows[i]..rows[i] + T - 1 of slot slots[i] of the
+// buffers (slots, H, cap, D) and their scales (slots, H, cap). Bounds checked by the caller.
+void quantize_rows(const float* k, const float* v, int64_t N, int64_t H, int64_t T, int64_t D,
+                   const int64_t* slots, const int64_t* rows, int64_t cap, int8_t* bk, float* bks,
+                   int8_t* bv, float* bvs);
 
 // The queries (B, H_q, L_q, D) as the reference takes them, with their scales (B, H_q, L_q):
 // with qk_int8 quant.quantize_int8_blockwise(q, block_size) — quantize_block per block of

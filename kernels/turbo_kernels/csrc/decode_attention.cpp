@@ -21,6 +21,12 @@
 //   q . k8[:, t] = sum_d (q_d S_dg) code_dt + sum_d q_d low_dg          (K: g = token group)
 //   sum_t w_t v8[d, t] = sum_t (w_t S_gt) code_dt + sum_t w_t low_gt     (V: g = channel group)
 // so a page's codes are only converted to float, once, for all the rows that read them.
+//
+// turbo::decode_step — a decode step's whole work on one layer in one call: the new K/V rows
+// quantized into the INT8 buffer at each slot's length (append's rows, byte for byte), the
+// slot-indexed lengths advanced in place, then this attention reading every per-sequence
+// tensor by slot (no gathered view). QuantizedKVLayer.step calls it when no chunk is due for
+// compression and no page leaves the window (QuantizedKVLayer.update otherwise).
 
 #include <ATen/Parallel.h>
 
@@ -118,7 +124,7 @@ void pages_job(const Call& c, const Group& g, int b, int i, int sp, const Softma
   std::vector<int> lo(R, 0), hi(R, C);
   int64_t zeros = 0, seen = 0;
   for (int ci = c_lo; ci < c_hi; ++ci) {
-    const int64_t p = c.table[static_cast<int64_t>(b) * c.table_cols + ci];
+    const int64_t p = c.table[b][ci];
     if (c.window > 0 && window_starts(c, b, ci, R, lo.data()) >= C) continue;  // nobody sees it
     const int64_t ph = p * g.n + i;  // (page, head row) of the pool tensors
     decode_page<BITS>(g, ph, D, C, k8.data(), v8.data(), C, sc.data(), lo_t.data());
@@ -298,9 +304,9 @@ void pages_job_avx2(const Call& c, const Group& g, int b, int i, int sp, const S
   int64_t zeros = 0, seen = 0;
   const int64_t page_bytes = static_cast<int64_t>(D) * M;
   for (int ci = c_lo; ci < c_hi; ++ci) {
-    const int64_t p = c.table[static_cast<int64_t>(b) * c.table_cols + ci];
+    const int64_t p = c.table[b][ci];
     if (ci + 1 < c_hi) {  // the next page: codes, and V's per-token scales
-      const int64_t nph = c.table[static_cast<int64_t>(b) * c.table_cols + ci + 1] * g.n + i;
+      const int64_t nph = c.table[b][ci + 1] * g.n + i;
       prefetch(g.kp + nph * page_bytes, page_bytes);
       prefetch(g.vp + nph * page_bytes, page_bytes);
       if constexpr (BITS != 8) {
@@ -463,7 +469,7 @@ void buffer_job(const Call& c, int b, int hk, const Softmax& sm, int64_t* counts
   std::vector<float> s(static_cast<size_t>(R) * kBlock), kf(static_cast<size_t>(kBlock) * D),
       vf(static_cast<size_t>(kBlock) * D);
   int64_t zeros = 0, seen = 0;
-  const int64_t base = (static_cast<int64_t>(b) * c.Hkv + hk) * c.rows_cap;  // row 0 of (b, hk)
+  const int64_t base = (c.slot[b] * c.Hkv + hk) * c.rows_cap;  // row 0 of (b, hk)
   const int D8 = D - D % 8;  // channels the 8-lane loops cover
   auto row8 = [](const int8_t* x) {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(x))));
@@ -560,25 +566,13 @@ void merge(const Call& c, float* out) {
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> decode_attention(
-    const at::Tensor& q, bool qk_int8, int64_t block_size, const std::vector<at::Tensor>& heads,
-    const std::vector<at::Tensor>& k_packed, const std::vector<at::Tensor>& k_scale,
-    const std::vector<at::Tensor>& k_low, const std::vector<at::Tensor>& k_first,
-    const std::vector<at::Tensor>& v_packed, const std::vector<at::Tensor>& v_scale,
-    const std::vector<at::Tensor>& v_low, const std::vector<at::Tensor>& v_first,
-    std::vector<int64_t> bits, std::vector<int64_t> k_group, std::vector<int64_t> v_group,
-    const at::Tensor& page_table, const at::Tensor& n_chunks, const at::Tensor& chunk_base,
-    const at::Tensor& buffer_k,
-    const at::Tensor& buffer_k_scale, const at::Tensor& buffer_v, const at::Tensor& buffer_v_scale,
-    const at::Tensor& buffer_len, int64_t chunk, int64_t sinks, int64_t window,
-    int64_t pages_per_split, double sm_scale, const at::Tensor& lut, std::vector<double> coeffs,
-    double lut_max, bool use_sas) {
+namespace {
+
+// The attention of the view in c (packed_view): one job per (group row, sequence, split) and
+// per (sequence, KV head) for the buffer, then the splits merged.
+std::tuple<at::Tensor, at::Tensor> run(Call& c, const at::Tensor& q, bool qk_int8, int64_t block_size,
+                                       int64_t pages_per_split, double sm_scale) {
   TORCH_CHECK(block_size >= 1 && pages_per_split >= 1, "block_size and pages_per_split must be >= 1");
-  Call c{};
-  static_cast<Packed&>(c) = packed_view(q, heads, k_packed, k_scale, k_low, k_first, v_packed, v_scale,
-                                        v_low, v_first, bits, k_group, v_group, page_table, n_chunks,
-                                        chunk_base, buffer_k, buffer_k_scale, buffer_v, buffer_v_scale,
-                                        buffer_len, chunk, sinks, window, lut, coeffs, lut_max, use_sas);
   c.Hq = q.size(1); c.Lq = q.size(2); c.group = c.Hq / c.Hkv;
   const int most = c.most_chunks;
   c.step = pages_per_split;
@@ -632,6 +626,90 @@ std::tuple<at::Tensor, at::Tensor> decode_attention(
   total.data_ptr<int64_t>()[0] = zeros;
   total.data_ptr<int64_t>()[1] = seen;
   return {out, total};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> decode_attention(
+    const at::Tensor& q, bool qk_int8, int64_t block_size, const std::vector<at::Tensor>& heads,
+    const std::vector<at::Tensor>& k_packed, const std::vector<at::Tensor>& k_scale,
+    const std::vector<at::Tensor>& k_low, const std::vector<at::Tensor>& k_first,
+    const std::vector<at::Tensor>& v_packed, const std::vector<at::Tensor>& v_scale,
+    const std::vector<at::Tensor>& v_low, const std::vector<at::Tensor>& v_first,
+    std::vector<int64_t> bits, std::vector<int64_t> k_group, std::vector<int64_t> v_group,
+    const at::Tensor& page_table, const at::Tensor& n_chunks, const at::Tensor& chunk_base,
+    const at::Tensor& buffer_k,
+    const at::Tensor& buffer_k_scale, const at::Tensor& buffer_v, const at::Tensor& buffer_v_scale,
+    const at::Tensor& buffer_len, int64_t chunk, int64_t sinks, int64_t window,
+    int64_t pages_per_split, double sm_scale, const at::Tensor& lut, std::vector<double> coeffs,
+    double lut_max, bool use_sas) {
+  Call c{};
+  static_cast<Packed&>(c) = packed_view(q, heads, k_packed, k_scale, k_low, k_first, v_packed, v_scale,
+                                        v_low, v_first, bits, k_group, v_group, page_table, n_chunks,
+                                        chunk_base, buffer_k, buffer_k_scale, buffer_v, buffer_v_scale,
+                                        buffer_len, chunk, sinks, window, lut, coeffs, lut_max, use_sas);
+  return run(c, q, qk_int8, block_size, pages_per_split, sm_scale);
+}
+
+std::tuple<at::Tensor, at::Tensor> decode_step(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& slots,
+    const at::Tensor& buffer_len, const at::Tensor& n_chunks, const at::Tensor& chunk_base,
+    const at::Tensor& page_table, const at::Tensor& buffer_k, const at::Tensor& buffer_k_scale,
+    const at::Tensor& buffer_v, const at::Tensor& buffer_v_scale, const std::vector<at::Tensor>& heads,
+    const std::vector<at::Tensor>& k_packed, const std::vector<at::Tensor>& k_scale,
+    const std::vector<at::Tensor>& k_low, const std::vector<at::Tensor>& k_first,
+    const std::vector<at::Tensor>& v_packed, const std::vector<at::Tensor>& v_scale,
+    const std::vector<at::Tensor>& v_low, const std::vector<at::Tensor>& v_first,
+    std::vector<int64_t> bits, std::vector<int64_t> k_group, std::vector<int64_t> v_group,
+    int64_t chunk, int64_t sinks, int64_t window, bool qk_int8, int64_t block_size,
+    int64_t pages_per_split, double sm_scale, const at::Tensor& lut, std::vector<double> coeffs,
+    double lut_max, bool use_sas) {
+  // every argument checked before anything is written (a bad call leaves the cache as it was)
+  TORCH_CHECK(q.dim() == 4 && buffer_k.dim() == 4 && buffer_k.scalar_type() == at::kChar &&
+                  buffer_k.is_contiguous() && buffer_v.sizes() == buffer_k.sizes() &&
+                  buffer_v.scalar_type() == at::kChar && buffer_v.is_contiguous(),
+              "q must be (B, H_q, L_q, D) and buffer_k/buffer_v contiguous int8 (slots, H_kv, rows, D)");
+  const int64_t B = q.size(0), T = q.size(2), n_slots = buffer_k.size(0), H = buffer_k.size(1),
+                cap = buffer_k.size(2), D = buffer_k.size(3);
+  for (const auto* t : {&k, &v})
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->dim() == 4 && t->size(0) == B &&
+                    t->size(1) == H && t->size(2) == T && t->size(3) == D,
+                "k and v must be contiguous float32 (B, H_kv, L_q, D) matching q and the buffer");
+  for (const auto* t : {&buffer_k_scale, &buffer_v_scale})
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == n_slots * H * cap,
+                "buffer_k_scale/buffer_v_scale must be float32 (slots, H_kv, rows)");
+  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.is_contiguous() && slots.numel() == B,
+              "slots must be int64 (B,)");
+  TORCH_CHECK(buffer_len.scalar_type() == at::kInt && buffer_len.is_contiguous() && buffer_len.numel() == n_slots,
+              "buffer_len must be int32 (slots,)");
+  const int64_t* sl = slots.data_ptr<int64_t>();
+  int32_t* bl = buffer_len.data_ptr<int32_t>();
+  std::vector<int64_t> rows(B);
+  std::vector<bool> taken(n_slots, false);
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(sl[b] >= 0 && sl[b] < n_slots && !taken[sl[b]], "slots[", b, "] = ", sl[b],
+                " is outside the ", n_slots, " slots or named twice");
+    taken[sl[b]] = true;
+    rows[b] = bl[sl[b]];
+    TORCH_CHECK(rows[b] >= 0 && rows[b] + T <= cap, "slot ", sl[b], " has ", rows[b], " rows: no room for ", T,
+                " more in the buffer's ", cap);
+  }
+  for (int64_t b = 0; b < B; ++b) bl[sl[b]] += static_cast<int32_t>(T);
+  Call c{};
+  try {  // the view as it is with the new rows (their positions), checked before any write
+    static_cast<Packed&>(c) = packed_view(q, heads, k_packed, k_scale, k_low, k_first, v_packed, v_scale,
+                                          v_low, v_first, bits, k_group, v_group, page_table, n_chunks,
+                                          chunk_base, buffer_k, buffer_k_scale, buffer_v, buffer_v_scale,
+                                          buffer_len, chunk, sinks, window, lut, coeffs, lut_max, use_sas,
+                                          slots);
+  } catch (...) {
+    for (int64_t b = 0; b < B; ++b) bl[sl[b]] -= static_cast<int32_t>(T);
+    throw;
+  }
+  quantize_rows(k.data_ptr<float>(), v.data_ptr<float>(), B, H, T, D, sl, rows.data(), cap,
+                buffer_k.data_ptr<int8_t>(), buffer_k_scale.data_ptr<float>(), buffer_v.data_ptr<int8_t>(),
+                buffer_v_scale.data_ptr<float>());
+  return run(c, q, qk_int8, block_size, pages_per_split, sm_scale);
 }
 
 }  // namespace turbo

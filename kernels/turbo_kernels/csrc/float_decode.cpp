@@ -241,4 +241,52 @@ at::Tensor float_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
   return out;
 }
 
+at::Tensor float_decode_step(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                             const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& slots,
+                             const at::Tensor& rows, int64_t window, double sm_scale) {
+  // every argument checked before anything is written (a bad call leaves the cache as it was)
+  TORCH_CHECK(q.dim() == 4 && q.scalar_type() == at::kFloat && q.is_contiguous(),
+              "q must be a contiguous float32 (B, H_q, L_q, D) tensor");
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes() && k_cache.scalar_type() == at::kFloat &&
+                  v_cache.scalar_type() == at::kFloat && k_cache.is_contiguous() && v_cache.is_contiguous(),
+              "k_cache and v_cache must be contiguous float32 (slots, H_kv, rows, D) tensors of one shape");
+  const int64_t B = q.size(0), T = q.size(2), S = k_cache.size(0), H = k_cache.size(1),
+                cap = k_cache.size(2), D = k_cache.size(3);
+  TORCH_CHECK(q.size(3) == D && q.size(1) % H == 0, "q ", q.sizes(), " does not fit a cache of ", H,
+              " heads of dim ", D);
+  for (const auto* t : {&k, &v})
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->dim() == 4 && t->size(0) == B &&
+                    t->size(1) == H && t->size(2) == T && t->size(3) == D,
+                "k and v must be contiguous float32 (B, H_kv, L_q, D) matching q and the cache");
+  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.is_contiguous() && slots.numel() == B,
+              "slots must be int64 (B,)");
+  TORCH_CHECK(rows.scalar_type() == at::kLong && rows.is_contiguous() && rows.dim() == 2 && rows.size(0) == 2 &&
+                  rows.size(1) == S, "rows must be int64 (2, slots): each slot's held rows [lo, hi)");
+  TORCH_CHECK(window >= 0, "window must be >= 0 (0: none)");
+  const int64_t* sl = slots.data_ptr<int64_t>();
+  int64_t *lo = rows.data_ptr<int64_t>(), *hi = lo + S;
+  std::vector<bool> taken(S, false);
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(sl[b] >= 0 && sl[b] < S && !taken[sl[b]], "slots[", b, "] = ", sl[b], " is outside the ", S,
+                " slots or named twice");
+    taken[sl[b]] = true;
+    TORCH_CHECK(0 <= lo[sl[b]] && lo[sl[b]] <= hi[sl[b]] && hi[sl[b]] + T <= cap, "slot ", sl[b], " holds rows [",
+                lo[sl[b]], ", ", hi[sl[b]], "): no room for ", T, " more in the cache's ", cap);
+  }
+  at::Tensor row_lo = at::empty({B}, at::kLong), row_hi = at::empty({B}, at::kLong);
+  for (int64_t b = 0; b < B; ++b) {  // FloatKVLayer.append: the window's start, then the rows
+    const int64_t s = sl[b];
+    if (window > 0) lo[s] = std::max(lo[s], hi[s] - window + 1);
+    for (int64_t h = 0; h < H; ++h) {
+      const int64_t src = ((b * H + h) * T) * D, dst = ((s * H + h) * cap + hi[s]) * D;
+      std::copy(k.data_ptr<float>() + src, k.data_ptr<float>() + src + T * D, k_cache.data_ptr<float>() + dst);
+      std::copy(v.data_ptr<float>() + src, v.data_ptr<float>() + src + T * D, v_cache.data_ptr<float>() + dst);
+    }
+    hi[s] += T;
+    row_lo.data_ptr<int64_t>()[b] = lo[s];
+    row_hi.data_ptr<int64_t>()[b] = hi[s];
+  }
+  return float_decode_attention(q, k_cache, v_cache, slots, row_lo, row_hi, window, sm_scale);
+}
+
 }  // namespace turbo

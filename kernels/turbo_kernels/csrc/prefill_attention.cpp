@@ -210,12 +210,12 @@ void run_job(const Packed& pk, const Job& jb, const float* qv, const float* qsv,
   ks.resize(NT);
   sc.resize(2 * C);
   lo.resize(2 * C);
-  const int64_t base = (static_cast<int64_t>(b) * pk.Hkv + hk) * pk.rows_cap;
+  const int64_t base = (pk.slot[b] * pk.Hkv + hk) * pk.rows_cap;
   // one tile's K (into k, ks) and/or V (into v); returns (sd, sk): the layout of both
   auto load = [&](const Tile& t, bool want_k, bool want_v) -> std::pair<int64_t, int64_t> {
     if (t.page) {
       for (int p = 0; p < t.n / C; ++p) {
-        const int64_t ph = static_cast<int64_t>(pk.table[b * pk.table_cols + t.at + p]) * g.n + gi;
+        const int64_t ph = static_cast<int64_t>(pk.table[b][t.at + p]) * g.n + gi;
         float* kd = want_k ? k.data() + p * C : nullptr;
         float* vd = want_v ? v.data() + p * C : nullptr;
         if (g.bits == 4) decode_page<4>(g, ph, D, C, kd, vd, NT, sc.data(), lo.data());

@@ -14,6 +14,14 @@ TORCH_LIBRARY(turbo, m) {
       "int chunk, int sinks, int window, int pages_per_split, float sm_scale, Tensor lut, "
       "float[] coeffs, float lut_max, bool use_sas) -> (Tensor, Tensor)");
   m.def(
+      "decode_step(Tensor q, Tensor k, Tensor v, Tensor slots, Tensor(a!) buffer_len, Tensor n_chunks, "
+      "Tensor chunk_base, Tensor page_table, Tensor(b!) buffer_k, Tensor(c!) buffer_k_scale, "
+      "Tensor(d!) buffer_v, Tensor(e!) buffer_v_scale, Tensor[] heads, Tensor[] k_packed, Tensor[] k_scale, "
+      "Tensor[] k_low, Tensor[] k_first, Tensor[] v_packed, Tensor[] v_scale, Tensor[] v_low, "
+      "Tensor[] v_first, int[] bits, int[] k_group, int[] v_group, int chunk, int sinks, int window, "
+      "bool qk_int8, int block_size, int pages_per_split, float sm_scale, Tensor lut, float[] coeffs, "
+      "float lut_max, bool use_sas) -> (Tensor, Tensor)");
+  m.def(
       "prefill_attention(Tensor q, bool qk_int8, int block_size, Tensor[] heads, Tensor[] k_packed, "
       "Tensor[] k_scale, Tensor[] k_low, Tensor[] k_first, Tensor[] v_packed, Tensor[] v_scale, "
       "Tensor[] v_low, Tensor[] v_first, int[] bits, int[] k_group, int[] v_group, Tensor page_table, "
@@ -32,14 +40,19 @@ TORCH_LIBRARY(turbo, m) {
   m.def(
       "float_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor slots, Tensor row_lo, "
       "Tensor row_hi, int window, float sm_scale) -> Tensor");
+  m.def(
+      "float_decode_step(Tensor q, Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slots, "
+      "Tensor(c!) rows, int window, float sm_scale) -> Tensor");
   m.def("linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(turbo, CPU, m) {
   m.impl("decode_attention", &turbo::decode_attention);
+  m.impl("decode_step", &turbo::decode_step);
   m.impl("prefill_attention", &turbo::prefill_attention);
   m.impl("attention", &turbo::attention);
   m.impl("append", &turbo::append);
   m.impl("float_decode_attention", &turbo::float_decode_attention);
+  m.impl("float_decode_step", &turbo::float_decode_step);
   m.impl("linear", &turbo::linear);
 }
