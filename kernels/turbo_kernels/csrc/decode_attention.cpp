@@ -462,7 +462,9 @@ inline bool avx2_fits(const Group& g, int C, int D) {
 // (D % 8 != 0) take scalar tails.
 void buffer_job(const Call& c, int b, int hk, const Softmax& sm, int64_t* counts) {
   const int D = c.D, R = c.group * c.Lq, n_rows = c.blen[b];
-  constexpr int kBlock = 64;
+  // rows a block at a time; the scratch sized by the rows there are (a decode step's buffer
+  // holds a few: zeroing 64 rows of scratch cost more than reading them)
+  const int kBlock = std::max(1, std::min(64, n_rows));
   std::vector<float> qr(static_cast<size_t>(R) * D), qsr(R);
   load_query(c, b, hk, qr, qsr);
   Rows st(R, D);
