@@ -73,7 +73,11 @@ def kl(p: torch.Tensor, q: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("variant", ["fp16", "turbo-int4", "turbo-mix"])
-def test_eager_step_is_the_transformers_forward_bit_for_bit(lm, variant):
+def test_eager_step_is_the_transformers_forward_bit_for_bit(lm, variant, monkeypatch):
+    """The step op's one-call path (``turbo.decode_step`` / ``float_decode_step``, taken by most
+    layers' steps, counted) and its Python-planned steps in between give transformers' forward."""
+    from turbo_kernels import cpu_ops
+
     v = get_variant(variant)
     plan = None
     if v.needs_calibration:
@@ -81,7 +85,11 @@ def test_eager_step_is_the_transformers_forward_bit_for_bit(lm, variant):
 
         plan = _plan(lm, v)
     runner = CacheRunner(lm, v, plan, torch.device("cpu"), compile=False)
+    name = "decode_step" if v.quantized_cache else "float_decode_step"
+    calls, real = [], getattr(cpu_ops, name)
+    monkeypatch.setattr(cpu_ops, name, lambda *a, **k: calls.append(1) or real(*a, **k))
     got, cache = decode(runner, runner.forward)
+    assert len(calls) >= STEPS * len(cache.layers) // 2, len(calls)  # most layer-steps: one call
     want, ref = decode(runner, runner.forward_cache)
     assert torch.equal(got, want), (got - want).abs().max()
     cache.flush()
