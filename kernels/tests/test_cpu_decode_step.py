@@ -123,3 +123,15 @@ def test_one_call_step_refuses_bad_slots_and_writes_nothing():
     assert torch.equal(args[0], lens)
     after = _held(store)
     assert all(torch.equal(before[key], after[key]) for key in before)
+
+
+def test_a_rotated_store_takes_only_rotated_input_in_one_call():
+    """Unrotated ``k, v`` for a rotated store must go the planned way (``update`` rotates them)."""
+    assert cpu_ops.load()
+    store = QuantizedKVLayer([4, 4], 64, KVQuantConfig(rotate=True))
+    for _ in range(2):
+        store.add_sequence()
+    store.update(torch.randn(2, 2, 40, 64), torch.randn(2, 2, 40, 64))
+    k, q, seqs = torch.randn(2, 2, 1, 64), torch.randn(2, 4, 1, 64), [0, 1]
+    assert store.step(q, k, k, seqs, torch.tensor(seqs), MATH, None, rotated=False) is None
+    assert store.step(q, k, k, seqs, torch.tensor(seqs), MATH, None, rotated=True) is not None

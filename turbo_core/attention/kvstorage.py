@@ -40,11 +40,14 @@ class PackedStorage:
         """A decode step's write of ``k, v (B, H_kv, T, D)`` for ``seqs`` (``slots``: the same,
         int64) and the attention of ``q`` over them, in one ``turbo.decode_step`` call — byte
         for byte :meth:`update` then the CPU decode op, without building a view or planning
-        in Python. ``k, v`` (and ``q``) come as stored (rotated with ``cfg.rotate``). Returns
-        ``None`` when the step is not that simple (a chunk due, a window release, a new
-        sequence, no C++ path): the caller takes ``update`` and ``turbo_attention``."""
+        in Python. ``rotated``: ``q, k, v`` come rotated like a rotated store (``cfg.rotate``)
+        and the output stays rotated. Returns ``None`` when the step is not that simple (a chunk
+        due, a window release, a new sequence, unrotated input for a rotated store, no C++
+        path): the caller takes ``update`` and ``turbo_attention``. The caller checks that the
+        math is the decode op's (no INT8 P·V, no top-k) and the query rows few
+        (``functional.CPU_DECODE_MAX_ROWS``)."""
         fast, t = self._fast, k.shape[2]
-        if fast is None or t > fast.quiet:
+        if fast is None or t > fast.quiet or (self.cfg.rotate and not rotated):
             return None
         from turbo_kernels import cpu_ops
 
