@@ -125,16 +125,8 @@ Packed packed_view(const at::Tensor& q, const std::vector<at::Tensor>& heads,
   p.chunk = chunk; p.window = window; p.sinks = sinks; p.rows_cap = buffer_k.size(2);
   p.slot.resize(B);
   if (slots.defined()) {
-    TORCH_CHECK(slots.scalar_type() == at::kLong && slots.is_contiguous() && slots.numel() == B,
-                "slots must be int64 (B,)");
-    std::vector<bool> taken(rows, false);
-    for (int64_t b = 0; b < B; ++b) {
-      const int64_t s = slots.data_ptr<int64_t>()[b];
-      TORCH_CHECK(s >= 0 && s < rows && !taken[s], "slots[", b, "] = ", s, " is outside the ", rows,
-                  " slots or named twice");
-      taken[s] = true;
-      p.slot[b] = s;
-    }
+    const int64_t* sl = checked_slots(slots, B, rows);
+    std::copy(sl, sl + B, p.slot.begin());
   } else {
     for (int64_t b = 0; b < B; ++b) p.slot[b] = b;
   }
@@ -210,6 +202,19 @@ Softmax make_softmax(bool use_sas, const at::Tensor& lut, const std::vector<doub
     sm.small = true;
   }
   return sm;
+}
+
+const int64_t* checked_slots(const at::Tensor& slots, int64_t B, int64_t n_slots) {
+  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.is_contiguous() && slots.numel() == B,
+              "slots must be int64 (B,)");
+  const int64_t* sl = slots.data_ptr<int64_t>();
+  std::vector<bool> taken(n_slots, false);
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(sl[b] >= 0 && sl[b] < n_slots && !taken[sl[b]], "slots[", b, "] = ", sl[b],
+                " is outside the ", n_slots, " slots or named twice");
+    taken[sl[b]] = true;
+  }
+  return sl;
 }
 
 void quantize_rows(const float* k, const float* v, int64_t N, int64_t H, int64_t T, int64_t D,

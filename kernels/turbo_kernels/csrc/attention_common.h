@@ -144,6 +144,10 @@ inline float quantize_block(const float* x, int64_t n, float qmax, T* codes) {
   return sc;
 }
 
+// slots (int64 (B,), contiguous) checked to name B distinct slots of n_slots (an error names the
+// first that does not); returns its data.
+const int64_t* checked_slots(const at::Tensor& slots, int64_t B, int64_t n_slots);
+
 // New K/V rows k, v (N, H, T, D) float32 -> INT8 rows with one scale per (token, head)
 // (quantize_block, qmax 127) into buffer rows rows[i]..rows[i] + T - 1 of slot slots[i] of the
 // buffers (slots, H, cap, D) and their scales (slots, H, cap). Bounds checked by the caller.

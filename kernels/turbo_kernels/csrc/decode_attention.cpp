@@ -719,18 +719,12 @@ std::tuple<at::Tensor, at::Tensor> decode_step(
   for (const auto* t : {&buffer_k_scale, &buffer_v_scale})
     TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == n_slots * H * cap,
                 "buffer_k_scale/buffer_v_scale must be float32 (slots, H_kv, rows)");
-  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.is_contiguous() && slots.numel() == B,
-              "slots must be int64 (B,)");
   TORCH_CHECK(buffer_len.scalar_type() == at::kInt && buffer_len.is_contiguous() && buffer_len.numel() == n_slots,
               "buffer_len must be int32 (slots,)");
-  const int64_t* sl = slots.data_ptr<int64_t>();
+  const int64_t* sl = checked_slots(slots, B, n_slots);
   int32_t* bl = buffer_len.data_ptr<int32_t>();
   std::vector<int64_t> rows(B);
-  std::vector<bool> taken(n_slots, false);
   for (int64_t b = 0; b < B; ++b) {
-    TORCH_CHECK(sl[b] >= 0 && sl[b] < n_slots && !taken[sl[b]], "slots[", b, "] = ", sl[b],
-                " is outside the ", n_slots, " slots or named twice");
-    taken[sl[b]] = true;
     rows[b] = bl[sl[b]];
     TORCH_CHECK(rows[b] >= 0 && rows[b] + T <= cap, "slot ", sl[b], " has ", rows[b], " rows: no room for ", T,
                 " more in the buffer's ", cap);

@@ -258,18 +258,12 @@ at::Tensor float_decode_step(const at::Tensor& q, const at::Tensor& k, const at:
     TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->dim() == 4 && t->size(0) == B &&
                     t->size(1) == H && t->size(2) == T && t->size(3) == D,
                 "k and v must be contiguous float32 (B, H_kv, L_q, D) matching q and the cache");
-  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.is_contiguous() && slots.numel() == B,
-              "slots must be int64 (B,)");
   TORCH_CHECK(rows.scalar_type() == at::kLong && rows.is_contiguous() && rows.dim() == 2 && rows.size(0) == 2 &&
                   rows.size(1) == S, "rows must be int64 (2, slots): each slot's held rows [lo, hi)");
   TORCH_CHECK(window >= 0, "window must be >= 0 (0: none)");
-  const int64_t* sl = slots.data_ptr<int64_t>();
+  const int64_t* sl = checked_slots(slots, B, S);
   int64_t *lo = rows.data_ptr<int64_t>(), *hi = lo + S;
-  std::vector<bool> taken(S, false);
   for (int64_t b = 0; b < B; ++b) {
-    TORCH_CHECK(sl[b] >= 0 && sl[b] < S && !taken[sl[b]], "slots[", b, "] = ", sl[b], " is outside the ", S,
-                " slots or named twice");
-    taken[sl[b]] = true;
     TORCH_CHECK(0 <= lo[sl[b]] && lo[sl[b]] <= hi[sl[b]] && hi[sl[b]] + T <= cap, "slot ", sl[b], " holds rows [",
                 lo[sl[b]], ", ", hi[sl[b]], "): no room for ", T, " more in the cache's ", cap);
   }
