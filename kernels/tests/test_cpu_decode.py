@@ -118,7 +118,7 @@ def test_bad_input_is_refused_by_name(decode):
         decode(torch.randn(2, 2, 1, 64), view, math_cfg=EXACT)
     with pytest.raises(ValueError, match="buffers only 6"):  # 70 = one page + 6 buffered
         decode(torch.randn(1, 2, 7, 64), view, math_cfg=EXACT)
-    with pytest.raises(ValueError, match="no top-k"):
+    with pytest.raises(ValueError, match="not top-k sparsity"):
         decode(torch.randn(1, 2, 1, 64), view, math_cfg=AttentionMath(sparse_ratio=0.5))
 
 

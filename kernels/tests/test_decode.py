@@ -106,7 +106,7 @@ def test_decode_bad_input():
         decode_attention(torch.randn(1, 3, 1, 64, device=DEVICE), cache, math_cfg=EXACT)
     with pytest.raises(ValueError, match="query batch 2"):
         decode_attention(torch.randn(2, 2, 1, 64, device=DEVICE), cache, math_cfg=EXACT)
-    with pytest.raises(ValueError, match="no top-k"):
+    with pytest.raises(ValueError, match="not top-k sparsity"):
         decode_attention(torch.randn(1, 2, 1, 64, device=DEVICE), cache,
                          math_cfg=AttentionMath(sparse_ratio=0.5))
 

@@ -11,6 +11,17 @@ from enum import StrEnum
 
 SUPPORTED_KV_BITS = (2, 4, 8)
 SUPPORTED_SAS_DEGREES = (2, 3)
+MAX_SAS_PIECES = 64  # polynomial pieces on [0, 1), and LUT entries per unit of -x
+
+
+class FeatureMap(StrEnum):
+    """Kernel (linear) attention's feature map φ, with ``softmax(q·kᵀ) ≈ φ(q)·φ(k)ᵀ`` up to
+    the row normalisation: Performer's positive random features (FAVOR+, an unbiased estimate
+    of ``exp(q·k/√D)``) or ``elu(x) + 1`` (Katharopoulos et al.: a different, cheaper kernel,
+    not an estimate of softmax)."""
+
+    FAVOR = "favor+"
+    ELU = "elu"
 
 
 class Scope(StrEnum):
@@ -29,16 +40,33 @@ class SASConfig:
     ``f in [0, 1)``. The LUT holds ``e^{-0} .. e^{-lut_max}``; where ``n > lut_max`` the weight
     is exactly zero (the sparsity cut-off ``T``).
 
+    The article's next step, higher-order approximations: ``pieces`` polynomials on equal
+    parts of [0, 1) and a finer LUT (``lut_steps`` entries per unit of ``-x``, ``e^{-j/s}``);
+    the general form is ``LUT_s[n] * P_i(t)`` with ``-x * s * pieces = m + t``, ``n = m // pieces``,
+    ``i = m % pieces`` (one floor, one table entry, one polynomial of ``degree``;
+    ``turbo_core.attention.sas``). The fused kernels read the single polynomial and the unit
+    LUT only; other forms run the reference and the dispatch says so.
+
     Attributes:
         degree: polynomial degree for ``e^{-f}`` (2 or 3).
         lut_max: ``T``, the last LUT exponent; scores more than ``T + 1`` below the row max drop.
         coeffs: polynomial coefficients in ascending powers; ``None`` means the reproducible
             least-squares fit of ``degree`` on [0, 1) (see ``turbo_core.attention.sas.fit_exp_poly``).
+            Only for the single-piece, unit-LUT form.
+        pieces: polynomial pieces on [0, 1), each its own least-squares fit.
+        lut_steps: LUT entries per unit of ``-x`` (a finer table, a shorter polynomial range).
+        head_lut_max: a cut-off ``T`` per query head (the article's adaptive sparsity: heads
+            with flat attention keep more keys), chosen from calibration by
+            ``turbo_core.attention.adaptive.calibrate_cutoffs``; overrides ``lut_max`` and must
+            have one entry per query head of the call.
     """
 
     degree: int = 3
     lut_max: int = 8
     coeffs: tuple[float, ...] | None = None
+    pieces: int = 1
+    lut_steps: int = 1
+    head_lut_max: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.degree not in SUPPORTED_SAS_DEGREES:
@@ -55,6 +83,31 @@ class SASConfig:
                 )
             if not all(math.isfinite(c) for c in self.coeffs):
                 raise ValueError(f"SASConfig.coeffs must be finite, got {self.coeffs!r}")
+        for name in ("pieces", "lut_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_SAS_PIECES:
+                raise ValueError(f"SASConfig.{name} must be an int in [1, {MAX_SAS_PIECES}], got {value!r}")
+        if self.coeffs is not None and (self.pieces, self.lut_steps) != (1, 1):
+            raise ValueError("SASConfig.coeffs sets the single polynomial; with pieces or lut_steps "
+                             "> 1 the pieces are fitted (leave coeffs None)")
+        if self.head_lut_max is not None:
+            cut = self.head_lut_max
+            if not isinstance(cut, tuple) or not cut or \
+                    not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t <= 64 for t in cut):
+                raise ValueError(f"SASConfig.head_lut_max must be a non-empty tuple of ints in "
+                                 f"[0, 64] (one per query head), got {cut!r}")
+
+    @property
+    def is_single_cubic(self) -> bool:
+        """The form the fused kernels read: one polynomial, the unit LUT, one cut-off."""
+        return self.pieces == 1 and self.lut_steps == 1 and self.head_lut_max is None
+
+    def kernel_blocker(self) -> str | None:
+        if self.pieces > 1 or self.lut_steps > 1:
+            return f"piecewise SAS exponent (pieces={self.pieces}, lut_steps={self.lut_steps})"
+        if self.head_lut_max is not None:
+            return "per-head SAS cut-offs"
+        return None
 
 
 @dataclass(frozen=True)
@@ -74,6 +127,18 @@ class AttentionMath:
             and channel). Exact for softmax (every score of a row shifts by the same
             ``q · mean``) and it removes the channel-wise offsets that dominate K outliers in
             LLMs, so the per-block INT8 scale resolves the remaining signal (SageAttention).
+        top_p: adaptive sparsity: keep per query the smallest set of keys that holds at least
+            this fraction of the softmax mass (ties at the boundary kept); ``None`` keeps all.
+        kernel: kernel (linear) attention instead of softmax (``FeatureMap``); O(L) time and
+            memory (``turbo_core.attention.linear``). It replaces the softmax, so SAS, INT8
+            and sparsity do not apply with it.
+        num_features: random features of FAVOR+ (Performer's ``m``).
+        redraw_every: training forwards between two draws of FAVOR+'s features (Performer
+            redraws during training; ``0`` never redraws). Eval keeps the features fixed.
+        low_rank: Linformer: project K and V along the sequence to ``low_rank`` rows with
+            learned ``(low_rank, max_seq_len)`` matrices (``TurboAttention`` holds them), then
+            attend over those rows. Not causal. The other switches apply after the projection.
+        max_seq_len: the longest sequence the low-rank projections cover (Linformer's ``n``).
     """
 
     sas: SASConfig | None = None
@@ -82,6 +147,12 @@ class AttentionMath:
     block_size: int = 64
     sparse_ratio: float | None = None
     smooth_k: bool = True
+    top_p: float | None = None
+    kernel: FeatureMap | None = None
+    num_features: int = 256
+    redraw_every: int = 1000
+    low_rank: int | None = None
+    max_seq_len: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.block_size, int) or self.block_size < 1:
@@ -90,12 +161,60 @@ class AttentionMath:
             raise ValueError(
                 f"AttentionMath.sparse_ratio must be in (0, 1] or None, got {self.sparse_ratio!r}"
             )
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"AttentionMath.top_p must be in (0, 1] or None, got {self.top_p!r}")
+        if self.kernel is not None:
+            object.__setattr__(self, "kernel", _feature_map(self.kernel))
+            others = [name for name, on in (("sas", self.sas is not None), ("qk_int8", self.qk_int8),
+                                            ("pv_int8", self.pv_int8), ("sparse_ratio", self.sparse_ratio),
+                                            ("top_p", self.top_p), ("low_rank", self.low_rank)) if on]
+            if others:
+                raise ValueError(f"AttentionMath.kernel ({self.kernel.value}) replaces the softmax; "
+                                 f"{', '.join(others)} cannot apply with it")
+        for name, least in (("num_features", 1), ("redraw_every", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"AttentionMath.{name} must be an int >= {least}, got {value!r}")
+        if (self.low_rank is None) != (self.max_seq_len is None):
+            raise ValueError("AttentionMath.low_rank and max_seq_len go together (Linformer's k and n)")
+        if self.low_rank is not None:
+            ok = all(isinstance(v, int) and not isinstance(v, bool) and v >= 1
+                     for v in (self.low_rank, self.max_seq_len))
+            if not ok or self.low_rank > self.max_seq_len:
+                raise ValueError(f"AttentionMath.low_rank must be an int in [1, max_seq_len], got "
+                                 f"low_rank={self.low_rank!r}, max_seq_len={self.max_seq_len!r}")
 
     @property
     def is_exact(self) -> bool:
         return (
             self.sas is None and not self.qk_int8 and not self.pv_int8 and self.sparse_ratio is None
+            and self.top_p is None and self.kernel is None and self.low_rank is None
         )
+
+    @property
+    def structural(self) -> bool:
+        """Kernel or low-rank attention: a different layer, trained as itself."""
+        return self.kernel is not None or self.low_rank is not None
+
+    def kernel_blocker(self) -> str | None:
+        """Why the fused softmax kernels (C++, Triton) cannot apply this math, or ``None``."""
+        if self.sparse_ratio is not None:
+            return "top-k sparsity"
+        if self.top_p is not None:
+            return "top-p sparsity"
+        if self.kernel is not None:
+            return f"kernel attention ({self.kernel.value})"
+        if self.low_rank is not None:
+            return "low-rank (Linformer) projections"
+        return self.sas.kernel_blocker() if self.sas is not None else None
+
+
+def _feature_map(value: object) -> FeatureMap:
+    try:
+        return FeatureMap(value)
+    except ValueError:
+        raise ValueError(f"AttentionMath.kernel {value!r}: use one of "
+                         f"{[m.value for m in FeatureMap]}") from None
 
 
 EXACT = AttentionMath()

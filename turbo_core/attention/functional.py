@@ -66,9 +66,7 @@ def _common_blocker(opts: AttentionOptions) -> str | None:
         return "attention weights requested"
     if opts.get("dropout_p", 0.0) > 0.0:
         return "attention dropout"
-    if math_cfg.sparse_ratio is not None:
-        return "top-k sparsity"
-    return None
+    return math_cfg.kernel_blocker()
 
 
 def _cache_blocker(q: torch.Tensor, store: QuantizedKVLayer, opts: AttentionOptions,
@@ -198,6 +196,15 @@ def turbo_attention(q: torch.Tensor, k: KV | None, v: KV | None, *,
     new tokens of exact math on CPU, else per sequence (SDPA for exact math).
     """
     math_cfg, scale = opts.get("math_cfg", EXACT), opts.get("scale")
+    features, seq_proj = opts.pop("features", None), opts.pop("seq_proj", None)
+    if math_cfg.structural:
+        if kv_store is not None:
+            raise ValueError("kernel and low-rank attention do not read a KV cache (they are "
+                             "layers of their own, not approximations of the cached softmax)")
+        return _structural(q, k, v, features, seq_proj, opts)
+    if features is not None or seq_proj is not None:
+        raise ValueError("features / seq_proj are for kernel / low-rank attention (math_cfg."
+                         "kernel / low_rank), which this math_cfg does not set")
     if isinstance(kv_store, FloatKVLayer):
         return _over_float(q, kv_store, kv_seqs, opts)
     backend, reason = choose_backend(q, k, v, kv_store=kv_store, **opts)
@@ -231,6 +238,36 @@ def turbo_attention(q: torch.Tensor, k: KV | None, v: KV | None, *,
                                 scale=scale, window=opts.get("window"))
         return AttentionResult(out=out, probs=None, sas_dropped=0, candidates=0)
     return attention_details(q, k, v, **opts)
+
+
+def _structural(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, features: torch.Tensor | None,
+                seq_proj: tuple[torch.Tensor, torch.Tensor] | None,
+                opts: AttentionOptions) -> AttentionResult:
+    """Kernel attention (``turbo_core.attention.linear``) or Linformer's projections followed by
+    the rest of the math (``turbo_core.attention.lowrank``); pure PyTorch, differentiable."""
+    from turbo_core.attention import linear, lowrank
+
+    math_cfg = opts["math_cfg"]
+    if opts.get("window") is not None:
+        raise ValueError("kernel and low-rank attention take no sliding window")
+    if math_cfg.low_rank is not None:
+        kk, vv = lowrank.project(k, v, seq_proj, causal=opts.get("causal", False),
+                                 mask=opts.get("mask"))
+        rest = dataclasses.replace(math_cfg, low_rank=None, max_seq_len=None)
+        return turbo_attention(q, kk, vv, **{**opts, "math_cfg": rest, "mask": None})
+    if opts.get("dropout_p", 0.0) > 0.0:
+        raise ValueError("kernel attention forms no attention matrix to apply dropout to; "
+                         "use dropout_p=0")
+    if math_cfg.kernel.value == "favor+" and features is None:
+        features = linear.default_features(math_cfg.num_features, q.shape[-1], q.device, q.dtype)
+    causal, scale = opts.get("causal", False), opts.get("scale")
+    out = linear.kernel_attention(q, k, v, kind=math_cfg.kernel, features=features,
+                                  causal=causal, scale=scale, mask=opts.get("mask"))
+    probs = None
+    if opts.get("need_probs", False):  # the implied weights, O(L²) like MHA's
+        probs = linear.implied_weights(q, k, kind=math_cfg.kernel, features=features,
+                                       causal=causal, scale=scale, mask=opts.get("mask"))
+    return AttentionResult(out=out, probs=probs, sas_dropped=0, candidates=0)
 
 
 def _over_float(q: torch.Tensor, store: FloatKVLayer | QuantizedKVLayer, seqs: Sequence[int] | None,

@@ -6,10 +6,19 @@ loads unchanged. The attention itself goes through :func:`turbo_core.attention.f
 with a configurable :class:`~turbo_core.attention.config.AttentionMath` (default: SAS + INT8 Q·Kᵀ).
 
 Training: the approximations are for inference. INT8 rounding has no useful derivative (Q and K
-would learn only through their scales) and top-k sparsity none for the keys it drops, so in
-training mode with gradients enabled the module computes exact softmax attention, dropout
+would learn only through their scales) and top-k / top-p sparsity none for the keys they drop, so
+in training mode with gradients enabled the module computes exact softmax attention, dropout
 included: a step of training matches ``nn.MultiheadAttention`` with the same weights. In eval
 mode (or under ``torch.no_grad()``) it applies ``math_cfg``.
+
+Kernel attention (``math_cfg.kernel``) and low-rank attention (``math_cfg.low_rank``) are
+different layers, not approximations: they train and run as themselves. Low-rank adds the
+parameters ``seq_proj.0`` / ``seq_proj.1`` (Linformer's E and F) and FAVOR+ the buffer
+``features``, so an ``nn.MultiheadAttention`` state_dict loads with ``strict=False``.
+Their ``attn_weights``: kernel attention's implied weights ``(N, L, S)``; low-rank attention's
+over its ``r`` projected rows ``(N, L, r)``. FAVOR+'s features are redrawn every
+``math_cfg.redraw_every`` training forwards (seeded by ``feature_seed`` and the draw's number,
+so a run is reproducible) and stay fixed in eval.
 """
 
 from __future__ import annotations
@@ -20,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from turbo_core.attention.config import EXACT, TURBO_DEFAULT, AttentionMath
+from turbo_core.attention import linear, lowrank
+from turbo_core.attention.config import EXACT, TURBO_DEFAULT, AttentionMath, FeatureMap
 from turbo_core.attention.functional import turbo_attention
 
 
@@ -43,7 +53,9 @@ class TurboAttention(nn.Module):
             query. ``None`` (default) keeps every key: a drop-in should not silently drop 90 %
             of the keys, which the article's default of 0.1 would.
         math_cfg: the approximations to apply (default SAS + INT8 Q·Kᵀ); ``sparse_ratio``
-            overrides its field of the same name.
+            overrides its field of the same name. Top-p sparsity, a piecewise SAS exponent,
+            per-head cut-offs, kernel and low-rank attention are its fields too.
+        feature_seed: seeds FAVOR+'s random features (with the draw's number).
     """
 
     def __init__(
@@ -62,6 +74,7 @@ class TurboAttention(nn.Module):
         *,
         sparse_ratio: float | None = None,
         math_cfg: AttentionMath | None = None,
+        feature_seed: int = 0,
     ) -> None:
         super().__init__()
         if embed_dim <= 0 or num_heads <= 0:
@@ -101,6 +114,32 @@ class TurboAttention(nn.Module):
         self.bias_k = self.bias_v = None
         self.add_zero_attn = False
         self._reset_parameters()
+        self.seq_proj = None
+        if cfg.low_rank is not None:
+            self.seq_proj = lowrank.init_projections(cfg.low_rank, cfg.max_seq_len, **kw)
+        self.feature_seed, self._draws, self._forwards = feature_seed, 0, 0
+        if cfg.kernel is not None and dropout > 0.0:
+            raise ValueError("kernel attention forms no attention matrix to drop out; use dropout=0")
+        if cfg.kernel is FeatureMap.FAVOR:
+            self.register_buffer("features", self._draw(device, dtype))
+
+    def _draw(self, device, dtype) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(self.feature_seed * 1_000_003 + self._draws)
+        feats = linear.draw_features(self.math_cfg.num_features, self.head_dim, generator=gen)
+        return feats.to(device=device, dtype=dtype or torch.get_default_dtype())
+
+    def _structural_opts(self, training: bool) -> dict:
+        """Kernel / low-rank attention's extra operands; a training forward counts towards
+        FAVOR+'s next redraw."""
+        cfg = self.math_cfg
+        if cfg.kernel is FeatureMap.FAVOR and training:
+            every = cfg.redraw_every
+            if every and self._forwards and self._forwards % every == 0:
+                self._draws += 1
+                self.features.copy_(self._draw(self.features.device, self.features.dtype))
+            self._forwards += 1
+        return {"features": getattr(self, "features", None),
+                "seq_proj": None if self.seq_proj is None else tuple(self.seq_proj)}
 
     def _reset_parameters(self) -> None:
         if self._qkv_same_embed_dim:
@@ -196,9 +235,15 @@ class TurboAttention(nn.Module):
             bias = kpm if bias is None else bias + kpm
         causal = is_causal and attn_mask is None
         training = self.training and torch.is_grad_enabled()  # exact math: see the module doc
+        cfg, extra = self.math_cfg, {}
+        if cfg.structural:
+            extra = self._structural_opts(training)
+        elif training:
+            cfg = EXACT
         res = turbo_attention(
-            q, k, v, math_cfg=EXACT if training else self.math_cfg, causal=causal, mask=bias,
-            dropout_p=self.dropout if self.training else 0.0, need_probs=need_weights,
+            q, k, v, math_cfg=cfg, causal=causal, mask=bias,
+            dropout_p=self.dropout if self.training and cfg.kernel is None else 0.0,
+            need_probs=need_weights, **extra,
         )
         out = res.out.permute(2, 0, 1, 3).reshape(tgt_len, bsz, e)  # (L, N, E)
         out = self.out_proj(out)
@@ -229,6 +274,7 @@ class TransformerBlock(nn.Module):
         *,
         sparse_ratio: float | None = None,
         math_cfg: AttentionMath | None = None,
+        feature_seed: int = 0,
     ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(embed_dim)

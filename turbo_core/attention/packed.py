@@ -101,8 +101,10 @@ def check_query(q: torch.Tensor, view: PackedKV, math_cfg) -> None:
     if lq > 1 and lq > int(view.buffer_len.min()):  # the causal part must lie in the buffer
         raise ValueError(f"{lq} new tokens but a sequence buffers only {int(view.buffer_len.min())}: "
                          f"append the new tokens (compress=False) before attending")
-    if math_cfg.sparse_ratio is not None or math_cfg.pv_int8:
-        raise ValueError("fast decode implements SAS and INT8 Q·Kᵀ only (no top-k, no INT8 P·V)")
+    blocker = "INT8 P·V" if math_cfg.pv_int8 else math_cfg.kernel_blocker()
+    if blocker:
+        raise ValueError(f"fast decode implements SAS (one polynomial) and INT8 Q·Kᵀ only, "
+                         f"not {blocker}")
 
 
 def positions(view: PackedKV, b: int) -> torch.Tensor:

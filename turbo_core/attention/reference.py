@@ -20,7 +20,7 @@ from typing import TypedDict, Unpack
 import torch
 
 from turbo_core.attention import sas as sas_mod
-from turbo_core.attention.config import EXACT, AttentionMath
+from turbo_core.attention.config import EXACT, AttentionMath, SASConfig
 from turbo_core.attention.packed import PackedKV, int8_rows, positions, visible
 from turbo_core.attention.quant import Int8Rows, quantize_int8_blockwise
 
@@ -64,6 +64,8 @@ class AttentionOptions(TypedDict, total=False):
     window: int | None
     dropout_p: float
     need_probs: bool
+    features: torch.Tensor | None  # FAVOR+'s (m, D) random features (kernel attention)
+    seq_proj: tuple[torch.Tensor, torch.Tensor] | None  # Linformer's (E, F) (low-rank)
 
 
 def check_shapes(q: torch.Tensor, k: KV, v: KV) -> None:
@@ -153,6 +155,9 @@ def attention_details(
         need_probs: also return the normalised weights.
     """
     check_shapes(q, k, v)
+    if math_cfg.structural:
+        raise ValueError("kernel and low-rank attention are not softmax approximations of this "
+                         "reference; call turbo_core.attention.functional.turbo_attention")
     b, hq, lq, d = q.shape
     kt = k.values if isinstance(k, Int8Rows) else k
     hkv, lk = kt.shape[1], kt.shape[2]
@@ -177,6 +182,8 @@ def attention_details(
         if keep < lk:
             kth = torch.topk(s, keep, dim=-1).values[..., -1:]
             s = s.masked_fill(s < kth, -math.inf)
+    if math_cfg.top_p is not None:
+        s = top_p_scores(s, math_cfg.top_p)
     valid = torch.isfinite(s)
     row_max = s.amax(dim=-1, keepdim=True)
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
@@ -184,8 +191,10 @@ def attention_details(
 
     dropped = 0
     if math_cfg.sas is not None:
-        p = sas_mod.sas_exp(x, math_cfg.sas)
-        dropped = int((sas_mod.sparsity_mask(x.masked_fill(~valid, 0.0), math_cfg.sas) & valid).sum())
+        cut = head_cutoffs(math_cfg.sas, hq, q.device)
+        p = sas_mod.sas_exp(x, math_cfg.sas, cut)
+        dropped = int((sas_mod.sparsity_mask(x.masked_fill(~valid, 0.0), math_cfg.sas, cut)
+                       & valid).sum())
     else:
         p = torch.exp(x)
     if math_cfg.pv_int8:
@@ -206,6 +215,29 @@ def attention_details(
         sas_dropped=dropped,
         candidates=int(valid.sum()),
     )
+
+
+def top_p_scores(s: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Scores ``(..., L_k)`` with every key outside each row's top-p set masked to ``-inf``: the
+    smallest set of highest-scoring keys whose exact softmax mass reaches ``top_p`` (keys tied
+    with the last one kept stay). Rows with no valid key stay as they are."""
+    ordered = s.sort(dim=-1, descending=True).values
+    mass = torch.softmax(ordered, dim=-1).nan_to_num(0.0)  # an all-masked row is NaN
+    before = mass.cumsum(dim=-1) - mass  # mass of the keys ranked above each key
+    count = (before < top_p).sum(dim=-1, keepdim=True).clamp(min=1)
+    last = ordered.gather(-1, count - 1)
+    return s.masked_fill(s < last, -math.inf)
+
+
+def head_cutoffs(cfg: SASConfig, heads: int, device: torch.device
+                 ) -> torch.Tensor | None:
+    """``SASConfig.head_lut_max`` as a ``(1, H_q, 1, 1)`` tensor (``None`` without it)."""
+    if cfg.head_lut_max is None:
+        return None
+    if len(cfg.head_lut_max) != heads:
+        raise ValueError(f"SASConfig.head_lut_max has {len(cfg.head_lut_max)} cut-offs for "
+                         f"{heads} query heads")
+    return torch.tensor(cfg.head_lut_max, device=device).view(1, heads, 1, 1)
 
 
 def attention_reference(q: torch.Tensor, k: KV, v: KV, **opts: Unpack[AttentionOptions]) -> torch.Tensor:

@@ -60,7 +60,7 @@ class StepContext:
 
     def __post_init__(self) -> None:
         # the stores' one-call step (turbo.decode_step) serves this math: no INT8 P·V or top-k
-        self.one_call = not self.math.pv_int8 and self.math.sparse_ratio is None
+        self.one_call = not self.math.pv_int8 and self.math.kernel_blocker() is None
 
 
 _local = threading.local()
