@@ -69,10 +69,12 @@ def feature_map(x: torch.Tensor, kind: FeatureMap, features: torch.Tensor | None
                          f"{None if features is None else tuple(features.shape)}")
     xs = x * math.sqrt(scale)
     proj = xs @ features.to(x.dtype).T  # (B, H, L, m)
-    sq = 0.5 * (xs * xs).sum(dim=-1, keepdim=True)
     # the constant shift: per query row, or one per (batch, head) over all keys and features
     shift = proj.amax(dim=-1, keepdim=True) if is_query else proj.amax(dim=(-2, -1), keepdim=True)
-    return torch.exp(proj - sq - shift.detach()) / math.sqrt(features.shape[0])
+    # one pass over (B, H, L, m): |x'|²/2, the shift and the 1/√m all go in one small tensor
+    small = 0.5 * (xs * xs).sum(dim=-1, keepdim=True) + shift.detach() \
+        + 0.5 * math.log(features.shape[0])
+    return (proj - small).exp_()
 
 
 def _keep(mask: torch.Tensor | None, b: int, lk: int) -> torch.Tensor | None:

@@ -5,7 +5,14 @@ Every contender is a full attention layer with the same projection weights (copi
 with like. Reported per contender: median and min wall time over repeats (warm-up excluded),
 ``ratio_vs_mha`` = MHA median / contender median (> 1 means faster than MHA), throughput from
 the explicit FLOP count ``4·B·H·L²·D`` (attention) ``+ 8·B·L·E²`` (four projections), and the
-cosine similarity of the output to MHA's (how much accuracy the approximation costs).
+cosine similarity and max abs error of the output against MHA's (exact attention: how much
+accuracy the approximation costs).
+
+The article's other methods have rows too: a piecewise exponent, top-p, per-head SAS cut-offs
+(calibrated on a second input of the same shape), kernel attention (FAVOR+, elu+1) and Linformer
+(``low_rank`` 256, untrained projections: its error says what training must recover, not what a
+trained layer loses). ``lengths`` adds a sweep of MHA against kernel attention over sequence
+lengths, and where kernel attention starts to win (the cross-over).
 """
 
 from __future__ import annotations
@@ -20,7 +27,8 @@ import torch.nn.functional as F
 from tabulate import tabulate
 from torch import nn
 
-from turbo_core.attention.config import EXACT, TURBO_DEFAULT, AttentionMath, SASConfig
+from turbo_core.attention.adaptive import calibrate_cutoffs
+from turbo_core.attention.config import EXACT, TURBO_DEFAULT, AttentionMath, FeatureMap, SASConfig
 from turbo_core.attention.functional import choose_backend
 from turbo_core.attention.modules import TurboAttention
 from turbo_core.bench.common import describe_device, median, time_call
@@ -49,6 +57,9 @@ class Shape:
 PRESETS = {
     "article": Shape(batch=32, seq=512, embed=1024, heads=8),
     "quick": Shape(batch=4, seq=128, embed=256, heads=4),
+    # the article's layer at L 4096; batch 1 so that the rows computed by the pure-PyTorch
+    # reference (top-p, piecewise SAS: several (B, H, L, L) float32 tensors) fit in 24 GiB
+    "long": Shape(batch=1, seq=4096, embed=1024, heads=8),
 }
 
 # TurboAttention configurations compared, by name.
@@ -58,7 +69,16 @@ TURBO_CASES: dict[str, AttentionMath] = {
     "turbo-sas-int8qk": TURBO_DEFAULT,
     "turbo-sas-int8qk-int8pv": dataclasses.replace(TURBO_DEFAULT, pv_int8=True),
     "turbo-sas-int8qk-top10%": dataclasses.replace(TURBO_DEFAULT, sparse_ratio=0.1),
+    "turbo-sas-lut4": AttentionMath(sas=SASConfig(lut_steps=4)),
+    "turbo-sas-4pieces": AttentionMath(sas=SASConfig(pieces=4)),
+    "turbo-top-p0.9": AttentionMath(top_p=0.9),
+    "turbo-sas-head-cutoffs": AttentionMath(sas=SASConfig()),  # cut-offs set per run
+    "turbo-favor+": AttentionMath(kernel=FeatureMap.FAVOR, num_features=256),
+    "turbo-elu": AttentionMath(kernel=FeatureMap.ELU),
+    "turbo-linformer-256": AttentionMath(low_rank=256, max_seq_len=256),  # n set per run
 }
+NOT_CAUSAL = ("turbo-linformer-256",)  # Linformer mixes tokens along the sequence
+KERNEL_CASES = ("turbo-favor+", "turbo-elu")
 
 
 class SDPAAttention(nn.Module):
@@ -95,6 +115,11 @@ def run(
     unknown = [n for n in names if n not in TURBO_CASES]
     if unknown:
         raise ValueError(f"unknown benchmark case(s) {unknown}; known: {list(TURBO_CASES)}")
+    if causal and cases is None:
+        names = [n for n in names if n not in NOT_CAUSAL]
+    elif causal and set(names) & set(NOT_CAUSAL):
+        raise ValueError(f"{sorted(set(names) & set(NOT_CAUSAL))} cannot be causal (Linformer "
+                         f"mixes tokens along the sequence)")
     torch.manual_seed(0)
     mha = nn.MultiheadAttention(shape.embed, shape.heads, batch_first=True).to(dev, dtype).eval()
     x = torch.randn(shape.batch, shape.seq, shape.embed, device=dev, dtype=dtype)
@@ -111,10 +136,12 @@ def run(
     heads = torch.empty(shape.batch, shape.heads, shape.seq, shape.embed // shape.heads,
                         device=dev, dtype=dtype)  # what each TurboAttention call passes on
     for name in names:
+        cfg = _case(name, shape, mha, causal, dev, dtype)
         turbo = TurboAttention(shape.embed, shape.heads, batch_first=True,
-                               math_cfg=TURBO_CASES[name]).to(dev, dtype).eval()
-        turbo.load_state_dict(mha.state_dict())
-        backend = choose_backend(heads, heads, heads, math_cfg=TURBO_CASES[name], causal=causal)[0]
+                               math_cfg=cfg).to(dev, dtype).eval()
+        turbo.load_state_dict(mha.state_dict(), strict=not cfg.structural)
+        backend = "torch" if cfg.structural else \
+            choose_backend(heads, heads, heads, math_cfg=cfg, causal=causal)[0]
         contenders.append(
             (name, backend, lambda t=turbo: t(x, x, x, need_weights=False, is_causal=causal)[0]))
 
@@ -128,6 +155,7 @@ def run(
             if reference is None:
                 reference = out.double().flatten()
             cos = F.cosine_similarity(out.double().flatten(), reference, dim=0).item()
+            max_err = (out.double().flatten() - reference).abs().max().item()
             times = time_call(fn, warmup=warmup, repeats=repeats, device=dev)
             results.append({
                 "name": name,
@@ -136,6 +164,7 @@ def run(
                 "min_ms": min(times),
                 "gflops": flops / (median(times) * 1e-3) / 1e9,
                 "cosine_vs_mha": cos,
+                "max_abs_error_vs_mha": max_err,
             })
     mha_ms = results[0]["median_ms"]
     for r in results:
@@ -152,17 +181,73 @@ def run(
     }
 
 
+def _case(name: str, shape: Shape, mha: nn.MultiheadAttention, causal: bool,
+          dev: torch.device, dtype: torch.dtype) -> AttentionMath:
+    """The case's math at this shape: Linformer's ``n`` is the sequence; the per-head cut-offs
+    are calibrated on a second input (another seed) through the same projections."""
+    cfg = TURBO_CASES[name]
+    if cfg.low_rank is not None:
+        return dataclasses.replace(cfg, low_rank=min(cfg.low_rank, shape.seq), max_seq_len=shape.seq)
+    if name != "turbo-sas-head-cutoffs":
+        return cfg
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(min(shape.batch, 2), shape.seq, shape.embed, generator=gen).to(dev, dtype)
+    with torch.inference_mode():
+        q, k, v = F.linear(x, mha.in_proj_weight, mha.in_proj_bias).chunk(3, dim=-1)
+    q, k, v = (t.reshape(x.shape[0], shape.seq, shape.heads, -1).transpose(1, 2) for t in (q, k, v))
+    report = calibrate_cutoffs(q, k, v, causal=causal)
+    return dataclasses.replace(cfg, sas=report.sas(cfg.sas))
+
+
+def crossover(shape: Shape, lengths: list[int], *, repeats: int = 3, warmup: int = 1,
+              device: str = "cpu", dtype: torch.dtype = torch.float32,
+              log: Callable[[str], None] | None = None) -> dict:
+    """MHA against each kernel-attention case over sequence lengths at ``shape``'s batch, embed
+    and heads (non-causal): median ms per length, and the first length where each case wins."""
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    rows = []
+    for length in lengths:
+        at = dataclasses.replace(shape, seq=length)
+        log(f"cross-over: L = {length}")
+        doc = run(at, repeats=repeats, warmup=warmup, device=device, dtype=dtype,
+                  cases=list(KERNEL_CASES), log=lambda m: None)
+        by = {r["name"]: r for r in doc["results"]}
+        rows.append({"seq": length, "mha_ms": by["nn.MultiheadAttention"]["median_ms"],
+                     **{f"{n}_ms": by[n]["median_ms"] for n in KERNEL_CASES}})
+    wins = {n: next((r["seq"] for r in rows if r[f"{n}_ms"] < r["mha_ms"]), None)
+            for n in KERNEL_CASES}
+    return {"batch": shape.batch, "embed": shape.embed, "heads": shape.heads, "rows": rows,
+            "first_win": wins}
+
+
+def crossover_table(doc: dict, fmt: str = "simple") -> str:
+    names = list(KERNEL_CASES)
+    rows = [[r["seq"], f"{r['mha_ms']:.2f}"] + [f"{r[f'{n}_ms']:.2f} ({r['mha_ms'] / r[f'{n}_ms']:.2f}x)"
+                                               for n in names] for r in doc["rows"]]
+    first = ", ".join(f"{n}: L = {doc['first_win'][n]}" if doc["first_win"][n] else f"{n}: never"
+                      for n in names)
+    return (f"kernel attention vs MHA over L (B={doc['batch']} E={doc['embed']} H={doc['heads']}); "
+            f"first win: {first}\n\n"
+            + tabulate(rows, headers=["L", "MHA ms", *[f"{n} ms (vs MHA)" for n in names]],
+                       tablefmt=fmt, disable_numparse=True))
+
+
 def table(doc: dict, fmt: str = "simple") -> str:
     """The results as a text (``simple``) or Markdown (``github``) table."""
     rows = [
         [r["name"], r["backend"], f"{r['median_ms']:.2f}", f"{r['min_ms']:.2f}", f"{r['ratio_vs_mha']:.2f}x",
-         f"{r['gflops']:.1f}", f"{r['cosine_vs_mha']:.6f}"]
+         f"{r['gflops']:.1f}", f"{r['cosine_vs_mha']:.6f}",
+         f"{r.get('max_abs_error_vs_mha', float('nan')):.2e}"]
         for r in doc["results"]
     ]
-    headers = ["contender", "backend", "median ms", "min ms", "vs MHA", "GFLOP/s", "cos vs MHA"]
+    headers = ["contender", "backend", "median ms", "min ms", "vs MHA", "GFLOP/s", "cos vs MHA",
+               "max err vs MHA"]
     s = doc["shape"]
     dev = doc["device"]
     title = (f"attention B={s['batch']} L={s['seq']} E={s['embed']} H={s['heads']} "
              f"causal={s['causal']} {s['dtype']} on {dev['type']} ({dev['name']}), "
              f"torch {dev['torch']}")
-    return title + "\n\n" + tabulate(rows, headers=headers, tablefmt=fmt, disable_numparse=True)
+    text = title + "\n\n" + tabulate(rows, headers=headers, tablefmt=fmt, disable_numparse=True)
+    if doc.get("crossover"):
+        text += "\n\n" + crossover_table(doc["crossover"], fmt)
+    return text

@@ -24,7 +24,10 @@ def _bench_attention(args: argparse.Namespace) -> int:
 
     from turbo_core.bench import attention
 
-    shape = attention.PRESETS["quick" if args.quick else "article"]
+    if args.quick and args.long:
+        raise ValueError("--quick and --long exclude each other")
+    preset = "quick" if args.quick else "long" if args.long else "article"
+    shape = attention.PRESETS[preset]
     overrides = {k: getattr(args, k) for k in ("batch", "seq", "embed", "heads")
                  if getattr(args, k) is not None}
     if overrides:
@@ -35,7 +38,13 @@ def _bench_attention(args: argparse.Namespace) -> int:
         raise SystemExit("turbo bench attention: --device cuda but no CUDA device is available")
     doc = attention.run(shape, repeats=repeats, warmup=args.warmup, causal=args.causal,
                         device=args.device, dtype=dtypes[args.dtype], cases=args.case)
-    doc["mode"] = "quick" if args.quick else "article"
+    doc["mode"] = preset
+    if args.crossover:
+        lengths = [int(n) for n in args.crossover.split(",")]
+        if not lengths or min(lengths) < 1:
+            raise ValueError(f"--crossover takes positive lengths like 256,512,1024; got {args.crossover!r}")
+        doc["crossover"] = attention.crossover(shape, lengths, repeats=repeats, warmup=args.warmup,
+                                               device=args.device, dtype=dtypes[args.dtype])
     _emit(args, doc, "Attention benchmark", attention.table)
     return 0
 
@@ -168,6 +177,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "attention", help="TurboAttention vs nn.MultiheadAttention and SDPA",
         description="Default: the article's setup (batch 32, seq 512, embed 1024, 8 heads).")
     att.add_argument("--quick", action="store_true", help="small shape (4 x 128, embed 256, 4 heads)")
+    att.add_argument("--long", action="store_true",
+                     help="the article's layer at L 4096 (batch 1, embed 1024, 8 heads)")
+    att.add_argument("--crossover", metavar="L,L,...",
+                     help="also time MHA against kernel attention at these lengths (the cross-over)")
     for name in ("batch", "seq", "embed", "heads"):
         att.add_argument(f"--{name}", type=int, help=f"override the preset's {name}")
     att.add_argument("--repeats", type=int, help="timed runs per contender (default 5, quick 10)")
