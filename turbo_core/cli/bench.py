@@ -1,4 +1,4 @@
-"""``turbo bench attention | kernels | decode | model | agreement | serve | load``: benchmarks
+"""``turbo bench attention | train | kernels | decode | model | agreement | serve | load``: benchmarks
 that print a table and write JSON (and Markdown where asked)."""
 
 from __future__ import annotations
@@ -46,6 +46,19 @@ def _bench_attention(args: argparse.Namespace) -> int:
         doc["crossover"] = attention.crossover(shape, lengths, repeats=repeats, warmup=args.warmup,
                                                device=args.device, dtype=dtypes[args.dtype])
     _emit(args, doc, "Attention benchmark", attention.table)
+    return 0
+
+
+def _bench_train(args: argparse.Namespace) -> int:
+    from turbo_core.bench import train
+
+    setup = train.TrainSetup(steps=30, batch=8, seq=64, eval_batches=2) if args.quick else train.TrainSetup()
+    if args.steps is not None:
+        setup = train.TrainSetup(**(setup.__dict__ | {"steps": args.steps}))
+    doc = train.run(setup, args.text, log=lambda m: print(m, file=sys.stderr, flush=True))
+    _emit(args, doc, "Training with each attention option", train.table)
+    if args.png:
+        print(f"wrote {train.plot(doc, args.png)}", file=sys.stderr)
     return 0
 
 
@@ -193,6 +206,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     att.add_argument("--json", metavar="PATH", help="write the results as JSON")
     att.add_argument("--markdown", metavar="PATH", help="write the table as Markdown")
     att.set_defaults(func=_bench_attention)
+
+    tr = bench_sub.add_parser(
+        "train", help="a ~1M-parameter causal byte LM trained with each attention option",
+        description="Same seed, data and steps per option; kernel attention trains as itself, "
+                    "the inference approximations are applied to the exact run's weights.")
+    tr.add_argument("--quick", action="store_true", help="30 short steps (a smoke run)")
+    tr.add_argument("--steps", type=int, help="optimiser steps per run (default 400)")
+    tr.add_argument("--text", help="a UTF-8 text file instead of the bundled text")
+    tr.add_argument("--json", metavar="PATH")
+    tr.add_argument("--markdown", metavar="PATH")
+    tr.add_argument("--png", metavar="PATH", help="write the loss curves")
+    tr.set_defaults(func=_bench_train)
 
     ker = bench_sub.add_parser(
         "kernels", help="Triton kernels vs SDPA fp16 (GPU; tiny interpreter smoke run on CPU)")

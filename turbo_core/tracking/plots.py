@@ -97,3 +97,20 @@ def speed_vs_bytes(rows: list[dict], path: str | Path, title: str = "") -> Path:
                         title or "speed vs KV memory (green = gates passed; dashed = baseline)")
     ax.axhline(1.0, color="grey", lw=0.8, ls="--")
     return _save(fig, path)
+
+
+def loss_curves(curves: dict[str, list[float]], path: str | Path, title: str = "",
+                ylabel: str = "training loss") -> Path:
+    """One smoothed line per named curve (a running mean over a twentieth of its points)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, values in curves.items():
+        w = max(1, len(values) // 20)
+        smooth = [sum(values[max(0, i - w + 1): i + 1]) / len(values[max(0, i - w + 1): i + 1])
+                  for i in range(len(values))]
+        ax.plot(range(1, len(smooth) + 1), smooth, label=name)
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend()
+    return _save(fig, path)
