@@ -14,12 +14,13 @@ def test_from_off_each_lever_alone_then_all_and_int2_groups_only_where_int2_head
     assert int4[0][0] == "none" and int4[0][1].kv.levers() == off
     labels = [label for label, _ in int4]
     assert "int2-groups-32" not in labels  # no INT2 head in turbo-int4
-    assert labels[1:-1] == ["rotate", "sinks", "k-channel-scale", "pre-rope"]
+    assert labels[1:-1] == ["rotate", "sinks", "k-channel-scale", "pre-rope", "low-rank-48", "low-rank-32"]
     for label, variant in int4[1:-1]:
         on = {k: v for k, v in variant.kv.levers().items() if v != off[k]}
         assert on == ablation.LEVERS[label], label
     assert all(variant.kv.levers()[k] for k in ("rotate", "k_channel_scale", "pre_rope")
                for _, variant in int4[-1:])
+    assert int4[-1][1].kv.low_rank is None  # low rank excludes rotate and pre_rope: measured alone
     mix = [label for label, _ in ablation.configurations(get_variant("turbo-mix"))]
     assert "int2-groups-32" in mix
 

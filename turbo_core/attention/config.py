@@ -251,6 +251,12 @@ class KVQuantConfig:
             angle at every position, which smears K's outlier channels along the tokens that
             one K group spans; the cache un-rotates incoming K with the model's RoPE and
             applies it again after decompression. The reference path serves it.
+        low_rank: store ``r`` coordinates per head instead of ``head_dim`` channels: K and V
+            projected on the top-``r`` directions of the calibration K / V of that (layer,
+            KV head) by SVD (Palu, LoRC), quantized as usual, and reconstructed for the
+            attention. The bases come from calibration (``turbo_core.hf.lowrank``) and ride on
+            the bit plan; the reference path serves it. Not with ``rotate`` (the SVD basis is
+            itself orthonormal) or ``pre_rope`` (the bases are of K after RoPE).
     """
 
     chunk: int = 64
@@ -263,8 +269,16 @@ class KVQuantConfig:
     int2_v_group: int | None = None
     k_channel_scale: bool = False
     pre_rope: bool = False
+    low_rank: int | None = None
 
     def __post_init__(self) -> None:
+        if self.low_rank is not None:
+            if isinstance(self.low_rank, bool) or not isinstance(self.low_rank, int) or self.low_rank < 1:
+                raise ValueError(f"KVQuantConfig.low_rank must be a positive int or None, "
+                                 f"got {self.low_rank!r}")
+            if self.rotate or self.pre_rope:
+                raise ValueError("KVQuantConfig.low_rank stores coordinates in a calibrated "
+                                 "orthonormal basis of K after RoPE: not with rotate or pre_rope")
         if self.chunk < 4 or self.chunk % 4:
             raise ValueError(f"KVQuantConfig.chunk must be a multiple of 4, got {self.chunk}")
         for name in ("k_group", "int2_k_group"):
@@ -291,8 +305,10 @@ class KVQuantConfig:
 
     def check_head_dim(self, head_dim: int) -> None:
         """Refuse a head_dim this layout cannot hold (V groups, the rotation's size)."""
+        if self.low_rank is not None and self.low_rank > head_dim:
+            raise ValueError(f"KVQuantConfig.low_rank ({self.low_rank}) exceeds head_dim ({head_dim})")
         for bits in (2, 4):
-            self.groups_for(bits, head_dim)
+            self.groups_for(bits, self.low_rank or head_dim)
         if self.rotate and head_dim & (head_dim - 1):
             raise ValueError(f"KVQuantConfig.rotate needs a power-of-two head_dim (a Hadamard "
                              f"matrix), got {head_dim}")
@@ -308,11 +324,12 @@ class KVQuantConfig:
         """The accuracy levers, as bit plans and MLflow record them."""
         return {"rotate": self.rotate, "sinks": self.sinks,
                 "int2_k_group": self.int2_k_group, "int2_v_group": self.int2_v_group,
-                "k_channel_scale": self.k_channel_scale, "pre_rope": self.pre_rope}
+                "k_channel_scale": self.k_channel_scale, "pre_rope": self.pre_rope,
+                "low_rank": self.low_rank}
 
     def reference_only(self) -> list[str]:
         """The levers on that only the reference path reads (the fused kernels refuse them)."""
-        return [name for name in ("k_channel_scale", "pre_rope") if getattr(self, name)]
+        return [name for name in ("k_channel_scale", "pre_rope", "low_rank") if getattr(self, name)]
 
 
 def check_window(window: int | None) -> int | None:

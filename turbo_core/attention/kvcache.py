@@ -29,6 +29,7 @@ import torch
 
 from turbo_core.attention.config import KVQuantConfig, check_bits, check_window
 from turbo_core.attention.kvstorage import PackedStorage
+from turbo_core.attention.lowrank import check_cache_basis
 from turbo_core.attention.packed import PackedKV, float_rows, int8_rows
 from turbo_core.attention.packed import positions as packed_positions
 from turbo_core.attention.pool import PagePool, compress_pages
@@ -54,10 +55,15 @@ class QuantizedKVLayer(PackedStorage, SequenceSlots):
         rope: the model's RoPE by position; needed (and only read) with ``cfg.pre_rope``.
         window: the layer's sliding window (``None``: full attention); every reader of
             :meth:`view` applies it, and pages outside it are released.
+        basis: with ``cfg.low_rank = r``, the calibrated ``(U_K, U_V)``, each ``(H_kv, D, r)``
+            with orthonormal columns: the layer stores ``K U_K`` and ``V U_V`` (``head_dim``
+            is then ``r``; ``model_dim`` stays ``D``) and :meth:`keys_values` gives back
+            ``(K U_K) U_Kᵀ``, ``(V U_V) U_Vᵀ``.
     """
 
     def __init__(self, head_bits: Sequence[int], head_dim: int, cfg: KVQuantConfig | None = None,
-                 rope: Rope | None = None, window: int | None = None):
+                 rope: Rope | None = None, window: int | None = None,
+                 basis: tuple[torch.Tensor, torch.Tensor] | None = None):
         self.cfg = cfg or KVQuantConfig()
         self.window = check_window(window)
         if self.cfg.pre_rope and rope is None:
@@ -68,8 +74,10 @@ class QuantizedKVLayer(PackedStorage, SequenceSlots):
         self.head_bits = tuple(check_bits(int(b)) for b in head_bits)
         if not self.head_bits:
             raise ValueError("QuantizedKVLayer needs at least one KV head in head_bits")
-        self.head_dim = head_dim
         self.cfg.check_head_dim(head_dim)
+        self.model_dim = head_dim
+        self.basis = check_cache_basis(basis, self.cfg.low_rank, len(self.head_bits), head_dim)
+        self.head_dim = self.cfg.low_rank or head_dim  # the stored width
         # heads grouped by bit width so each group packs into one dense tensor
         self.groups: dict[int, list[int]] = {}
         for h, b in enumerate(self.head_bits):
@@ -130,10 +138,10 @@ class QuantizedKVLayer(PackedStorage, SequenceSlots):
         for name, t in (("key", k), ("value", v)):
             if t.dim() != 4:
                 raise ValueError(f"{name} must be (B, H_kv, T, D), got shape {tuple(t.shape)}")
-            if t.shape[1] != self.num_heads or t.shape[3] != self.head_dim:
+            if t.shape[1] != self.num_heads or t.shape[3] != self.model_dim:
                 raise ValueError(
                     f"{name} has {t.shape[1]} heads of dim {t.shape[3]}, but this cache layer "
-                    f"holds {self.num_heads} heads of dim {self.head_dim}"
+                    f"holds {self.num_heads} heads of dim {self.model_dim}"
                 )
         if k.shape[:3] != v.shape[:3]:
             raise ValueError(f"key {tuple(k.shape)} and value {tuple(v.shape)} shapes differ")
@@ -180,6 +188,8 @@ class QuantizedKVLayer(PackedStorage, SequenceSlots):
             k = self._undo_rope(k, seqs)
         if self.cfg.rotate and not rotated:  # stored rotated; readers rotate queries alike
             k, v = rotate(k), rotate(v)
+        if self.basis is not None:  # the r coordinates in the calibrated basis
+            k, v = (x.float() @ u.to(x.device) for x, u in zip((k, v), self.basis, strict=True))
         self._ensure_storage(k.device)
         self._reserve_rows(max(self._buf_len[s] for s in seqs) + k.shape[2])
         return k, v
@@ -323,6 +333,8 @@ class QuantizedKVLayer(PackedStorage, SequenceSlots):
         k, v = float_rows(view, 0)
         if self.cfg.rotate:
             k, v = unrotate(k), unrotate(v)
+        if self.basis is not None:  # (H, L, r) @ (H, r, D): back to the model's channels
+            k, v = (x @ u.to(x.device).transpose(-1, -2) for x, u in zip((k, v), self.basis, strict=True))
         pos, order = packed_positions(view, 0).to(k.device).sort()
         k, v = k.index_select(1, order), v.index_select(1, order)
         if self.cfg.pre_rope:

@@ -1,4 +1,8 @@
-"""Low-rank attention along the sequence (Linformer, Wang et al., 2020): K and V of ``L`` tokens
+"""Low rank, twice: Linformer's attention along the sequence, and the KV cache's bases along the
+channels (``KVQuantConfig.low_rank``: :func:`check_cache_basis`; calibrated by
+``turbo_core.hf.lowrank``).
+
+Low-rank attention along the sequence (Linformer, Wang et al., 2020): K and V of ``L`` tokens
 are projected by learned ``(r, n)`` matrices ``E`` and ``F`` to ``r`` rows, ``K' = E[:, :L] K``,
 ``V' = F[:, :L] V``, and every query attends over those ``r`` rows — O(L·r) instead of O(L²).
 
@@ -48,3 +52,25 @@ def project(k: torch.Tensor, v: torch.Tensor, proj: tuple[torch.Tensor, torch.Te
         keep = keep.reshape(mask.shape[0], 1, length, 1).to(k.dtype)
         k, v = k * keep, v * keep
     return (e[:, :length].to(k.dtype) @ k, f[:, :length].to(v.dtype) @ v)
+
+
+def check_cache_basis(basis: tuple[torch.Tensor, torch.Tensor] | None, rank: int | None, heads: int,
+                      dim: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A cache layer's ``(U_K, U_V)``, each ``(heads, dim, rank)`` with orthonormal columns, as
+    float32; ``None`` without ``low_rank``. Refuses a missing, misshapen or skewed basis."""
+    if rank is None:
+        if basis is not None:
+            raise ValueError("a low-rank basis was given but KVQuantConfig.low_rank is not set")
+        return None
+    if basis is None:
+        raise ValueError(f"KVQuantConfig.low_rank={rank} needs the calibrated bases of K and V "
+                         f"(turbo_core.hf.lowrank.calibrate_bases, carried by the bit plan)")
+    for name, u in zip(("K", "V"), basis, strict=True):
+        if tuple(u.shape) != (heads, dim, rank):
+            raise ValueError(f"low-rank basis of {name} has shape {tuple(u.shape)}, expected "
+                             f"({heads}, {dim}, {rank})")
+        eye = torch.eye(rank, dtype=torch.float64)
+        if not torch.allclose(u.double().transpose(-1, -2) @ u.double(), eye.expand(heads, -1, -1),
+                              atol=1e-4):
+            raise ValueError(f"low-rank basis of {name} does not have orthonormal columns")
+    return tuple(u.float() for u in basis)

@@ -11,7 +11,15 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from turbo_core.fileio import write_atomic
 
@@ -71,7 +79,9 @@ class Selection(_Frozen):
 
 class Layout(_Frozen):
     """The cache levers a plan was calibrated for (``KVQuantConfig.levers``): rotation changes
-    what the head scores see, so a plan only serves a cache with the same levers."""
+    what the head scores see, so a plan only serves a cache with the same levers. ``low_rank``
+    is not recorded: heads are scored on the plain K/V either way, and its bases ride on the
+    plan in memory (:meth:`BitPlan.with_bases`), so plans stay readable by older readers."""
 
     rotate: bool = False
     sinks: int = Field(0, ge=0)
@@ -95,8 +105,24 @@ class BitPlan(_Frozen):
     layout: Layout = Field(default_factory=Layout)
     calibration: dict[str, str | int | float] = Field(default_factory=dict)
     layers: list[LayerEntry]
+    # per layer (U_K, U_V) of a low-rank cache (KVQuantConfig.low_rank): calibration output
+    # that travels with the plan in memory, not in its JSON (see with_bases)
+    _bases: list | None = PrivateAttr(default=None)
 
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+    def with_bases(self, bases: list) -> BitPlan:
+        """A copy that carries per-layer low-rank bases ``[(U_K, U_V), ...]`` for the cache
+        (not saved with :meth:`save`: the lever is measured in the ablation, not shipped)."""
+        if len(bases) != self.model.num_layers:
+            raise ValueError(f"{len(bases)} low-rank bases for {self.model.num_layers} layers")
+        plan = self.model_copy()
+        plan._bases = list(bases)
+        return plan
+
+    @property
+    def low_rank_bases(self) -> list | None:
+        return self._bases
 
     @model_validator(mode="after")
     def _consistent(self) -> BitPlan:
@@ -218,7 +244,7 @@ def build_plan(
         selection=Selection(scope=scope, int2_heads=n2, default_bits=default_bits,
                             source=source, seed=seed),
         calibration=calibration or {},
-        layout=Layout(**(layout or {})),
+        layout=Layout(**{k: v for k, v in (layout or {}).items() if k in Layout.model_fields}),
         layers=layers,
     )
 

@@ -19,7 +19,7 @@ from tabulate import tabulate
 from turbo_core.attention.config import KVQuantConfig
 from turbo_core.attention.variants import Variant, get_variant
 from turbo_core.bench.common import describe_device
-from turbo_core.hf import calibrate, data, evaluate, models
+from turbo_core.hf import calibrate, data, evaluate, lowrank, models
 
 # the levers, as the settings each turns on; one number per lever (docs/design.md §5: measure)
 LEVERS: dict[str, dict[str, object]] = {
@@ -28,7 +28,12 @@ LEVERS: dict[str, dict[str, object]] = {
     "int2-groups-32": {"int2_k_group": 32, "int2_v_group": 32},
     "k-channel-scale": {"k_channel_scale": True},
     "pre-rope": {"pre_rope": True},
+    # the calibrated low-rank cache (KVQuantConfig.low_rank): r of SmolLM2's 64 channels
+    "low-rank-48": {"low_rank": 48},
+    "low-rank-32": {"low_rank": 32},
 }
+# levers that exclude others (low_rank: not with rotate or pre_rope) stay out of "all together"
+ALONE = ("low-rank-48", "low-rank-32")
 STARTS = ("off", "defaults")
 BASES = ("turbo-int4", "turbo-mix")
 
@@ -71,8 +76,9 @@ def configurations(base: Variant, levers: list[str] | None = None, start: str = 
                   if not (n.startswith("int2") and not base.needs_calibration and base.kv_bits != 2)
                   and any(on[k] != v for k, v in LEVERS[n].items())]
     combos = [[]] + [[n] for n in applicable]
-    if start == "off" and len(applicable) > 1:
-        combos.append(applicable)
+    together = [n for n in applicable if n not in ALONE]
+    if start == "off" and len(together) > 1:
+        combos.append(together)
     out = []
     for combo in combos:
         changes: dict[str, object] = {}
@@ -98,8 +104,14 @@ def run(model: str | None = None, bases: list[str] | None = None, peers: list[st
     for base in chosen:
         for label, variant in configurations(base, levers, start, exact_qk):
             plan = calibrate.calibrate(lm, variant) if variant.needs_calibration else None
+            extra = {}
+            if variant.kv.low_rank is not None:  # the bases ride on a plan (uniform bits if none)
+                plan = plan or calibrate.calibrate(lm, variant, progress=False)
+                bases, extra["low_rank"] = lowrank.calibrate_bases(lm, variant.kv.low_rank,
+                                                                   text_path=text, progress=False)
+                plan = plan.with_bases(bases)
             row = evaluate.evaluate(lm, variant, split, plan=plan, settings=settings)
-            row |= {"variant": base.name, "levers": label, "kv": variant.kv.levers()}
+            row |= {"variant": base.name, "levers": label, "kv": variant.kv.levers(), **extra}
             rows.append(row)
             print(f"{base.name} [{label}]: Δppl {row['ppl_delta_pct']:+.2f} %, top-1 "
                   f"{row['top1_agreement']:.3f}, KV {row['kv_compression']:.2f}x",

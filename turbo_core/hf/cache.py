@@ -127,8 +127,9 @@ class TurboCache(Cache):
                 grid = bits.bits_grid()
             else:
                 grid = [[bits] * shape.num_kv_heads for _ in range(shape.num_layers)]
-            stores = [QuantizedKVLayer(row, shape.head_dim, cfg, r, window=w)
-                      for row, r, w in zip(grid, ropes, windows, strict=True)]
+            bases = getattr(bits, "low_rank_bases", None) or [None] * shape.num_layers
+            stores = [QuantizedKVLayer(row, shape.head_dim, cfg, r, window=w, basis=u)
+                      for row, r, w, u in zip(grid, ropes, windows, bases, strict=True)]
         super().__init__(layers=[TurboCacheLayer(s) for s in stores])
         self.shape = shape
         self.quantized = bits is not None
