@@ -18,7 +18,6 @@ from dataclasses import dataclass
 
 import torch
 
-from turbo_core.attention import sas
 from turbo_core.attention.config import AttentionMath, SASConfig
 from turbo_core.attention.reference import _valid_mask, attention_details
 
@@ -77,24 +76,32 @@ def calibrate_cutoffs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     within = mass <= tolerance
     cutoffs = tuple(int(row.nonzero()[0]) if bool(row.any()) else max_cutoff for row in within)
     cfg = dataclasses.replace(base or SASConfig(), head_lut_max=cutoffs)
-    opts = {"causal": causal, "scale": scale, "window": window}
-    approx = attention_details(q, k, v, math_cfg=AttentionMath(sas=cfg), **opts).out.double()
-    exact = attention_details(q.double(), k.double(), v.double(), **opts).out
-    x = _relative_scores(q, k, causal, scale, window)
-    valid = torch.isfinite(x)
-    cut = torch.tensor(cutoffs, device=q.device).view(1, -1, 1, 1)
-    zeroed = sas.sparsity_mask(x.masked_fill(~valid, 0.0), cfg, cut) & valid
-    heads = []
-    for h, t in enumerate(cutoffs):
-        diff, ref = approx[:, h] - exact[:, h], exact[:, h]
-        heads.append({
-            "head": h, "cutoff": t, "dropped_mass": float(mass[h, t]),
-            "dropped_mass_one_less": float(mass[h, t - 1]) if t > 0 else None,
-            "zero_fraction": float(zeroed[:, h].sum() / valid[:, h].sum().clamp(min=1)),
-            "rel_error": float(diff.norm() / ref.norm().clamp(min=1e-300)),
-            "max_abs_error": float(diff.abs().max()),
-        })
+    heads = head_report(q, k, v, AttentionMath(sas=cfg), causal=causal, scale=scale, window=window)
+    for h, (row, t) in enumerate(zip(heads, cutoffs, strict=True)):
+        row |= {"cutoff": t, "dropped_mass": float(mass[h, t]),
+                "dropped_mass_one_less": float(mass[h, t - 1]) if t > 0 else None}
     return CutoffReport(cutoffs=cutoffs, tolerance=tolerance, heads=heads)
+
+
+def head_report(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, math_cfg: AttentionMath, *,
+                causal: bool = False, scale: float | None = None, window: int | None = None
+                ) -> list[dict]:
+    """Per query head: the share of valid weights ``math_cfg`` sets to exactly zero (SAS's
+    cut-off, top-p, top-k) and the error of its output against exact attention (relative
+    Frobenius, max abs), on the same inputs."""
+    opts = {"causal": causal, "scale": scale, "window": window}
+    res = attention_details(q, k, v, math_cfg=math_cfg, need_probs=True, **opts)
+    exact = attention_details(q.double(), k.double(), v.double(), **opts).out
+    valid = _valid_mask(q.shape[2], k.shape[2], causal, q.device, window)
+    valid = torch.ones_like(res.probs, dtype=torch.bool) if valid is None else valid.expand_as(res.probs)
+    zeroed = (res.probs == 0) & valid
+    rows = []
+    for h in range(q.shape[1]):
+        diff, ref = res.out[:, h].double() - exact[:, h], exact[:, h]
+        rows.append({"head": h, "zero_fraction": float(zeroed[:, h].sum() / valid[:, h].sum().clamp(min=1)),
+                     "rel_error": float(diff.norm() / ref.norm().clamp(min=1e-300)),
+                     "max_abs_error": float(diff.abs().max())})
+    return rows
 
 
 def table(report: CutoffReport) -> str:

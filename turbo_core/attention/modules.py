@@ -279,7 +279,8 @@ class TransformerBlock(nn.Module):
         super().__init__()
         self.norm1 = nn.LayerNorm(embed_dim)
         self.attn = TurboAttention(embed_dim, num_heads, dropout=dropout, batch_first=True,
-                                   sparse_ratio=sparse_ratio, math_cfg=math_cfg)
+                                   sparse_ratio=sparse_ratio, math_cfg=math_cfg,
+                                   feature_seed=feature_seed)
         self.norm2 = nn.LayerNorm(embed_dim)
         ff_dim = ff_dim or 4 * embed_dim
         self.ff = nn.Sequential(nn.Linear(embed_dim, ff_dim), nn.GELU(),

@@ -57,6 +57,10 @@ class Variant:
             raise ValueError(f"variant {self.name}: smooth_k subtracts K's mean over the keys before "
                              f"INT8 Q·Kᵀ, but a quantized KV cache stores K at INT8 as it arrives, "
                              f"before that mean exists, so it would not apply; set smooth_k=False")
+        if self.math.structural:
+            raise ValueError(f"variant {self.name}: kernel and low-rank (Linformer) attention are "
+                             f"layers of their own, trained as such (TurboAttention); a pretrained "
+                             f"LLM's attention cannot be swapped for them")
         object.__setattr__(self, "scope", Scope(self.scope))
 
     @property
@@ -78,6 +82,10 @@ class Variant:
             "sas_degree": sas.degree if sas else None,
             "sas_lut_max": sas.lut_max if sas else None,
             "sas_coeffs": list(sas.coeffs) if sas and sas.coeffs else None,
+            "sas_pieces": sas.pieces if sas else None,
+            "sas_lut_steps": sas.lut_steps if sas else None,
+            "sas_head_lut_max": list(sas.head_lut_max) if sas and sas.head_lut_max else None,
+            "top_p": m.top_p,
             "qk_int8": m.qk_int8,
             "pv_int8": m.pv_int8,
             "smooth_k": m.smooth_k,
@@ -102,11 +110,15 @@ class Variant:
         sas = None
         if p["sas"]:
             coeffs = p.get("sas_coeffs")
+            cut = p.get("sas_head_lut_max")
             sas = SASConfig(degree=p["sas_degree"], lut_max=p["sas_lut_max"],
-                            coeffs=tuple(coeffs) if coeffs else None)
+                            coeffs=tuple(coeffs) if coeffs else None,
+                            pieces=p.get("sas_pieces") or 1, lut_steps=p.get("sas_lut_steps") or 1,
+                            head_lut_max=tuple(cut) if cut else None)
         cached = p["kv_bits"] is not None
         math = AttentionMath(sas=sas, qk_int8=p["qk_int8"], pv_int8=p["pv_int8"],
                              block_size=p["block_size"], sparse_ratio=p["sparse_ratio"],
+                             top_p=p.get("top_p"),
                              smooth_k=bool(p.get("smooth_k", True)) and not cached)
         levers = {k: p[f"kv_{k}"] for k in KVQuantConfig().levers() if f"kv_{k}" in p}
         kv = KVQuantConfig(chunk=p["kv_chunk"], k_group=p["kv_k_group"], v_group=p["kv_v_group"],

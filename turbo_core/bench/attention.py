@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from tabulate import tabulate
 from torch import nn
 
-from turbo_core.attention.adaptive import calibrate_cutoffs
+from turbo_core.attention.adaptive import calibrate_cutoffs, head_report
 from turbo_core.attention.config import EXACT, TURBO_DEFAULT, AttentionMath, FeatureMap, SASConfig
 from turbo_core.attention.functional import choose_backend
 from turbo_core.attention.modules import TurboAttention
@@ -135,8 +135,11 @@ def run(
     contenders.append(("sdpa", "sdpa", lambda: sdpa(x)))
     heads = torch.empty(shape.batch, shape.heads, shape.seq, shape.embed // shape.heads,
                         device=dev, dtype=dtype)  # what each TurboAttention call passes on
+    per_head = {}
     for name in names:
-        cfg = _case(name, shape, mha, causal, dev, dtype)
+        cfg, heads_rows = _case(name, shape, mha, causal, dev, dtype)
+        if heads_rows is not None:
+            per_head[name] = heads_rows
         turbo = TurboAttention(shape.embed, shape.heads, batch_first=True,
                                math_cfg=cfg).to(dev, dtype).eval()
         turbo.load_state_dict(mha.state_dict(), strict=not cfg.structural)
@@ -178,25 +181,30 @@ def run(
         "warmup": warmup,
         "device": describe_device(dev),
         "results": results,
+        "per_head": per_head,
     }
 
 
 def _case(name: str, shape: Shape, mha: nn.MultiheadAttention, causal: bool,
-          dev: torch.device, dtype: torch.dtype) -> AttentionMath:
-    """The case's math at this shape: Linformer's ``n`` is the sequence; the per-head cut-offs
-    are calibrated on a second input (another seed) through the same projections."""
+          dev: torch.device, dtype: torch.dtype) -> tuple[AttentionMath, list[dict] | None]:
+    """The case's math at this shape, and for adaptive sparsity its per-head report (zeroed
+    share, error against exact attention). Linformer's ``n`` is the sequence; per-head
+    cut-offs are calibrated, and both reports measured, on a second input (another seed)
+    through the same projections."""
     cfg = TURBO_CASES[name]
     if cfg.low_rank is not None:
-        return dataclasses.replace(cfg, low_rank=min(cfg.low_rank, shape.seq), max_seq_len=shape.seq)
-    if name != "turbo-sas-head-cutoffs":
-        return cfg
+        return dataclasses.replace(cfg, low_rank=min(cfg.low_rank, shape.seq), max_seq_len=shape.seq), None
+    if cfg.top_p is None and name != "turbo-sas-head-cutoffs":
+        return cfg, None
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(min(shape.batch, 2), shape.seq, shape.embed, generator=gen).to(dev, dtype)
     with torch.inference_mode():
         q, k, v = F.linear(x, mha.in_proj_weight, mha.in_proj_bias).chunk(3, dim=-1)
-    q, k, v = (t.reshape(x.shape[0], shape.seq, shape.heads, -1).transpose(1, 2) for t in (q, k, v))
-    report = calibrate_cutoffs(q, k, v, causal=causal)
-    return dataclasses.replace(cfg, sas=report.sas(cfg.sas))
+        q, k, v = (t.reshape(x.shape[0], shape.seq, shape.heads, -1).transpose(1, 2) for t in (q, k, v))
+        if cfg.top_p is not None:
+            return cfg, head_report(q, k, v, cfg, causal=causal)
+        report = calibrate_cutoffs(q, k, v, causal=causal)
+    return dataclasses.replace(cfg, sas=report.sas(cfg.sas)), report.heads
 
 
 def crossover(shape: Shape, lengths: list[int], *, repeats: int = 3, warmup: int = 1,
@@ -248,6 +256,12 @@ def table(doc: dict, fmt: str = "simple") -> str:
              f"causal={s['causal']} {s['dtype']} on {dev['type']} ({dev['name']}), "
              f"torch {dev['torch']}")
     text = title + "\n\n" + tabulate(rows, headers=headers, tablefmt=fmt, disable_numparse=True)
+    for name, rows in (doc.get("per_head") or {}).items():
+        body = [[r["head"], r.get("cutoff", ""), f"{r['zero_fraction']:.1%}", f"{r['rel_error']:.2e}",
+                 f"{r['max_abs_error']:.2e}"] for r in rows]
+        text += (f"\n\n{name} per head (on a second input of the same shape)\n\n"
+                 + tabulate(body, headers=["head", "cut-off T", "zeroed", "rel. error vs exact",
+                                           "max abs error"], tablefmt=fmt, disable_numparse=True))
     if doc.get("crossover"):
         text += "\n\n" + crossover_table(doc["crossover"], fmt)
     return text

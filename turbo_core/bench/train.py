@@ -80,8 +80,8 @@ class TinyLM(nn.Module):
         super().__init__()
         self.embed = nn.Embedding(256, s.embed)
         self.pos = nn.Parameter(torch.zeros(s.seq, s.embed))
-        self.blocks = nn.ModuleList(TransformerBlock(s.embed, s.heads, math_cfg=math_cfg)
-                                    for _ in range(s.layers))
+        self.blocks = nn.ModuleList(TransformerBlock(s.embed, s.heads, math_cfg=math_cfg, feature_seed=i)
+                                    for i in range(s.layers))
         self.norm = nn.LayerNorm(s.embed)
         self.head = nn.Linear(s.embed, 256)
 

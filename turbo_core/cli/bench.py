@@ -1,4 +1,4 @@
-"""``turbo bench attention | train | kernels | decode | model | agreement | serve | load``: benchmarks
+"""``turbo bench attention | sas | train | kernels | decode | model | agreement | serve | load``: benchmarks
 that print a table and write JSON (and Markdown where asked)."""
 
 from __future__ import annotations
@@ -46,6 +46,13 @@ def _bench_attention(args: argparse.Namespace) -> int:
         doc["crossover"] = attention.crossover(shape, lengths, repeats=repeats, warmup=args.warmup,
                                                device=args.device, dtype=dtypes[args.dtype])
     _emit(args, doc, "Attention benchmark", attention.table)
+    return 0
+
+
+def _bench_sas(args: argparse.Namespace) -> int:
+    from turbo_core.bench import sas_forms
+
+    _emit(args, sas_forms.run(), "SAS exponent forms", sas_forms.table)
     return 0
 
 
@@ -206,6 +213,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     att.add_argument("--json", metavar="PATH", help="write the results as JSON")
     att.add_argument("--markdown", metavar="PATH", help="write the table as Markdown")
     att.set_defaults(func=_bench_attention)
+
+    sf = bench_sub.add_parser("sas", help="the SAS exponent's forms: error and operations per weight")
+    sf.add_argument("--json", metavar="PATH")
+    sf.add_argument("--markdown", metavar="PATH")
+    sf.set_defaults(func=_bench_sas)
 
     tr = bench_sub.add_parser(
         "train", help="a ~1M-parameter causal byte LM trained with each attention option",
