@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from turbo_core.attention.config import FeatureMap
 
 CAUSAL_CHUNK = 128
+FEATURE_EPS = 1e-4
 
 
 def draw_features(num: int, dim: int, *, generator: torch.Generator | None = None,
@@ -71,10 +72,15 @@ def feature_map(x: torch.Tensor, kind: FeatureMap, features: torch.Tensor | None
     proj = xs @ features.to(x.dtype).T  # (B, H, L, m)
     # the constant shift: per query row, or one per (batch, head) over all keys and features
     shift = proj.amax(dim=-1, keepdim=True) if is_query else proj.amax(dim=(-2, -1), keepdim=True)
-    # one pass over (B, H, L, m): |x'|²/2, the shift and the 1/√m all go in one small tensor
+    # one pass over (B, H, L, m): |x'|²/2, the shift and the 1/√m all go in one small tensor;
+    # + FEATURE_EPS (relative to the largest feature, 1 before the 1/√m) keeps every feature
+    # and so every denominator away from 0, whose reciprocal overflowed the gradient in
+    # training (NaN at step 282 of `turbo bench train` without it; Performer's stabiliser)
     small = 0.5 * (xs * xs).sum(dim=-1, keepdim=True) + shift.detach() \
         + 0.5 * math.log(features.shape[0])
-    return (proj - small).exp_()
+    phi = (proj - small).exp_()
+    eps = FEATURE_EPS / math.sqrt(features.shape[0])
+    return phi + eps if phi.requires_grad else phi.add_(eps)  # exp's backward reads phi
 
 
 def _keep(mask: torch.Tensor | None, b: int, lk: int) -> torch.Tensor | None:

@@ -224,7 +224,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Same seed, data and steps per option; kernel attention trains as itself, "
                     "the inference approximations are applied to the exact run's weights.")
     tr.add_argument("--quick", action="store_true", help="30 short steps (a smoke run)")
-    tr.add_argument("--steps", type=int, help="optimiser steps per run (default 400)")
+    tr.add_argument("--steps", type=int, help="optimiser steps per run (default 1200)")
     tr.add_argument("--text", help="a UTF-8 text file instead of the bundled text")
     tr.add_argument("--json", metavar="PATH")
     tr.add_argument("--markdown", metavar="PATH")

@@ -100,15 +100,16 @@ def speed_vs_bytes(rows: list[dict], path: str | Path, title: str = "") -> Path:
 
 
 def loss_curves(curves: dict[str, list[float]], path: str | Path, title: str = "",
-                ylabel: str = "training loss") -> Path:
-    """One smoothed line per named curve (a running mean over a twentieth of its points)."""
+                ylabel: str = "training loss", skip: int = 0) -> Path:
+    """One smoothed line per named curve (a running mean over a twentieth of its points), from
+    point ``skip`` on (the first steps' fall would flatten the differences that matter)."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, values in curves.items():
         w = max(1, len(values) // 20)
         smooth = [sum(values[max(0, i - w + 1): i + 1]) / len(values[max(0, i - w + 1): i + 1])
                   for i in range(len(values))]
-        ax.plot(range(1, len(smooth) + 1), smooth, label=name)
+        ax.plot(range(skip + 1, len(smooth) + 1), smooth[skip:], label=name)
     ax.set_xlabel("step")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
