@@ -155,6 +155,6 @@ def test_pre_rope_without_the_models_rope_is_refused_and_the_plan_records_both_l
     with pytest.raises(ValueError, match="pre_rope must be a bool"):
         KVQuantConfig(pre_rope=1)
     levers = KVQuantConfig(k_channel_scale=True, pre_rope=True).levers()
-    assert Layout(**levers).differences(levers) == []
+    assert Layout.of(levers).differences(levers) == []
     assert Layout().differences(levers) == ["k_channel_scale=False (cache: True)",
                                             "pre_rope=False (cache: True)"]

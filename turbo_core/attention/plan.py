@@ -90,6 +90,12 @@ class Layout(_Frozen):
     k_channel_scale: bool = False
     pre_rope: bool = False
 
+    @classmethod
+    def of(cls, levers: dict[str, object]) -> Layout:
+        """The layout of a cache with these levers (``KVQuantConfig.levers``), the unrecorded
+        ones left out."""
+        return cls(**{k: v for k, v in levers.items() if k in cls.model_fields})
+
     def differences(self, levers: dict[str, object]) -> list[str]:
         mine = self.model_dump()
         return [f"{k}={mine[k]!r} (cache: {levers[k]!r})" for k in mine if mine[k] != levers.get(k)]
@@ -244,7 +250,7 @@ def build_plan(
         selection=Selection(scope=scope, int2_heads=n2, default_bits=default_bits,
                             source=source, seed=seed),
         calibration=calibration or {},
-        layout=Layout(**{k: v for k, v in (layout or {}).items() if k in Layout.model_fields}),
+        layout=Layout.of(layout or {}),
         layers=layers,
     )
 

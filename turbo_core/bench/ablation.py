@@ -74,6 +74,7 @@ def configurations(base: Variant, levers: list[str] | None = None, start: str = 
     on = origin.kv.levers()
     applicable = [n for n in (levers or LEVERS)
                   if not (n.startswith("int2") and not base.needs_calibration and base.kv_bits != 2)
+                  and not (n in ALONE and (on["rotate"] or on["pre_rope"]))  # low_rank excludes them
                   and any(on[k] != v for k, v in LEVERS[n].items())]
     combos = [[]] + [[n] for n in applicable]
     together = [n for n in applicable if n not in ALONE]
