@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
-from turbo_core.attention.config import AttentionMath, SASConfig
-from turbo_core.attention.reference import _valid_mask, attention_details
+from turbo_core.attention.config import EXACT, AttentionMath, SASConfig
+from turbo_core.attention.reference import _scores, _valid_mask, attention_details
 
 MAX_CALIBRATED_CUTOFF = 16
 
@@ -40,9 +40,9 @@ class CutoffReport:
 def _relative_scores(q: torch.Tensor, k: torch.Tensor, causal: bool, scale: float | None,
                      window: int | None) -> torch.Tensor:
     """``s - rowmax`` in float64, ``(B, H_q, L_q, L_k)``, ``-inf`` where masked."""
-    hq, d = q.shape[1], q.shape[-1]
-    kk = k if k.shape[1] == hq else k.repeat_interleave(hq // k.shape[1], dim=1)
-    s = (q.double() @ kk.double().transpose(-1, -2)) * (1.0 / math.sqrt(d) if scale is None else scale)
+    b, hq, lq, d = q.shape
+    s = _scores(q, k, EXACT, torch.float64).reshape(b, hq, lq, k.shape[2]) \
+        * (1.0 / math.sqrt(d) if scale is None else scale)
     valid = _valid_mask(q.shape[2], k.shape[2], causal, q.device, window)
     if valid is not None:
         s = s.masked_fill(~valid, -math.inf)

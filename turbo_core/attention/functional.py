@@ -25,7 +25,7 @@ from typing import Unpack
 
 import torch
 
-from turbo_core.attention.config import EXACT
+from turbo_core.attention.config import EXACT, FeatureMap
 from turbo_core.attention.floatcache import FloatKVLayer
 from turbo_core.attention.kvcache import QuantizedKVLayer
 from turbo_core.attention.packed import visible
@@ -258,7 +258,7 @@ def _structural(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, features: tor
     if opts.get("dropout_p", 0.0) > 0.0:
         raise ValueError("kernel attention forms no attention matrix to apply dropout to; "
                          "use dropout_p=0")
-    if math_cfg.kernel.value == "favor+" and features is None:
+    if math_cfg.kernel is FeatureMap.FAVOR and features is None:
         features = linear.default_features(math_cfg.num_features, q.shape[-1], q.device, q.dtype)
     causal, scale = opts.get("causal", False), opts.get("scale")
     out = linear.kernel_attention(q, k, v, kind=math_cfg.kernel, features=features,

@@ -83,20 +83,21 @@ def feature_map(x: torch.Tensor, kind: FeatureMap, features: torch.Tensor | None
     return phi + eps if phi.requires_grad else phi.add_(eps)  # exp's backward reads phi
 
 
-def _keep(mask: torch.Tensor | None, b: int, lk: int) -> torch.Tensor | None:
+def padding_keep(mask: torch.Tensor | None, b: int, lk: int, what: str = "kernel attention"
+                 ) -> torch.Tensor | None:
     """A padding mask (bool True = attend, or additive with ``-inf`` = drop) of shape
     broadcastable to ``(B, 1, 1, L_k)`` as a ``(B, 1, L_k, 1)`` float keep-factor; other masks
-    cannot be factored through the features and are refused."""
+    cannot be factored through the features (or the projections) and are refused, naming
+    ``what`` refuses them."""
     if mask is None:
         return None
     if mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[2] != 1 or mask.shape[3] != lk \
             or mask.shape[0] not in (1, b):
-        raise ValueError(f"kernel attention takes a key padding mask (B, 1, 1, L_k) only, got "
-                         f"{tuple(mask.shape)}: an arbitrary score mask does not factor through "
-                         f"φ(q)·φ(k)")
+        raise ValueError(f"{what} takes a key padding mask (B, 1, 1, L_k) only, got "
+                         f"{tuple(mask.shape)}: an arbitrary score mask does not factor through it")
     keep = mask if mask.dtype == torch.bool else torch.isfinite(mask) & (mask == 0)
     if mask.dtype != torch.bool and bool(((mask != 0) & torch.isfinite(mask)).any()):
-        raise ValueError("kernel attention takes a 0 / -inf padding mask, not a float bias")
+        raise ValueError(f"{what} takes a 0 / -inf padding mask, not a float bias")
     return keep.reshape(mask.shape[0], 1, lk, 1).float()
 
 
@@ -119,7 +120,7 @@ def kernel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, kind:
     fq = feature_map(q.to(work), kind, features, scale, True)
     fk = feature_map(_expand(k, hq).to(work), kind, features, scale, False)
     vv = _expand(v, hq).to(work)
-    keep = _keep(mask, b, k.shape[2])
+    keep = padding_keep(mask, b, k.shape[2])
     if keep is not None:
         fk = fk * keep
     if not causal:
@@ -150,7 +151,7 @@ def _quadratic(q: torch.Tensor, k: torch.Tensor, kind: FeatureMap, features: tor
     feats = None if features is None else features.to(work)
     fq = feature_map(q.to(work), kind, feats, scale, True)
     fk = feature_map(_expand(k, hq).to(work), kind, feats, scale, False)
-    keep = _keep(mask, q.shape[0], k.shape[2])
+    keep = padding_keep(mask, q.shape[0], k.shape[2])
     if keep is not None:
         fk = fk * keep.to(work)
     a = fq @ fk.transpose(-1, -2)

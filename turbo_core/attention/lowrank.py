@@ -18,6 +18,8 @@ import math
 import torch
 from torch import nn
 
+from turbo_core.attention.linear import padding_keep
+
 
 def init_projections(rank: int, max_seq_len: int, *, device=None, dtype=None) -> nn.ParameterList:
     """``[E, F]``, each ``(rank, max_seq_len)`` drawn from N(0, 1/rank) (Linformer's init)."""
@@ -44,13 +46,9 @@ def project(k: torch.Tensor, v: torch.Tensor, proj: tuple[torch.Tensor, torch.Te
     if length > e.shape[1]:
         raise ValueError(f"sequence of {length} tokens exceeds the low-rank projections' "
                          f"max_seq_len {e.shape[1]}")
-    if mask is not None:
-        if mask.dim() != 4 or mask.shape[1:3] != (1, 1) or mask.shape[3] != length:
-            raise ValueError(f"low-rank attention takes a key padding mask (B, 1, 1, L) only, "
-                             f"got {tuple(mask.shape)}")
-        keep = mask if mask.dtype == torch.bool else torch.isfinite(mask)
-        keep = keep.reshape(mask.shape[0], 1, length, 1).to(k.dtype)
-        k, v = k * keep, v * keep
+    keep = padding_keep(mask, k.shape[0], length, "low-rank attention")
+    if keep is not None:
+        k, v = k * keep.to(k.dtype), v * keep.to(v.dtype)
     return (e[:, :length].to(k.dtype) @ k, f[:, :length].to(v.dtype) @ v)
 
 

@@ -190,6 +190,12 @@ def _bench_serve(args: argparse.Namespace) -> int:
     return 0 if all(r["errors"] == 0 for sc in doc["scenarios"] for r in sc["results"]) else 1
 
 
+def _outputs(p: argparse.ArgumentParser) -> None:
+    """The ``--json`` / ``--markdown`` pair every benchmark takes (written by :func:`_emit`)."""
+    p.add_argument("--json", metavar="PATH", help="write the results as JSON")
+    p.add_argument("--markdown", metavar="PATH", help="write the table as Markdown")
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     bench = sub.add_parser("bench", help="benchmarks (print a table, write JSON)")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
@@ -210,13 +216,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     att.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     att.add_argument("--case", action="append",
                      help="TurboAttention case to include (repeatable; default all)")
-    att.add_argument("--json", metavar="PATH", help="write the results as JSON")
-    att.add_argument("--markdown", metavar="PATH", help="write the table as Markdown")
+    _outputs(att)
     att.set_defaults(func=_bench_attention)
 
     sf = bench_sub.add_parser("sas", help="the SAS exponent's forms: error and operations per weight")
-    sf.add_argument("--json", metavar="PATH")
-    sf.add_argument("--markdown", metavar="PATH")
+    _outputs(sf)
     sf.set_defaults(func=_bench_sas)
 
     tr = bench_sub.add_parser(
@@ -226,16 +230,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     tr.add_argument("--quick", action="store_true", help="30 short steps (a smoke run)")
     tr.add_argument("--steps", type=int, help="optimiser steps per run (default 1200)")
     tr.add_argument("--text", help="a UTF-8 text file instead of the bundled text")
-    tr.add_argument("--json", metavar="PATH")
-    tr.add_argument("--markdown", metavar="PATH")
+    _outputs(tr)
     tr.add_argument("--png", metavar="PATH", help="write the loss curves")
     tr.set_defaults(func=_bench_train)
 
     ker = bench_sub.add_parser(
         "kernels", help="Triton kernels vs SDPA fp16 (GPU; tiny interpreter smoke run on CPU)")
     ker.add_argument("--repeats", type=int, help="timed runs per case (default 10 GPU, 1 CPU)")
-    ker.add_argument("--json", metavar="PATH")
-    ker.add_argument("--markdown", metavar="PATH")
+    _outputs(ker)
     ker.set_defaults(func=_bench_kernels)
 
     dec = bench_sub.add_parser(
@@ -256,8 +258,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     dec.add_argument("--instructions", action="store_true",
                      help="also count each C++ op's instructions per element under valgrind's "
                           "callgrind (small fixed shape, one thread; adds ~5 min)")
-    dec.add_argument("--json", metavar="PATH")
-    dec.add_argument("--markdown", metavar="PATH")
+    _outputs(dec)
     dec.set_defaults(func=_bench_decode)
 
     b = bench_sub.add_parser("model", help="all variants + peer + INT2-choice controls (report)")
@@ -284,8 +285,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--plots", metavar="DIR",
                    help="write accuracy- and speed-vs-KV-bytes PNGs (green: passes the default gates)")
     b.add_argument("--replot", metavar="JSON", help="render an earlier report's JSON; no measuring")
-    b.add_argument("--json", metavar="PATH")
-    b.add_argument("--markdown", metavar="PATH")
+    _outputs(b)
     b.set_defaults(func=_bench_model)
 
     ag = bench_sub.add_parser(
@@ -298,8 +298,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     ag.add_argument("--chunk", type=int, default=512, help="prompt tokens per forward (default 512)")
     ag.add_argument("--decode", type=int, default=8, help="decode steps (default 8)")
     ag.add_argument("--text", help="UTF-8 text file (default: the stdlib's pydoc topics)")
-    ag.add_argument("--json", metavar="PATH")
-    ag.add_argument("--markdown", metavar="PATH")
+    _outputs(ag)
     ag.set_defaults(func=_bench_agreement)
 
     sb = bench_sub.add_parser(
@@ -313,8 +312,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     sb.add_argument("--peer", action="append", choices=["vllm"],
                     help="also run vLLM's CPU build (own venv via scripts/vllm_peer.sh)")
     sb.add_argument("--url", help="measure a running server instead of starting contenders")
-    sb.add_argument("--json", metavar="PATH")
-    sb.add_argument("--markdown", metavar="PATH")
+    _outputs(sb)
     sb.set_defaults(func=_bench_serve)
 
     ld = bench_sub.add_parser("load", help="concurrent clients against a running server")
