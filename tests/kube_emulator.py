@@ -9,7 +9,10 @@ history, GET/LIST/DELETE) plus what a real cluster adds and kmock leaves to test
   by the behaviour the test assigns to each image: ``good``, ``stuck`` (never available),
   ``crash`` (CrashLoopBackOff) or ``wrong-model`` (available, but serves another model);
 * the Service proxy (``/api/v1/namespaces/NS/services/NAME:PORT/proxy/PATH``) answering as
-  the server of the image that is currently available would.
+  the server of the image that is currently available would; as a real API server does, it
+  authenticates the caller by ``Authorization`` and does not forward that header to the pod
+  (kubernetes/kubernetes#38775), so a server started with an API key (``api_keys``) sees only
+  the request's other headers.
 
 No real API server can run on our machines (docs/design.md §4); this is the stand-in the issue names.
 """
@@ -49,6 +52,8 @@ class Cluster(kmock.KubernetesEmulator):
         self.namespaces: set[str] = {"default"}
         self.behaviour: dict[str, str] = {}  # image → good | stuck | crash | wrong-model
         self.models: dict[str, str] = {}  # image → model id its server reports
+        self.api_keys: dict[str, str] = {}  # image → the API key its server requires on /v1
+        self.token = "test-token"  # the bearer token the API server accepts (kubeconfig's)
         self.calls: list[tuple[str, str]] = []  # (method, path) of every request
         self.serving: dict[str, str] = {}  # deployment name → image that serves traffic
         self._revisions: dict[str, dict[str, int]] = {}  # deployment → template hash → rev
@@ -98,9 +103,18 @@ class Cluster(kmock.KubernetesEmulator):
 
     def _proxy(self, request):
         path = "/" + request.subresource.removeprefix("proxy").lstrip("/")
+        headers = request._raw_request.headers
+        if headers.get("Authorization") != f"Bearer {self.token}":
+            return self._status(401, "Unauthorized")
+        forwarded = {k.lower(): v for k, v in headers.items() if k.lower() != "authorization"}
         image = self.serving.get(request.name.split(":")[0])
         if image is None:
             return self._status(503, "no endpoints available for service")
+        key = self.api_keys.get(image)
+        if key and path.startswith("/v1/") and forwarded.get("x-api-key") != key:
+            return aiohttp.web.json_response(
+                {"error": {"message": "missing or wrong API key", "type": "authentication_error"}},
+                status=401)
         model = self.models[image]
         if path == "/ready":
             return aiohttp.web.json_response({"ready": True, "model": model})
@@ -202,7 +216,7 @@ class RunningCluster:
         path.write_text(json.dumps({
             "apiVersion": "v1", "kind": "Config", "current-context": "emulator",
             "clusters": [{"name": "emulator", "cluster": {"server": self.url}}],
-            "users": [{"name": "tester", "user": {"token": "test-token"}}],
+            "users": [{"name": "tester", "user": {"token": self.cluster.token}}],
             "contexts": [{"name": "emulator", "context": {"cluster": "emulator",
                                                           "user": "tester",
                                                           "namespace": namespace}}]}))

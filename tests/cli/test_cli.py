@@ -49,3 +49,21 @@ def test_console_script_is_installed():
     res = subprocess.run([sys.executable, "-m", "turbo_core.cli", "bench", "attention", "--help"],
                          capture_output=True, text=True, check=True)
     assert "article" in res.stdout
+
+
+def test_bench_subcommands_are_the_documented_ones(capsys):
+    """One load client: ``turbo bench serve --url`` measures a running server, so the older
+    one-at-a-time ``turbo bench load`` is gone; every subcommand is documented, none more."""
+    import re
+    from pathlib import Path
+
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    listed = re.search(r"\{([a-z,-]+)\}", capsys.readouterr().out).group(1).split(",")
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    documented = re.search(r"`turbo bench ([a-z |\\-]+)`", readme).group(1)
+    assert sorted(listed) == sorted(w.strip() for w in documented.split("\\|"))
+    assert "load" not in listed
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "load", "--url", "http://127.0.0.1:9"])
+    assert exc.value.code == 2 and "invalid choice: 'load'" in capsys.readouterr().err

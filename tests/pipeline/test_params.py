@@ -16,11 +16,11 @@ def test_schema_is_valid_and_defaults_pass():
     assert got == params.defaults() and set(got["variants"]) <= set(params.PARAMS["variants"]["examples"])
     g = params.gates(params.validate({"max_ppl_delta_pct": 2.0}))
     good = {"ppl_delta_pct": 1.5, "top1_agreement": 0.9, "kv_compression": 3.8, "kl_mean": 0.01,
-            "decode_speedup": 1.1, "retrieval_kept": 1.0}
+            "decode_speedup": 1.1, "retrieval_kept_upper": 1.0}
     assert g.evaluate(good, None).passed
     assert not g.evaluate(good | {"ppl_delta_pct": 2.5}, None).passed
     assert [x.metric for x in g.gates] == ["ppl_delta_pct", "top1_agreement", "kv_compression",
-                                           "kl_mean", "decode_speedup", "retrieval_kept"]
+                                           "kl_mean", "decode_speedup", "retrieval_kept_upper"]
     on = params.gates(params.validate({"min_prefill_speedup": 0.5, "min_retrieval": 0.6}))
     assert on.evaluate(good | {"prefill_speedup": 0.4, "retrieval_accuracy": 0.5}).reasons == (
         "prefill_speedup = 0.4, needs >= 0.5 (misses by 0.1)",

@@ -24,6 +24,19 @@ def test_image_tag_and_bad_input(tmp_path):
                     variant="v", repository="r", wheelhouse=tmp_path)
 
 
+def test_project_wheel_is_reproducible(tmp_path):
+    """The same source gives the same wheel bytes, so the image's build stage (the virtual
+    environment) is cached across the images of one source tree instead of stored per image."""
+    import hashlib
+    import time
+
+    first = image.project_wheel(tmp_path / "a")
+    time.sleep(1.1)  # a wheel dated "now" would differ by now
+    second = image.project_wheel(tmp_path / "b")
+    assert first.name == second.name
+    assert hashlib.sha256(first.read_bytes()).digest() == hashlib.sha256(second.read_bytes()).digest()
+
+
 def test_dockerfile_is_hadolint_clean():
     import subprocess
     import sys

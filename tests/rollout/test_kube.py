@@ -79,6 +79,21 @@ def test_good_rollout_then_rerun_changes_nothing_then_upgrade(cluster, images, t
     assert dep2["metadata"]["generation"] == dep["metadata"]["generation"] + 1
 
 
+def test_verify_reaches_a_server_that_requires_an_api_key(cluster, images, tmp_path,
+                                                          monkeypatch):
+    """With the API-key Secret set, the server refuses /v1 without the key. The Service proxy
+    keeps ``Authorization`` for the API server, so the key must reach the pod another way."""
+    kc = _setup(cluster, images, tmp_path)
+    cluster.cluster.api_keys[images["good-v1"]] = "s3cret"
+    monkeypatch.delenv("TURBO_API_KEY", raising=False)
+    keyless = _deploy(cluster, kc, images["good-v1"], "good-v1")
+    assert keyless.status == "rolled_back" and "/v1/models answered 401" in keyless.reason
+    monkeypatch.setenv("TURBO_API_KEY", "s3cret")
+    keyed = _deploy(cluster, kc, images["good-v1"], "good-v1")
+    assert keyed.verify["ok"] and keyed.verify["served_models"] == [SERVED], keyed.verify
+    assert keyed.status == "deployed", keyed.reason
+
+
 @pytest.mark.parametrize("bad, reason", [("stuck", "rollout not complete after"),
                                          ("crash", "CrashLoopBackOff"),
                                          ("wrong-model", "verification failed: models")])

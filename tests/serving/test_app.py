@@ -150,6 +150,9 @@ def test_api_key_guards_v1_but_not_probes(engine):
         assert c.get("/v1/models").status_code == 401
         ok = c.post("/v1/completions", json=body, headers={"Authorization": "Bearer s3cret"})
         assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] >= 1
+        # the header the Kubernetes Service proxy forwards (it keeps Authorization)
+        assert c.get("/v1/models", headers={"X-API-Key": "s3cret"}).status_code == 200
+        assert c.get("/v1/models", headers={"X-API-Key": "s3cre"}).status_code == 401
         assert c.get("/health").status_code == 200 and c.get("/ready").status_code == 200
         assert 'turbo_requests_total{endpoint="/v1/completions",status="401"} 2.0' in \
             c.get("/metrics").text

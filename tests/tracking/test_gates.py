@@ -51,13 +51,30 @@ def test_markdown_report_and_bad_gates():
 
 
 def test_default_gates_state_the_promise():
-    """Not slower than the float baseline, nothing it recalls forgotten, little drift."""
+    """Not slower than the float baseline, little drift, and nothing the baseline recalls
+    shown to be forgotten: the recall gate reads the 95 % upper bound over the prompts, so one
+    prompt that flips passes and half of them lost fails, with the share and count beside it."""
+    from turbo_core.hf.retrieval import kept
+
+    def recall(base: list[bool], mine: list[bool]) -> dict:
+        return kept({"samples": [{"correct": c} for c in base]},
+                    {"samples": [{"correct": c} for c in mine]})
+
     good = {"ppl_delta_pct": 1.9, "top1_agreement": 0.93, "kv_compression": 3.8, "kl_mean": 0.02,
             "decode_speedup": 1.02, "prefill_speedup": 0.6, "retrieval_accuracy": 0.7,
-            "retrieval_kept": 1.0}
+            **recall([True] * 6 + [False] * 2, [True] * 6 + [False, True])}
+    assert good["retrieval_kept"] == 1.0 and good["retrieval_known"] == 6
     assert default_gates().evaluate(good).passed
     slow = default_gates().evaluate(good | {"decode_speedup": 0.41})
     assert slow.reasons == ("decode_speedup = 0.41, needs >= 1 (misses by 0.59)",)
-    forgets = default_gates().evaluate(good | {"retrieval_kept": 0.5, "kl_mean": 0.3})
+    one_flip = recall([True] * 6 + [False] * 2, [True] * 5 + [False] * 3)
+    assert one_flip["retrieval_kept"] == pytest.approx(5 / 6)
+    assert default_gates().evaluate(good | one_flip).passed  # 0.99: one prompt shows nothing
+    # exact: P(X <= 3 | n=6, p) = 0.05 solved for p, the Clopper–Pearson one-sided bound
+    half = recall([True] * 6 + [False] * 2, [True] * 3 + [False] * 5)
+    p = half["retrieval_kept_upper"]
+    assert sum(math.comb(6, i) * p**i * (1 - p) ** (6 - i) for i in range(4)) == pytest.approx(0.05)
+    forgets = default_gates().evaluate(good | half | {"kl_mean": 0.3})
     assert forgets.reasons == ("kl_mean = 0.3, needs <= 0.1 (misses by 0.2)",
-                               "retrieval_kept = 0.5, needs >= 1 (misses by 0.5)")
+                               f"retrieval_kept_upper = {p:.6g}, needs >= 0.9 (misses by "
+                               f"{0.9 - p:.3g}; retrieval_kept = 0.5; retrieval_known = 6)")

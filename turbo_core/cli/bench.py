@@ -163,20 +163,6 @@ def _bench_agreement(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bench_load(args: argparse.Namespace) -> int:
-    from tabulate import tabulate
-
-    from turbo_core.bench import load
-
-    doc = load.run(args.url, clients=args.clients, requests=args.requests,
-                   max_tokens=args.max_tokens)
-    keys = ["clients", "requests", "ok", "errors", "p50_s", "p95_s", "tokens_per_s"]
-    print(tabulate([[doc[k] for k in keys]], headers=keys, floatfmt=".3f"))
-    if args.json:
-        write_json(args.json, doc)
-    return 0 if doc["errors"] == 0 else 1
-
-
 def _bench_serve(args: argparse.Namespace) -> int:
     from turbo_core.bench import serve
 
@@ -314,11 +300,3 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     sb.add_argument("--url", help="measure a running server instead of starting contenders")
     _outputs(sb)
     sb.set_defaults(func=_bench_serve)
-
-    ld = bench_sub.add_parser("load", help="concurrent clients against a running server")
-    ld.add_argument("--url", default="http://127.0.0.1:8000")
-    ld.add_argument("--clients", type=int, default=4)
-    ld.add_argument("--requests", type=int, default=32)
-    ld.add_argument("--max-tokens", type=int, default=16)
-    ld.add_argument("--json", metavar="PATH")
-    ld.set_defaults(func=_bench_load)

@@ -69,7 +69,7 @@ def _print_result(result: dict) -> None:
     keys = ["ppl_delta_pct", "top1_agreement", "kl_mean", "kl_p99", "kv_bytes_per_token",
             "kv_bytes_per_token_1k", "kv_bytes_per_token_8k", "kv_bytes_per_token_32k",
             "kv_compression", "prefill_speedup", "decode_speedup", "retrieval_accuracy",
-            "retrieval_accuracy_baseline", "retrieval_kept"]
+            "retrieval_accuracy_baseline", "retrieval_kept", "retrieval_kept_upper"]
     rows = [result] + ([result["peer"]] if "peer" in result else [])
     print(tabulate([[r["variant"]] + [r.get(k, "") for k in keys] for r in rows],
                    headers=["variant", *keys], floatfmt=".4g"))

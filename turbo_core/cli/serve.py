@@ -61,7 +61,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     help="load, warm up (compiling the decode step into $TURBO_HOME) and exit")
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=8000)
-    sv.add_argument("--api-key", help=f"require 'Authorization: Bearer KEY' on /v1 (or ${API_KEY_ENV})")
+    sv.add_argument("--api-key", help=f"require 'Authorization: Bearer KEY' or 'X-API-Key: KEY' on /v1 "
+                         f"(or ${API_KEY_ENV})")
     sv.add_argument("--kv-budget", help="admit requests while their KV bytes fit, e.g. 512MiB")
     sv.add_argument("--max-batch", type=int, default=16, help="sequences decoding together")
     sv.add_argument("--max-queue", type=int, default=64, help="waiting requests before 429")

@@ -258,13 +258,9 @@ def _speed_and_recall(lm: LoadedModel, contender, ids: torch.Tensor, split: Text
                                               settings.retrieval, progress)
     base = _BASELINE_RECALL[key]
     mine = retrieval.run(contender, lm.tokenizer, samples, settings.retrieval, progress)
-    known = [b["correct"] for b in base["samples"]]
-    kept = sum(b and m["correct"] for b, m in zip(known, mine["samples"], strict=True))
-    return out | {
+    return out | retrieval.kept(base, mine) | {
         "retrieval_accuracy": mine["accuracy"],
         "retrieval_accuracy_baseline": base["accuracy"],
-        # the share of what the baseline recalls that the variant recalls too (1 if nothing)
-        "retrieval_kept": kept / sum(known) if any(known) else 1.0,
         "retrieval_passkey": mine["by_task"]["passkey"],
         "retrieval_multikey": mine["by_task"]["multikey"],
         "retrieval": {"variant": mine, "baseline": base},

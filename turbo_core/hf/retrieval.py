@@ -195,3 +195,18 @@ def run(contender, tokenizer, samples: list[Sample], settings: RetrievalSettings
             "by_length": {str(n): acc([r for r in rows if r["length"] == n])
                           for n in sorted({r["length"] for r in rows})},
             "samples": rows, "settings": asdict(settings)}
+
+
+def kept(baseline: dict, variant: dict) -> dict[str, float | int]:
+    """Of the prompts the baseline recalls (two ``run`` results on the same samples), the share
+    the variant recalls too (1 when the baseline recalls none), their count, and the one-sided
+    95 % upper confidence bound on that share, which the recall gate reads (docs/design.md
+    §2.4): with 6–8 prompts
+    one flip moves the share by 0.12–0.25, and the bound says what the prompts can show."""
+    from turbo_core.stats import binomial_upper
+
+    known = [b["correct"] for b in baseline["samples"]]
+    hits = sum(b and v["correct"] for b, v in zip(known, variant["samples"], strict=True))
+    return {"retrieval_kept": hits / sum(known) if any(known) else 1.0,
+            "retrieval_known": sum(known),
+            "retrieval_kept_upper": binomial_upper(hits, sum(known))}

@@ -33,10 +33,12 @@ PARAMS: dict[str, dict] = {
                             "title": "Gate: min prefill speed-up vs the float baseline (0: off)"},
     "min_retrieval": {"type": "number", "minimum": 0, "maximum": 1, "default": 0.0,
                       "title": "Gate: min retrieval accuracy (passkey + multi-key needle)"},
-    "min_retrieval_kept": {"type": "number", "minimum": 0, "maximum": 1, "default": 1.0,
+    "min_retrieval_kept": {"type": "number", "minimum": 0, "maximum": 1, "default": 0.9,
                            "title": "Gate: min share of the baseline's correct retrievals kept",
-                           "description": "1 = the variant must recall everything the float "
-                                          "baseline recalls"},
+                           "description": "read against the 95 % upper confidence bound over "
+                                          "the prompts the baseline recalls: fails only when "
+                                          "they show the variant keeps less (one lost prompt "
+                                          "never does)"},
     "max_p95_latency_s": {"type": "number", "exclusiveMinimum": 0, "default": 60.0,
                           "title": "Verify: max p95 request latency under the bounded load (s)",
                           "description": "after deployment: 8 completions of 16 tokens from 4 "
@@ -111,7 +113,8 @@ def gates(params: dict) -> GateSet:
         Gate("kv_compression", threshold=params["min_kv_compression"]),
         Gate("kl_mean", threshold=params["max_kl"], greater_is_better=False),
         Gate("decode_speedup", threshold=params["min_decode_speedup"]),
-        Gate("retrieval_kept", threshold=params["min_retrieval_kept"]),
+        Gate("retrieval_kept_upper", threshold=params["min_retrieval_kept"],
+             shows=("retrieval_kept", "retrieval_known")),
         *[g for g in optional if g.threshold],
     ))
 

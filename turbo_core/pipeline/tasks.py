@@ -86,7 +86,8 @@ def fetch_plan(calibrated: dict, dest: str | Path) -> str:
 KEY_METRICS = ("ppl_delta_pct", "top1_agreement", "kl_mean", "kl_p99", "kv_compression",
                "kv_bytes_per_token", "decode_speedup", "prefill_speedup", "decode_tokens_per_s",
                "decode_tokens_per_s_baseline", "prefill_tokens_per_s", "retrieval_accuracy",
-               "retrieval_accuracy_baseline", "retrieval_kept")
+               "retrieval_accuracy_baseline", "retrieval_kept", "retrieval_kept_upper",
+               "retrieval_known")
 
 
 def eval_settings(prep: dict):
@@ -312,14 +313,15 @@ def render(doc: dict) -> str:
     nan = float("nan")
     lines = [f"turbo_nightly on {doc['model']} (deploy target {doc['deploy_target']})", "",
              f"{'variant':<12} {'gate':<6} {'Δppl %':>8} {'top-1':>6} {'KL':>7} {'KV x':>6} "
-             f"{'decode x':>8} {'recall':>6} {'kept':>5}"]
+             f"{'decode x':>8} {'recall':>6} {'kept':>5} {'≤95%':>5}"]
     for r in doc["variants"]:
         m = r["metrics"]
         lines.append(f"{r['variant']:<12} {'PASS' if r['passed'] else 'FAIL':<6} "
                      f"{m.get('ppl_delta_pct', nan):>+8.2f} {m.get('top1_agreement', nan):>6.3f} "
                      f"{m.get('kl_mean', nan):>7.4f} {m.get('kv_compression', nan):>6.2f} "
                      f"{m.get('decode_speedup', nan):>8.2f} {m.get('retrieval_accuracy', nan):>6.2f} "
-                     f"{m.get('retrieval_kept', nan):>5.2f}")
+                     f"{m.get('retrieval_kept', nan):>5.2f} "
+                     f"{m.get('retrieval_kept_upper', nan):>5.2f}")
         lines += [f"    gate failed: {reason}" for reason in r["reasons"]]
     lines.append("")
     if doc["chosen"]:

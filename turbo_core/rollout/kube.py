@@ -4,7 +4,8 @@ Uses the official ``kubernetes`` client (kubeconfig or in-cluster config, auth, 
 speaks the REST paths directly with JSON bodies, so a rollback re-applies exactly what was
 read, with no model round trip. Verification goes through the API server's Service proxy
 (``/api/v1/namespaces/NS/services/NAME:http/proxy/...``): it works from outside the cluster
-with the same credentials and reaches pods exactly as the Service routes traffic.
+with the same credentials and reaches pods exactly as the Service routes traffic; the
+server's API key goes as ``X-API-Key``, since the proxy keeps ``Authorization`` for itself.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 
 from turbo_core.rollout import LABEL_PREFIX, RolloutError, RolloutResult
 from turbo_core.rollout.manifests import deployment_of
-from turbo_core.rollout.verify import VerifyConfig, verify
+from turbo_core.rollout.verify import VerifyConfig, auth_headers, verify
 
 log = logging.getLogger("turbo.rollout")
 FIELD_MANAGER = "turbo-rollout"
@@ -64,10 +65,11 @@ class Kube:
 
     def call(self, method: str, path: str, body: dict | None = None,
              content_type: str = "application/json", query: dict | None = None,
-             timeout_s: float = 60.0) -> tuple[int, bytes]:
+             timeout_s: float = 60.0, extra_headers: dict[str, str] | None = None,
+             ) -> tuple[int, bytes]:
         import urllib3
 
-        headers = {"Accept": "application/json, */*"}
+        headers = {"Accept": "application/json, */*", **(extra_headers or {})}
         if body is not None:
             headers["Content-Type"] = content_type
         _, url, headers, payload, _ = self.api.param_serialize(
@@ -189,10 +191,13 @@ def wait_rollout(kube: Kube, dep_path: str, opts: KubeOptions) -> dict:
 
 
 def service_request(kube: Kube, ns: str, service: str, port: str = "http"):
+    """Requests to the Service through the API server's proxy. The server's API key travels
+    as ``X-API-Key``: the API server authenticates the caller with ``Authorization`` and does
+    not forward it (kubernetes/kubernetes#38775), other headers reach the pod."""
     base = f"/api/v1/namespaces/{ns}/services/{service}:{port}/proxy"
 
     def request(method: str, path: str, body: dict | None) -> tuple[int, bytes]:
-        return kube.call(method, base + path, body)
+        return kube.call(method, base + path, body, extra_headers=auth_headers("X-API-Key"))
     return request
 
 

@@ -46,9 +46,14 @@ class VerifyConfig:
 API_KEY_ENV = "TURBO_API_KEY"  # the server's key, sent when set (as `turbo serve` reads it)
 
 
-def auth_headers() -> dict[str, str]:
+def auth_headers(header: str = "Authorization") -> dict[str, str]:
+    """The server's key as ``Authorization: Bearer`` (direct HTTP) or as ``X-API-Key`` (through
+    the Kubernetes Service proxy, which keeps ``Authorization`` for the API server); none when
+    no key is set."""
     key = os.environ.get(API_KEY_ENV)
-    return {"Authorization": f"Bearer {key}"} if key else {}
+    if not key:
+        return {}
+    return {"Authorization": f"Bearer {key}"} if header == "Authorization" else {header: key}
 
 
 def http_request(base_url: str, timeout_s: float = 60.0) -> Request:

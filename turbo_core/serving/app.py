@@ -3,7 +3,7 @@
 (liveness), ``/ready`` (the engine demonstrably generates), ``/metrics`` (Prometheus).
 
 With an API key (``--api-key`` / ``TURBO_API_KEY``) every ``/v1`` route needs
-``Authorization: Bearer <key>`` (401 otherwise), as vLLM does; probes and metrics stay open.
+``Authorization: Bearer <key>`` or ``X-API-Key: <key>`` (401 otherwise); probes and metrics stay open.
 """
 
 from __future__ import annotations
@@ -54,7 +54,8 @@ def create_app(engine: Engine, limits: Limits | None = None, api_key: str | None
     async def guard_and_count(request: Request, call_next):
         path = request.url.path if request.url.path in _PATHS else "other"
         if api_key and request.url.path.startswith("/v1/") and not _authorized(request, api_key):
-            response = _error(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
+            response = _error(401, "missing or wrong API key: send 'Authorization: Bearer <key>' "
+                              "or 'X-API-Key: <key>'",
                               "authentication_error")
         else:
             response = await call_next(request)
@@ -216,9 +217,13 @@ async def _events(shape: _Shape, handle, events: asyncio.Queue, include_usage: b
 
 
 def _authorized(request: Request, key: str) -> bool:
-    given = request.headers.get("authorization", "")
-    scheme, _, token = given.partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode())
+    """``Authorization: Bearer <key>`` (what OpenAI clients send) or ``X-API-Key: <key>``: the
+    Kubernetes API server's Service proxy consumes ``Authorization`` for itself and forwards
+    other headers (kubernetes/kubernetes#38775), so the rollout's verify sends the second."""
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode()):
+        return True
+    return hmac.compare_digest(request.headers.get("x-api-key", "").strip().encode(), key.encode())
 
 
 _PATHS = {"/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/ready", "/metrics"}

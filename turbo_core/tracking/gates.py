@@ -21,6 +21,7 @@ class Gate:
             (negative values allow a bounded regression).
         min_relative_change: the same as a fraction of the baseline's magnitude.
         greater_is_better: direction of "better".
+        shows: metrics a failure reports beside this one (what the gated figure stands on).
     """
 
     metric: str
@@ -28,6 +29,7 @@ class Gate:
     min_absolute_change: float | None = None
     min_relative_change: float | None = None
     greater_is_better: bool = True
+    shows: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.metric:
@@ -49,8 +51,10 @@ class Gate:
         word = ">=" if self.greater_is_better else "<="
         reasons = []
         if self.threshold is not None and sign * (value - self.threshold) < 0:
+            beside = "".join(f"; {name} = {metrics[name]:.6g}" for name in self.shows
+                             if isinstance(metrics.get(name), int | float))
             reasons.append(f"{self.metric} = {value:.6g}, needs {word} {self.threshold:.6g} "
-                           f"(misses by {abs(value - self.threshold):.3g})")
+                           f"(misses by {abs(value - self.threshold):.3g}{beside})")
         relative = self.min_absolute_change is not None or self.min_relative_change is not None
         if relative and baseline is not None:
             base = baseline.get(self.metric)
