@@ -1,5 +1,6 @@
 """MLflow tracking and registry against a real `mlflow server` process on 127.0.0.1."""
 
+import hashlib
 import json
 
 import mlflow
@@ -55,6 +56,17 @@ def test_calibrate_and_evaluate_runs_are_tracked(server, lm, tiny_dir, tmp_path)
     files = {f.path for f in client.list_artifacts(out.run_id)}
     assert {"plan.json", "gate_report.json", "gate_report.md", "evaluation.json",
             "accuracy_vs_kv_bytes.png", "latency.png"} <= files
+    # the text each run used, as MLflow datasets (the run's inputs, the UI's Datasets column)
+    split = data.load_split()
+    for run_id, context, part, tokens in (
+            (calib_run, "calibration", split.calibration, plan.calibration["tokens"]),
+            (out.run_id, "evaluation", split.evaluation, out.result["eval_tokens"])):
+        (used,) = client.get_run(run_id).inputs.dataset_inputs
+        tags = {t.key: t.value for t in used.tags}
+        assert used.dataset.name == f"stdlib:pydoc_data.topics:{context}"
+        assert used.dataset.digest == hashlib.sha256(part.encode()).hexdigest()[:16]
+        assert used.dataset.source_type == "code" and "pydoc_data.topics" in used.dataset.source
+        assert tags["mlflow.data.context"] == context and tags["tokens"] == str(tokens)
     calib_files = {f.path for f in client.list_artifacts(calib_run)}
     assert {"plan.json", "head_priority.png"} <= calib_files
     report = json.loads(mlflow.artifacts.load_text(f"runs:/{out.run_id}/gate_report.json"))

@@ -12,8 +12,8 @@ from turbo_core.attention.variants import Variant
 from turbo_core.hf import calibrate as calib
 from turbo_core.hf import data, evaluate, models
 from turbo_core.pipeline.params import default_gates
+from turbo_core.tracking import datasets, plots
 from turbo_core.tracking import model_registry as registry
-from turbo_core.tracking import plots
 from turbo_core.tracking import runs as tracking
 from turbo_core.tracking.gates import GateDecision, GateSet
 
@@ -42,6 +42,9 @@ def calibrate_variant(lm: models.LoadedModel, variant: Variant, out: str | Path,
         tracking.log_params(variant.params() | _model_params(lm) | {"calib_max_tokens": max_tokens})
         plan = calib.calibrate(lm, variant, text_path=text, max_tokens=max_tokens, seed=seed)
         plan.save(out)
+        split = data.load_split(text)
+        datasets.log_text("calibration", split.calibration, split.source,
+                          plan.calibration["tokens"])
         mlflow.log_param("data_sha256", plan.calibration["data_sha256"])
         mlflow.log_artifact(str(out))
         tracking.log_png(plots.priority_heatmap, plan, name="head_priority.png")
@@ -59,6 +62,7 @@ def evaluate_variant(lm: models.LoadedModel, variant: Variant, *, plan: BitPlan 
     with tracking.variant_run(lm.name, variant.name, "evaluate", ctx) as run:
         tracking.log_params(variant.params() | _model_params(lm) | {"data_sha256": split.sha256})
         result = evaluate.evaluate(lm, variant, split, plan=plan, settings=settings)
+        datasets.log_text("evaluation", split.evaluation, split.source, result["eval_tokens"])
         metrics = tracking.numeric_metrics(result)
         mlflow.log_metrics(metrics)
         decision = (gates or default_gates()).evaluate(result, registry.champion_metrics(lm.name))
