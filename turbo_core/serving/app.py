@@ -18,13 +18,42 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from turbo_core.serving.engine import Engine, Limits, Sampling
 from turbo_core.serving.metrics import ServerMetrics
-from turbo_core.serving.protocol import ChatRequest, CompletionRequest, GenerationRequest
+from turbo_core.serving.protocol import (
+    ChatRequest,
+    CompletionRequest,
+    ErrorBody,
+    GenerationRequest,
+)
 from turbo_core.serving.scheduler import QueueFull, Scheduler, TooLarge
 
 READY_FRESH_S = 30.0  # a scheduler step this recent proves the engine works
+
+# What a union field's errors say as one line (pydantic reports each branch of the union).
+_FIELD_HINTS = {"prompt": "exactly one prompt per request: a non-empty string, or a list "
+                          "holding one",
+                "stop": "a non-empty string or a list of at most 4 non-empty strings"}
+
+
+def _documented(*codes: int) -> dict[int | str, dict]:
+    """OpenAPI responses: each error status with the body every error has."""
+    why = {400: "body is not JSON, prompt over the token limit or the KV budget, or the model "
+                "has no chat template", 401: "API key required and missing or wrong",
+           404: "another model was asked for", 422: "a field is invalid (named in the message)",
+           429: "queue full (Retry-After: 1)", 500: "generation failed",
+           503: "generation cancelled (server shutting down)", 504: "request timeout reached"}
+    return {code: {"model": ErrorBody, "description": why[code]} for code in codes}
+
+
+_GENERATION_ERRORS = _documented(400, 401, 404, 422, 429, 500, 503, 504)
+# with "stream": true: server-sent events, each "data:" a JSON chunk (the last one "[DONE]")
+_STREAM = {"text/event-stream": {"schema": {
+    "type": "object", "required": ["data"],
+    "properties": {"data": {"type": "string", "description": "a JSON chunk, or [DONE]"},
+                   "event": {"type": "string"}}}}}
 
 
 def _error(status: int, message: str, kind: str = "invalid_request_error", **headers: str) -> JSONResponse:
@@ -62,20 +91,32 @@ def create_app(engine: Engine, limits: Limits | None = None, api_key: str | None
         metrics.count(path, response.status_code)
         return response
 
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        """FastAPI's own errors (a body it cannot parse, an unknown route, a method not
+        allowed) in the same body as every other error, their headers (Allow) kept."""
+        return _error(exc.status_code, str(exc.detail), **dict(exc.headers or {}))
+
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = exc.errors()
         if any(e.get("type") == "json_invalid" for e in errors):
             return _error(400, "request body is not valid JSON")
-        parts = [f"{'.'.join(str(x) for x in e.get('loc', ())[1:]) or 'body'}: {e.get('msg')}"
-                 for e in errors]
-        return _error(422, "; ".join(parts))
+        parts: dict[str, str] = {}
+        for e in errors:
+            loc = [str(x) for x in e.get("loc", ())[1:]]
+            field = loc[0] if loc else "body"
+            if field in _FIELD_HINTS:
+                parts[field] = f"{field}: {_FIELD_HINTS[field]}"
+            else:
+                parts.setdefault(".".join(loc) or "body", f"{'.'.join(loc) or 'body'}: {e.get('msg')}")
+        return _error(422, "; ".join(parts.values()))
 
     @app.get("/health")
     async def health() -> dict:
         return {"status": "ok"}
 
-    @app.get("/ready")
+    @app.get("/ready", responses={503: {"description": "the engine cannot generate now"}})
     async def ready() -> JSONResponse:
         scheduler = holder["s"]
         last = scheduler.last_step_ok
@@ -92,22 +133,26 @@ def create_app(engine: Engine, limits: Limits | None = None, api_key: str | None
         return JSONResponse({"ready": ok, "model": engine.model_id, "probe": finish},
                             status_code=200 if ok else 503)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=_documented(401))
     async def list_models() -> dict:
         return {"object": "list", "data": [{"id": engine.model_id, "object": "model",
                                             "owned_by": "turbo-attention"}]}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse,
+             responses={200: {"description": "Prometheus text exposition format"}})
     async def prometheus() -> PlainTextResponse:
         body, content_type = metrics.render()
         return PlainTextResponse(body, media_type=content_type)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses={200: {"content": _STREAM}} | _GENERATION_ERRORS)
     async def completions(req: CompletionRequest, request: Request):
         prompt = req.prompt[0] if isinstance(req.prompt, list) else req.prompt
         return await _serve(req, request, lambda: engine.encode(prompt), chat=False)
 
-    @app.post("/v1/chat/completions")
+    # A tokenizer without a chat template has no chat endpoint in the document (the route
+    # still answers 400 saying so): a client generated from it does not offer chat.
+    @app.post("/v1/chat/completions", include_in_schema=engine.has_chat_template,
+              responses={200: {"content": _STREAM}} | _GENERATION_ERRORS)
     async def chat(req: ChatRequest, request: Request):
         messages = [m.model_dump() for m in req.messages]
         return await _serve(req, request, lambda: engine.encode_chat(messages), chat=True)
@@ -117,8 +162,10 @@ def create_app(engine: Engine, limits: Limits | None = None, api_key: str | None
             return _error(404, f"model {req.model!r} is not served here; use {engine.model_id!r}",
                           "model_not_found")
         max_tokens = req.max_new_tokens()
-        if max_tokens > limits.max_new_tokens:
-            return _error(422, f"max_tokens {max_tokens} exceeds the limit {limits.max_new_tokens}")
+        for name in ("max_tokens", "max_completion_tokens"):  # each one given, used or not
+            asked = getattr(req, name, None)
+            if asked is not None and asked > limits.max_new_tokens:
+                return _error(422, f"{name} {asked} exceeds the limit {limits.max_new_tokens}")
         try:
             ids = encode()
         except ValueError as exc:
@@ -167,6 +214,23 @@ def create_app(engine: Engine, limits: Limits | None = None, api_key: str | None
         body["usage"] = shape.usage(len(parts))
         return body
 
+    def openapi() -> dict:
+        """FastAPI's document with the server's own limit on new tokens in the schema."""
+        if app.openapi_schema is None:
+            from fastapi.openapi.utils import get_openapi
+
+            doc = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            for name, fields in (("CompletionRequest", ("max_tokens",)),
+                                 ("ChatRequest", ("max_tokens", "max_completion_tokens"))):
+                props = doc["components"]["schemas"].get(name, {}).get("properties", {})
+                for field in fields:
+                    for branch in props.get(field, {}).get("anyOf", []):
+                        if branch.get("type") == "integer":
+                            branch["maximum"] = limits.max_new_tokens
+            app.openapi_schema = doc
+        return app.openapi_schema
+
+    app.openapi = openapi
     return app
 
 

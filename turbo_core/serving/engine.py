@@ -81,10 +81,14 @@ class Sampling:
         logits = logits.float().cpu()
         if self.temperature <= 0:
             return int(logits.argmax())
-        probs = torch.softmax(logits / self.temperature, dim=-1)
+        # shifted by the maximum first: a temperature near 0 then sends the others to -inf
+        # (probability 0), never the maximum to inf (inf - inf is NaN)
+        scaled = (logits.double() - logits.max()) / self.temperature
+        probs = torch.softmax(scaled, dim=-1)
         if self.top_p < 1.0:
             sorted_p, order = probs.sort(descending=True)
             keep = sorted_p.cumsum(0) - sorted_p < self.top_p
+            keep[0] = True  # the nucleus holds the likeliest token however small top_p is
             probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
         return int(torch.multinomial(probs / probs.sum(), 1, generator=gen))
 
@@ -142,10 +146,14 @@ class Engine(CacheRunner):
     def encode(self, prompt: str) -> list[int]:
         return list(self.lm.tokenizer(prompt)["input_ids"])
 
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.lm.tokenizer, "chat_template", None))
+
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
         """The tokenizer's chat template with the assistant's turn opened."""
         tok = self.lm.tokenizer
-        if not getattr(tok, "chat_template", None):
+        if not self.has_chat_template:
             raise ValueError(f"the tokenizer of {self.lm.name} has no chat template; "
                              f"use /v1/completions")
         text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

@@ -3,15 +3,33 @@ name the field."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool
+
+
+def _json_number(value: object) -> object:
+    """JSON's numbers only: a string or a boolean is refused as the schema says, where pydantic's
+    lax mode would read ``"5"`` as 5 and ``true`` as 1 (an integral ``1.0`` stays an integer,
+    as JSON Schema counts it)."""
+    if isinstance(value, str | bool):
+        raise ValueError(f"must be a JSON number, got {type(value).__name__}")
+    return value
+
+
+def _number(kind: type, **bounds: float) -> object:
+    """``kind`` from a JSON number only, within ``bounds`` (which the schema states: they come
+    before the validator, or pydantic would write them as unknown keywords)."""
+    return Annotated[kind, Field(**bounds), BeforeValidator(_json_number)]
+
+Text = Annotated[str, Field(min_length=1)]
+SEED_MAX = 2**53 - 1  # the largest integer a JSON number holds exactly (a double)
 
 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    include_usage: bool = False
+    include_usage: StrictBool = False
 
 
 class GenerationRequest(BaseModel):
@@ -20,24 +38,16 @@ class GenerationRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str | None = None
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(0.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_tokens: _number(int, ge=1) | None = None
+    temperature: _number(float, ge=0.0, le=2.0) = 0.0
+    top_p: _number(float, gt=0.0, le=1.0) = 1.0
     n: Literal[1] = 1
-    stream: bool = False
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    ignore_eos: bool = False  # vLLM's extension: generate max_tokens whatever the model says
-
-    @field_validator("stop")
-    @classmethod
-    def _stops(cls, v: str | list[str] | None) -> str | list[str] | None:
-        if isinstance(v, list) and len(v) > 4:
-            raise ValueError("at most 4 stop sequences")
-        if v is not None and any(not s for s in ([v] if isinstance(v, str) else v)):
-            raise ValueError("stop sequences must not be empty")
-        return v
+    seed: _number(int, ge=0, le=SEED_MAX) | None = None
+    stop: Text | Annotated[list[Text], Field(max_length=4)] | None = None
+    # vLLM's extension: generate max_tokens whatever the model says
+    ignore_eos: StrictBool = False
 
     def max_new_tokens(self) -> int:
         return self.max_tokens if self.max_tokens is not None else 16
@@ -50,14 +60,8 @@ class GenerationRequest(BaseModel):
 
 
 class CompletionRequest(GenerationRequest):
-    prompt: str | list[str]
-
-    @field_validator("prompt")
-    @classmethod
-    def _one_prompt(cls, v: str | list[str]) -> str | list[str]:
-        if isinstance(v, list) and len(v) != 1:
-            raise ValueError("exactly one prompt per request")
-        return v
+    # one prompt per request: a string, or a list holding exactly one (as OpenAI clients send)
+    prompt: Text | Annotated[list[Text], Field(min_length=1, max_length=1)]
 
 
 class Message(BaseModel):
@@ -69,9 +73,20 @@ class Message(BaseModel):
 
 class ChatRequest(GenerationRequest):
     messages: list[Message] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: _number(int, ge=1) | None = None
 
     def max_new_tokens(self) -> int:
         if self.max_completion_tokens is not None:
             return self.max_completion_tokens
         return super().max_new_tokens()
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+
+
+class ErrorBody(BaseModel):
+    """Every error the server answers (OpenAI's shape)."""
+
+    error: ErrorDetail
