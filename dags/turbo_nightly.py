@@ -11,7 +11,7 @@ from airflow.sdk import Param, TriggerRule, dag, get_current_context, task
 from airflow.sdk.exceptions import AirflowSkipException
 
 from turbo_core.pipeline import pods, tasks
-from turbo_core.pipeline.callbacks import on_task_failure
+from turbo_core.pipeline.callbacks import on_task_failure, on_task_retry
 from turbo_core.pipeline.params import PARAMS
 
 DOC = """
@@ -49,9 +49,11 @@ def _run_info() -> dict:
     max_active_runs=1,
     dagrun_timeout=timedelta(hours=6),
     params={name: Param(**spec) for name, spec in PARAMS.items()},
-    default_args={"retries": 1, "retry_delay": timedelta(minutes=2),
+    # one retry after Airflow's [core] default_task_retry_delay (300 s unless configured):
+    # time for a tracking server or registry to come back (docs/operations.md)
+    default_args={"retries": 1,
                   "execution_timeout": timedelta(hours=2),
-                  "on_failure_callback": on_task_failure},
+                  "on_failure_callback": on_task_failure, "on_retry_callback": on_task_retry},
     tags=["turbo-attention", "llm", "quantization"],
     doc_md=DOC,
 )

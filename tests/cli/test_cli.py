@@ -60,7 +60,7 @@ def test_bench_subcommands_are_the_documented_ones(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "--help"])
     listed = re.search(r"\{([a-z,-]+)\}", capsys.readouterr().out).group(1).split(",")
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[2] / "docs" / "development.md").read_text()
     documented = re.search(r"`turbo bench ([a-z |\\-]+)`", readme).group(1)
     assert sorted(listed) == sorted(w.strip() for w in documented.split("\\|"))
     assert "load" not in listed

@@ -166,3 +166,35 @@ def test_local_store_keeps_artifacts_beside_the_database(tmp_path, monkeypatch, 
     uri = MlflowClient().get_run(out.run_id).info.artifact_uri
     assert uri.startswith((tmp_path / "store" / "artifacts").as_uri())
     assert not (tmp_path / "mlruns").exists()
+
+
+def test_a_retry_cleans_up_what_a_lost_server_left(server, lm, tiny_dir):
+    """An earlier try of this Airflow task lost its tracking server mid-run: its run stayed
+    RUNNING and its model version was created without tags or alias. The retry ends that run
+    FAILED and deletes that version; another variant's version of the same run stays."""
+    client = MlflowClient()
+    name = registry.registered_name(lm.name)
+    ctx = tracking.RunContext(trigger="manual", airflow_dag_id="turbo_nightly",
+                              airflow_run_id="manual__lost-server")
+    exp = tracking.experiment_id(lm.name)
+    if not client.search_registered_models(f"name='{name}'"):
+        client.create_registered_model(name)
+
+    def earlier_try(variant: str) -> tuple[str, str]:
+        run = client.create_run(exp, tags=ctx.tags() | {"turbo.variant": variant,
+                                                        "turbo.stage": "evaluate"})
+        version = client.create_model_version(name, f"runs:/{run.info.run_id}/turbo_model",
+                                              run_id=run.info.run_id)
+        return run.info.run_id, str(version.version)
+
+    lost_run, half = earlier_try("turbo-int4")
+    other_run, other = earlier_try("int8")
+    lenient = GateSet((Gate("kv_compression", threshold=1.0),))
+    out = stages.evaluate_variant(lm, get_variant("turbo-int4"), plan=None,
+                                  base_model=str(tiny_dir), settings=SMALL, gates=lenient, ctx=ctx)
+    versions = {str(v.version) for v in client.search_model_versions(f"name='{name}'")}
+    assert out.version in versions and half not in versions and other in versions
+    assert client.get_model_version(name, out.version).tags["validation_status"] == "passed_gates"
+    lost = client.get_run(lost_run)
+    assert lost.info.status == "FAILED" and "superseded by its retry" in lost.data.tags["turbo.error"]
+    assert client.get_run(other_run).info.status == "RUNNING"  # another variant's: not ours

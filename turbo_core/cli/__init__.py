@@ -7,8 +7,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-GROUPS = ("variants", "calibrate", "evaluate", "compare", "bench", "serve", "image", "rollout",
-          "pipeline")
+GROUPS = ("variants", "calibrate", "evaluate", "compare", "registry", "bench", "serve", "image",
+          "rollout", "pipeline")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -58,7 +58,25 @@ def add_parser(sub) -> None:
                        help=f"{spec['title']} (default {spec['default']})".replace("%", "%%"))
     r.add_argument("--json", metavar="PATH", help="write run state, task states and summary")
     r.set_defaults(func=_run)
+    c = psub.add_parser("clear", help="clear one task (and what follows) in one run, to rerun it",
+                        description="The scheduler (scripts/ui.sh, or your deployment's) then "
+                                    "runs the cleared tasks again with the run's parameters.")
+    c.add_argument("--run-id", required=True, help="the DAG run (airflow dags list-runs turbo_nightly)")
+    c.add_argument("--task", required=True, help="task id, e.g. evaluate or verify")
+    c.add_argument("--only-failed", action="store_true", help="leave tasks that succeeded alone")
+    c.add_argument("--no-downstream", dest="downstream", action="store_false",
+                   help="clear the task alone, not the tasks after it")
+    c.set_defaults(func=_clear)
     add_step_parser(psub)
+
+
+def _clear(args: argparse.Namespace) -> int:
+    from turbo_core.pipeline import local
+
+    n = local.clear(args.run_id, args.task, downstream=args.downstream,
+                    only_failed=args.only_failed)
+    print(f"cleared {n} task instance(s) of {args.run_id}; the scheduler runs them again")
+    return 0
 
 
 def _step(args: argparse.Namespace) -> int:

@@ -26,3 +26,8 @@ def where_to_look(context: dict) -> str:
 
 def on_task_failure(context: dict) -> None:
     log.error("turbo_nightly task failed: %s", where_to_look(context))
+
+
+def on_task_retry(context: dict) -> None:
+    """A try failed and Airflow will run the task again: the same line, saying so."""
+    log.warning("turbo_nightly task failed, retry pending: %s", where_to_look(context))

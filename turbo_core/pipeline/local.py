@@ -176,3 +176,27 @@ def report(result: dict, target_note: str | None = None) -> str:
               f"  MLflow UI:   scripts/ui.sh   (tracking store {tracking.tracking_uri()})",
               "  Compare:     turbo compare"]
     return "\n".join(lines)
+
+
+def clear(run_id: str, task: str, *, downstream: bool = True, only_failed: bool = False) -> int:
+    """Clear ``task`` (and what follows it) in one run of turbo_nightly, so the scheduler runs
+    it again with that run's parameters; returns how many task instances were cleared. What
+    the Airflow UI's "Clear task instance" does, for one run by its id (``airflow tasks
+    clear`` selects runs by date, which SQLite compares as text and misses same-day runs)."""
+    os.environ.update(airflow_env(airflow_home()))
+    from airflow.models.dagrun import DagRun
+    from airflow.models.serialized_dag import SerializedDagModel
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        if not session.query(DagRun).filter(DagRun.dag_id == DAG_ID,
+                                            DagRun.run_id == run_id).count():
+            raise ValueError(f"turbo_nightly has no run {run_id!r} in {airflow_home()}")
+    dag = SerializedDagModel.get_dag(DAG_ID)
+    if dag is None:
+        raise ValueError(f"turbo_nightly is not in the database at {airflow_home()}")
+    if task not in dag.task_ids:
+        raise ValueError(f"turbo_nightly has no task {task!r} (it has {', '.join(sorted(dag.task_ids))})")
+    subset = dag.partial_subset(task_ids=[task], include_downstream=downstream,
+                                include_upstream=False)
+    return subset.clear(run_id=run_id, only_failed=only_failed)

@@ -77,5 +77,6 @@ def log_to_mlflow(result: RolloutResult, run_id: str) -> None:
         client.log_metric(run_id, "rollout_verify_latency_s", result.verify["latency_s"])
     client.set_tag(run_id, "rollout.target", result.target)
     client.set_tag(run_id, "rollout.status", result.status)
+    client.set_tag(run_id, "rollout.image", result.image)
     if result.image_digest:
         client.set_tag(run_id, "rollout.image_digest", result.image_digest)

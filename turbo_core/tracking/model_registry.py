@@ -80,6 +80,7 @@ def register(*, model_name: str, base_model: str, weights_sha256: str,
     from mlflow.models import infer_signature
 
     name = registered_name(model_name)
+    _discard_incomplete(name)
     with tempfile.TemporaryDirectory() as tmp:
         variant_path = Path(tmp) / "variant.json"
         variant_path.write_text(json.dumps(variant_params, indent=2))
@@ -101,6 +102,27 @@ def register(*, model_name: str, base_model: str, weights_sha256: str,
         client.set_model_version_tag(name, version, key, value)
     client.set_registered_model_alias(name, CHALLENGER, version)
     return version
+
+
+def _discard_incomplete(name: str) -> None:
+    """Delete the versions an earlier try of this Airflow task left half-registered: created,
+    then the tracking server went away before their tags and alias were set (every complete
+    version has ``validation_status``). Only this Airflow run's versions of this variant: a
+    variant registering beside it in the same run is left alone."""
+    from mlflow import MlflowClient
+
+    active = mlflow.active_run()
+    tags = active.data.tags if active is not None else {}
+    airflow_run, variant = tags.get("airflow.run_id"), tags.get("turbo.variant")
+    if not airflow_run or not variant:
+        return
+    client = MlflowClient()
+    for version in client.search_model_versions(f"name='{name}'"):
+        if "validation_status" in version.tags or version.run_id == active.info.run_id:
+            continue
+        origin = client.get_run(version.run_id).data.tags
+        if origin.get("airflow.run_id") == airflow_run and origin.get("turbo.variant") == variant:
+            client.delete_model_version(name, version.version)
 
 
 def alias_version(model_name: str, alias: str):
@@ -134,3 +156,43 @@ def promote(model_name: str, version: str) -> None:
     name = registered_name(model_name)
     client.set_registered_model_alias(name, CHAMPION, version)
     client.set_model_version_tag(name, version, "validation_status", "deployed_verified")
+
+
+def versions(model_name: str) -> list[dict]:
+    """Every registered version of ``model_name``'s variants, newest first: its aliases,
+    variant, status tag, run and the image it was deployed as (when it was)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    name = registered_name(model_name)
+    aliases: dict[str, list[str]] = {}
+    for model in client.search_registered_models(f"name='{name}'"):
+        for alias, version in (model.aliases or {}).items():
+            aliases.setdefault(str(version), []).append(alias)
+    rows = []
+    for v in client.search_model_versions(f"name='{name}'"):
+        tags = client.get_run(v.run_id).data.tags if v.run_id else {}
+        image = tags.get("rollout.image", "")
+        if tags.get("rollout.image_digest") and "@" not in image:
+            image = f"{image.rsplit(':', 1)[0]}@{tags['rollout.image_digest']}"
+        rows.append({"version": str(v.version), "aliases": sorted(aliases.get(str(v.version), [])),
+                     "variant": v.tags.get("variant", ""),
+                     "status": v.tags.get("validation_status", "incomplete"),
+                     "run_id": v.run_id, "image": image})
+    return sorted(rows, key=lambda r: int(r["version"]), reverse=True)
+
+
+def demote(model_name: str) -> str | None:
+    """Take the ``champion`` alias off its version (tagged ``demoted``); the version it was on,
+    or None when there was no champion. The gates' champion comparison then has no baseline
+    until a version is promoted again."""
+    from mlflow import MlflowClient
+
+    version = alias_version(model_name, CHAMPION)
+    if version is None:
+        return None
+    client = MlflowClient()
+    name = registered_name(model_name)
+    client.delete_registered_model_alias(name, CHAMPION)
+    client.set_model_version_tag(name, str(version.version), "validation_status", "demoted")
+    return str(version.version)

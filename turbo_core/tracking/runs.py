@@ -41,6 +41,36 @@ def configure() -> str:
     return uri
 
 
+class TrackingUnavailable(RuntimeError):
+    """The MLflow tracking server does not answer: a transient failure (the task retries)."""
+
+
+def _answers(uri: str) -> bool:
+    """Whether the tracking server at ``uri`` answers its health check (a local store always
+    does). Quick: 5 s, one try, so an outage is named at once rather than after MLflow's own
+    minutes of retries."""
+    import urllib.error
+    import urllib.request
+
+    if not uri.startswith(("http://", "https://")):
+        return True
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5) as resp:
+            return resp.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def require_server(what: str) -> str:
+    """The tracking URI, after checking its server answers; TrackingUnavailable naming the
+    URI and ``what`` was about to happen otherwise."""
+    uri = tracking_uri()
+    if not _answers(uri):
+        raise TrackingUnavailable(f"MLflow tracking server {uri} is not answering ({what}); "
+                                  f"the task fails and its retry runs once it is back")
+    return uri
+
+
 def experiment_name(model_name: str) -> str:
     return f"turbo-attention/{model_name}"
 
@@ -103,24 +133,74 @@ class RunContext:
 def variant_run(model_name: str, variant_name: str, stage: str,
                 ctx: RunContext | None = None) -> Iterator[object]:
     """A new MLflow run (never resumed). On an exception the run ends FAILED with the error
-    in the ``turbo.error`` tag and ``error.txt``, and the exception propagates."""
+    in the ``turbo.error`` tag and ``error.txt``, and the exception propagates. A tracking
+    server that stops answering becomes TrackingUnavailable naming its URI (the run then stays
+    as the server last saw it: a retry of the same Airflow task marks it FAILED)."""
     import mlflow
 
     configure()
+    uri = require_server(f"starting the {stage} run of {variant_name}")
     ctx = ctx or RunContext()
     tags = ctx.tags() | {"turbo.variant": variant_name, "turbo.stage": stage,
                          "turbo.model": model_name}
-    run = mlflow.start_run(experiment_id=experiment_id(model_name),
-                           run_name=f"{variant_name}-{stage}", tags=tags)
+    exp = experiment_id(model_name)
+    if ctx.airflow_run_id:
+        _fail_leftovers(exp, ctx.airflow_run_id, variant_name, stage)
+    run = mlflow.start_run(experiment_id=exp, run_name=f"{variant_name}-{stage}", tags=tags)
     try:
         yield run
     except BaseException as exc:
+        if not _answers(uri):
+            _end_unreachable_run()
+            raise TrackingUnavailable(
+                f"MLflow tracking server {uri} stopped answering during the {stage} run of "
+                f"{variant_name} ({type(exc).__name__}: {str(exc)[:300]}); the task fails and "
+                f"its retry runs once it is back") from exc
         message = f"{type(exc).__name__}: {exc}"
         mlflow.set_tag("turbo.error", message[:4000])
         mlflow.log_text(message + "\n", "error.txt")
         mlflow.end_run(status="FAILED")
         raise
     mlflow.end_run(status="FINISHED")
+
+
+def _end_unreachable_run() -> None:
+    """End the active run in this process (the next task in the same process must be able to
+    start its own) with one quick try at telling the server, which is gone: MLflow's own
+    retries would hold the failing task for minutes."""
+    import contextlib
+
+    import mlflow
+
+    quick = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+    saved = {k: os.environ.get(k) for k in quick}
+    os.environ.update(quick)
+    try:
+        with contextlib.suppress(Exception):  # end_run drops the run locally before the call
+            mlflow.end_run(status="FAILED")
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _fail_leftovers(experiment: str, airflow_run_id: str, variant: str, stage: str) -> None:
+    """Runs of this Airflow run, variant and stage that an earlier try left RUNNING (its
+    tracking server went away mid-run) end FAILED, saying so, before the retry starts its own."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    left = client.search_runs(
+        [experiment], filter_string=f"tags.`airflow.run_id` = '{airflow_run_id}' and "
+                                    f"tags.`turbo.variant` = '{variant}' and "
+                                    f"tags.`turbo.stage` = '{stage}' and "
+                                    f"attributes.status = 'RUNNING'")
+    for run in left:
+        client.set_tag(run.info.run_id, "turbo.error",
+                       "an earlier try lost the tracking server mid-run; superseded by its retry")
+        client.set_terminated(run.info.run_id, status="FAILED")
 
 
 def numeric_metrics(result: dict) -> dict[str, float]:
