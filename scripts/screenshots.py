@@ -32,6 +32,7 @@ CONF = {"eval_tokens": 1024, "eval_window": 256, "calib_tokens": 512, "speed_con
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 VIEW = {"width": 1400, "height": 900}
+TALL = {"width": 1400, "height": 1300}  # MLflow's comparison: run names above the metrics
 
 
 def say(msg: str) -> None:
@@ -118,11 +119,13 @@ def shoot(airflow: str, run_id: str, mlflow_url: str, out: Path, chromium: str) 
         page.goto(mlflow_url, wait_until="load")  # MLflow's UI polls: never network-idle
         page.get_by_text("turbo-int4", exact=False).first.wait_for()
         page.wait_for_timeout(2000)
-        # the metrics side by side: the assistant panel closed, the sections above folded
+        # the runs' names over their metrics: the assistant panel closed, the plots and the
+        # parameters folded, the page taller than the others
         if page.get_by_role("button", name="Close").count():
             page.get_by_role("button", name="Close").first.click()
-        for section in ("Visualizations", "Run details", "Parameters"):
+        for section in ("Visualizations", "Parameters"):
             page.get_by_role("button", name=section, exact=True).first.click()
+        page.set_viewport_size(TALL)
         page.wait_for_timeout(1500)
         shots.append(out / "mlflow-compare.png")
         page.screenshot(path=shots[-1], full_page=False)

@@ -80,8 +80,12 @@ def test_ui_script_rest_trigger_with_conf_and_clean_stop(tmp_path, tiny_dir):
         assert _call(f"{base}/api/v2/dags/turbo_nightly", "PATCH", {"is_paused": False},
                      token)[0] == 200
         runs = f"{base}/api/v2/dags/turbo_nightly/dagRuns"
-        status, err = _call(runs, "POST", {"logical_date": None, "conf": {"variants": ["nope"]}}, token)
-        assert status == 400 and "'nope' is not one of" in json.dumps(err)  # refused, no run
+        for bad, words in (({"variants": ["nope"]}, "'nope' is not one of"),
+                           ({"min_retrieval_kept": "high"}, "'high' is not of type 'number'"),
+                           ({"max_kl": -1}, "-1 is less than the minimum of 0")):
+            status, err = _call(runs, "POST", {"logical_date": None, "conf": bad}, token)
+            assert status == 400 and words in json.dumps(err), (bad, status, err)
+        assert _call(runs, token=token)[1]["total_entries"] == 0  # refused before a run exists
         conf = {"model": str(tiny_dir), "variants": ["turbo-int4"], "deploy_target": "none",
                 "eval_tokens": 256, "eval_window": 128, "calib_tokens": 256}
         status, run = _call(runs, "POST", {"logical_date": None, "dag_run_id": "rest-1",

@@ -3,6 +3,10 @@
 * the MLflow server dies while a variant is evaluated: the task fails naming the tracking URI,
   its retry succeeds once the server is back, and MLflow holds one complete version, the lost
   try's run marked FAILED;
+* the image registry refuses the push: nothing is rolled out, the rollback task says nothing
+  was deployed, the previous release keeps serving (Kubernetes API emulator: no real API
+  server runs here, docs/design.md §4) and the run fails saying why;
+* the serving container killed while it is verified: tests/rollout/test_docker.py;
 * a bad parameter from Airflow's REST API is refused before a run exists
   (tests/dags/test_airflow_standalone.py, against a real `airflow standalone`).
 """
@@ -123,3 +127,75 @@ def test_mlflow_lost_mid_evaluation_fails_the_task_naming_it_and_the_retry_succe
         assert client.get_model_version_by_alias(name, "challenger").version == version.version
     finally:
         server.crash()
+
+
+def _read_only_registry(root: Path) -> tuple[subprocess.Popen, str]:
+    """Debian's docker-registry in read-only mode: pulls answer, pushes are refused."""
+    port = free_port()
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "registry.yml").write_text(
+        f"version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {root / 'data'}\n"
+        f"  maintenance:\n    readonly:\n      enabled: true\n"
+        f"http:\n  addr: 127.0.0.1:{port}\n")
+    proc = subprocess.Popen(["docker-registry", "serve", str(root / "registry.yml")],
+                            stdout=(root / "registry.log").open("w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    wait_ok(f"http://127.0.0.1:{port}/v2/", 60,
+            lambda: None if proc.poll() is None else (root / "registry.log").read_text())
+    return proc, f"127.0.0.1:{port}"
+
+
+def test_registry_refusing_the_push_deploys_nothing_and_the_previous_release_serves(
+        tmp_path, tiny_dir, docker_services):
+    from kube_emulator import RunningCluster
+    from oci import push_manifest
+
+    from turbo_core.rollout import run as rollout
+    from turbo_core.rollout.kube import KubeOptions
+
+    _, registry = docker_services
+    served = f"{tiny_dir.name}:turbo-int4"
+    previous = f"{registry}/turbo/server@" + push_manifest(registry, "turbo/server", "v1", "v1")
+    ro, ro_registry = _read_only_registry(tmp_path / "ro-registry")
+    try:
+        with RunningCluster() as c:
+            c.cluster.namespaces.add("serving")
+            c.cluster.behaviour[previous] = "good"
+            c.cluster.models[previous] = served
+            kubeconfig = c.kubeconfig(tmp_path / "kubeconfig")
+            first = rollout.run("kubernetes", previous, overlay="cpu-dev", model=tiny_dir.name,
+                                variant="turbo-int4", mlflow_version="1",
+                                kube=KubeOptions(namespace="serving", kubeconfig=str(kubeconfig),
+                                                 poll_s=0.05, timeout_s=5))
+            assert first.status == "deployed", first.reason
+            writes = c.patches()
+            env = os.environ | {
+                "AIRFLOW_HOME": str(tmp_path / "airflow"), "TURBO_HOME": str(tmp_path / "turbo"),
+                "AIRFLOW__CORE__LOAD_EXAMPLES": "False", "KUBECONFIG": str(kubeconfig),
+                "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+                "AIRFLOW__CORE__DEFAULT_TASK_RETRY_DELAY": "1"}  # the push's one retry, at once
+            conf = PIPELINE_CONF | {"namespace": "serving", "overlay": "cpu-dev"}
+            out = tmp_path / "run.json"
+            res = subprocess.run(
+                [sys.executable, "-m", "turbo_core.cli", "pipeline", "run", "--model",
+                 str(tiny_dir), "--variants", "turbo-int4", "--deploy-target", "kubernetes",
+                 "--image-repository", f"{ro_registry}/turbo-drill", "--conf", json.dumps(conf),
+                 "--json", str(out)], env=env, capture_output=True, text=True, timeout=1500)
+            run = json.loads(out.read_text())
+            assert res.returncode == 1 and run["state"].endswith("failed"), res.stdout[-3000:]
+            states = {t["task_id"]: t["state"].split(".")[-1].lower() for t in run["tasks"]
+                      if t["map_index"] < 0}
+            assert states["build_image"] == "success" and states["push_image"] == "failed"
+            assert states["roll_out"] in ("upstream_failed", "skipped"), states
+            assert states["rollback"] == "success" and states["promote"] != "success"
+            assert run["summary"]["rollback"]["reason"] == "nothing was deployed by this run"
+            assert "PROBLEM: a deploy step failed" in res.stdout
+            logs = Path(run["log"]).read_text()
+            assert "turbo_nightly task failed: task push_image" in logs and "push of" in logs
+            assert c.patches() == writes  # not one write to the cluster
+            dep = c.deployment("serving")
+            assert dep["spec"]["template"]["spec"]["containers"][0]["image"] == previous
+            assert c.cluster.serving["turbo-attention"] == previous  # the previous release serves
+    finally:
+        os.killpg(ro.pid, signal.SIGTERM)
+        ro.wait(timeout=30)
