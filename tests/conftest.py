@@ -267,10 +267,11 @@ def serving_image(docker_services, tmp_path_factory):
     lm = models.load()
     plan = tmp / "plan.json"
     calibrate.uniform_plan(lm, get_variant("turbo-int4")).save(plan)
-    built = image.build(model_dir=lm.path, plan_path=plan, model_name=lm.name,
-                        variant="turbo-int4", repository=f"{registry}/turbo-test",
-                        wheelhouse=image.build_wheelhouse(tmp / "wheels"))
+    build_args = {"model_dir": lm.path, "plan_path": plan, "model_name": lm.name,
+                  "variant": "turbo-int4", "repository": f"{registry}/turbo-test",
+                  "wheelhouse": image.build_wheelhouse(tmp / "wheels")}
+    built = image.build(**build_args)
     digest = image.push(built.tag)
     return SimpleNamespace(client=client, registry=registry, tag=built.tag, digest=digest,
                            ref=f"{registry}/turbo-test@{digest}", model=lm.name,
-                           variant="turbo-int4")
+                           variant="turbo-int4", image_id=built.image_id, build_args=build_args)

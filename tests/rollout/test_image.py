@@ -48,6 +48,19 @@ def test_dockerfile_is_hadolint_clean():
 
 
 @pytest.mark.slow
+def test_a_rebuild_of_the_same_release_reuses_every_layer(serving_image):
+    """Same model, plan, variant and code, another MLflow run: the labels differ, the layers
+    (the virtual environment, the model, the compiled seed) are Docker's cached ones."""
+    client = serving_image.client
+    first = client.images.get(serving_image.image_id)
+    again = client.images.get(image.build(**serving_image.build_args,
+                                          mlflow_run_id="another-run").image_id)
+    assert again.attrs["RootFS"]["Layers"] == first.attrs["RootFS"]["Layers"]
+    assert again.labels["ai.turbo.mlflow_run_id"] == "another-run"
+    assert first.labels["ai.turbo.mlflow_run_id"] == "none"
+
+
+@pytest.mark.slow
 def test_build_run_and_push_the_real_image(serving_image):
     client, registry = serving_image.client, serving_image.registry
     labels = client.images.get(serving_image.tag).labels
