@@ -63,10 +63,20 @@ def _wait(what: str, condition, timeout_s: float, every_s: float = 0.2):
 
 def test_mlflow_lost_mid_evaluation_fails_the_task_naming_it_and_the_retry_succeeds(
         tmp_path, tiny_dir):
-    from mlflow import MlflowClient
-
     server = MlflowServer(tmp_path)
     server.start()
+    try:
+        _lose_and_recover(server, tmp_path, tiny_dir)
+    finally:
+        if server.proc.poll() is None:
+            server.crash()
+
+
+def _lose_and_recover(server: MlflowServer, tmp_path: Path, tiny_dir: Path) -> None:
+    """Kill the server once the evaluate run exists, start it again after the failed try, and
+    check what the pipeline and the store hold afterwards."""
+    from mlflow import MlflowClient
+
     env = os.environ | {
         "AIRFLOW_HOME": str(tmp_path / "airflow"), "TURBO_HOME": str(tmp_path / "turbo"),
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False", "MLFLOW_TRACKING_URI": server.url,
@@ -108,25 +118,21 @@ def test_mlflow_lost_mid_evaluation_fails_the_task_naming_it_and_the_retry_succe
     finally:
         if pipeline.poll() is None:
             os.killpg(pipeline.pid, signal.SIGKILL)
-        if server.proc.poll() is None:
-            server.crash()
-        server.start()  # read what the store holds (and stop it at the end)
-    try:
-        run = json.loads(out.read_text())
-        states = {(t["task_id"], t["label"]): t["state"].split(".")[-1].lower() for t in run["tasks"]}
-        assert states[("evaluate", "turbo-int4")] == "success" and run["summary"]["chosen"] == "turbo-int4"
-        evals = client.search_runs(
-            [lost.info.experiment_id], "tags.`turbo.stage` = 'evaluate'", order_by=["start_time"])
-        assert [r.info.status for r in evals] == ["FAILED", "FINISHED"]
-        assert evals[0].info.run_id == lost.info.run_id
-        assert "superseded by its retry" in evals[0].data.tags["turbo.error"]
-        name = f"turbo-{tiny_dir.name}"
-        (version,) = client.search_model_versions(f"name='{name}'")  # one, and complete
-        assert version.run_id == evals[1].info.run_id
-        assert version.tags["validation_status"] == "passed_gates"
-        assert client.get_model_version_by_alias(name, "challenger").version == version.version
-    finally:
-        server.crash()
+    if server.proc.poll() is not None:
+        server.start()  # read what the store holds
+    run = json.loads(out.read_text())
+    states = {(t["task_id"], t["label"]): t["state"].split(".")[-1].lower() for t in run["tasks"]}
+    assert states[("evaluate", "turbo-int4")] == "success" and run["summary"]["chosen"] == "turbo-int4"
+    evals = client.search_runs(
+        [lost.info.experiment_id], "tags.`turbo.stage` = 'evaluate'", order_by=["start_time"])
+    assert [r.info.status for r in evals] == ["FAILED", "FINISHED"]
+    assert evals[0].info.run_id == lost.info.run_id
+    assert "superseded by its retry" in evals[0].data.tags["turbo.error"]
+    name = f"turbo-{tiny_dir.name}"
+    (version,) = client.search_model_versions(f"name='{name}'")  # one, and complete
+    assert version.run_id == evals[1].info.run_id
+    assert version.tags["validation_status"] == "passed_gates"
+    assert client.get_model_version_by_alias(name, "challenger").version == version.version
 
 
 def _read_only_registry(root: Path) -> tuple[subprocess.Popen, str]:
