@@ -172,7 +172,8 @@ def test_a_retry_cleans_up_what_a_lost_server_left(server, lm, tiny_dir):
     """An earlier try of this Airflow task lost its tracking server mid-run: its run stayed
     RUNNING and its model version was created without tags or alias. The retry ends that run
     FAILED and deletes that version; another variant's version of the same run stays."""
-    client = MlflowClient()
+    uri = tracking.configure()  # the server, for the registry too (another test set its own)
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     name = registry.registered_name(lm.name)
     ctx = tracking.RunContext(trigger="manual", airflow_dag_id="turbo_nightly",
                               airflow_run_id="manual__lost-server")
