@@ -13,7 +13,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -24,7 +23,7 @@ from urllib.parse import quote
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from turbo_core.http import free_port, wait_ok  # noqa: E402  (the checkout, not an install)
+from turbo_core.http import free_port, stop_group, wait_ok  # noqa: E402  (the checkout, not an install)
 
 # small sizes: the pictures show the UI, not the measurement
 CONF = {"eval_tokens": 1024, "eval_window": 256, "calib_tokens": 512, "speed_context": 128,
@@ -69,12 +68,7 @@ def start_uis(env: dict, log: Path) -> tuple[subprocess.Popen, str, str]:
 
 
 def stop(proc: subprocess.Popen) -> None:
-    os.killpg(proc.pid, signal.SIGTERM)  # what Ctrl-C does to scripts/ui.sh
-    try:
-        proc.wait(timeout=90)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    stop_group(proc, timeout_s=90)  # SIGTERM to the group: what Ctrl-C does to scripts/ui.sh
 
 
 def compare_url(mlflow: str, tracking_uri: str, model_name: str) -> str:

@@ -11,7 +11,7 @@ import torch
 if not torch.cuda.is_available():  # Triton kernels run in its interpreter on CPU tensors
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from turbo_core.http import free_port, wait_ok
+from turbo_core.http import free_port, stop_group, wait_ok
 
 
 def _tokenizer(vocab: int = 320):
@@ -91,7 +91,6 @@ def mlflow_server(tmp_path_factory):
     """A real `mlflow server` process on 127.0.0.1 (sqlite backend, proxied artifacts),
     started in its own process group and stopped with it."""
     import os
-    import signal
     import subprocess
     import sys
     root = tmp_path_factory.mktemp("mlflow-server")
@@ -114,12 +113,7 @@ def mlflow_server(tmp_path_factory):
         wait_ok(f"{url}/health", 120, alive)
         yield url
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_group(proc, timeout_s=20)
         log.close()
 
 
@@ -151,7 +145,6 @@ def docker_services(tmp_path_factory, local_registry):
     import contextlib
     import os
     import shutil
-    import signal
     import subprocess
     import time
 
@@ -209,12 +202,7 @@ def docker_services(tmp_path_factory, local_registry):
                 with contextlib.suppress(docker.errors.APIError):
                     container.remove(force=True)
         for proc in reversed(started):
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+            stop_group(proc)
         if data_root is not None:
             shutil.rmtree(data_root, ignore_errors=True)
 

@@ -5,9 +5,7 @@ no undocumented status or content type, no schema-valid request refused, no sche
 one accepted, every response body as documented."""
 
 import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
 import urllib.error
@@ -16,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from turbo_core.http import free_port, wait_ok
+from turbo_core.http import free_port, stop_group, wait_ok
 
 MAX_NEW = 64
 # a minimal chat template: the tiny model's tokenizer has none, and the chat route is only in
@@ -37,15 +35,6 @@ def _serve(model_dir: Path, log: Path):
     return proc, url
 
 
-def _stop(proc) -> None:
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-
-
 @pytest.fixture(scope="module")
 def chat_server(tiny_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("contract")
@@ -55,7 +44,7 @@ def chat_server(tiny_dir, tmp_path_factory):
     (model / "tokenizer_config.json").write_text(json.dumps(cfg | {"chat_template": CHAT_TEMPLATE}))
     proc, url = _serve(model, root / "serve.log")
     yield url, root
-    _stop(proc)
+    stop_group(proc)
 
 
 def _document(url: str) -> dict:
@@ -113,4 +102,4 @@ def test_without_a_chat_template_the_document_offers_no_chat(tiny_dir, tmp_path)
         assert exc.value.code == 400
         assert "no chat template" in json.loads(exc.value.read())["error"]["message"]
     finally:
-        _stop(proc)
+        stop_group(proc)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -25,7 +24,7 @@ from pathlib import Path
 
 import httpx
 
-from turbo_core.http import free_port
+from turbo_core.http import free_port, stop_group
 from turbo_core.stats import percentile
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -172,12 +171,7 @@ def run_contender(c: Contender, texts: list[str], max_tokens: int, log_dir: Path
         print(f"  {c.name}: serving {model}; {len(texts)} clients", file=sys.stderr, flush=True)
         return summarize(c.name, asyncio.run(_load(url, model, texts, max_tokens, c)))
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_group(proc)
         log.close()
 
 

@@ -49,16 +49,9 @@ def _answers(uri: str) -> bool:
     """Whether the tracking server at ``uri`` answers its health check (a local store always
     does). Quick: 5 s, one try, so an outage is named at once rather than after MLflow's own
     minutes of retries."""
-    import urllib.error
-    import urllib.request
+    from turbo_core.http import probe
 
-    if not uri.startswith(("http://", "https://")):
-        return True
-    try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5) as resp:
-            return resp.status == 200
-    except (urllib.error.URLError, OSError):
-        return False
+    return not uri.startswith(("http://", "https://")) or probe(uri.rstrip("/") + "/health") is None
 
 
 def require_server(what: str) -> str:
